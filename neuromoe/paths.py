@@ -1,0 +1,108 @@
+"""BIDS-derivatives file names: the one place that knows what every output is called.
+
+Rules, stage functions and tests all take names from here, so the python and fsl backends write
+the same files and downstream rules cannot tell which ran. Subjects are given without the ``sub-``
+prefix (``"01"``); Snakemake patterns use the wildcard ``{subject}``.
+
+Example::
+
+    >>> derivative("results", "01", "dwi_fa_mni")
+    'results/derivatives/neuromoe/sub-01/dwi/sub-01_space-MNI152NLin2009aSym_model-DTI_param-FA_dwimap.nii.gz'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from neuromoe import MNI_SPACE
+
+PIPELINE = "neuromoe"
+# BIDS entity order (BIDS spec appendix + BIDS-derivatives entities we use).
+ENTITY_ORDER = ["sub", "ses", "task", "acq", "run", "space", "res", "from", "to", "mode",
+                "model", "param", "stat", "label", "desc"]
+
+# key -> (datatype, entities, suffix, extension)
+_M = {"space": MNI_SPACE}
+OUTPUTS: dict[str, tuple[str, dict[str, str], str, str]] = {
+    # anat
+    "anat_mask": ("anat", {"desc": "brain"}, "mask", ".nii.gz"),
+    "anat_brain": ("anat", {"desc": "brain"}, "T1w", ".nii.gz"),
+    "anat_xfm": ("anat", {"from": "T1w", "to": MNI_SPACE, "mode": "image"}, "xfm", ".txt"),
+    "anat_brain_mni": ("anat", {**_M, "desc": "brain"}, "T1w", ".nii.gz"),
+    "anat_mask_mni": ("anat", {**_M, "desc": "brain"}, "mask", ".nii.gz"),
+    # dwi
+    "dwi_preproc": ("dwi", {"desc": "preproc"}, "dwi", ".nii.gz"),
+    "dwi_bval": ("dwi", {"desc": "preproc"}, "dwi", ".bval"),
+    "dwi_bvec": ("dwi", {"desc": "preproc"}, "dwi", ".bvec"),
+    "dwi_mask": ("dwi", {"desc": "brain"}, "mask", ".nii.gz"),
+    "dwi_motion": ("dwi", {"desc": "motion"}, "timeseries", ".tsv"),
+    "dwi_xfm": ("dwi", {"from": "dwi", "to": "T1w", "mode": "image"}, "xfm", ".txt"),
+    **{f"dwi_{p.lower()}": ("dwi", {"model": "DTI", "param": p}, "dwimap", ".nii.gz")
+       for p in ("FA", "MD", "AD", "RD")},
+    **{f"dwi_{p.lower()}_mni": ("dwi", {**_M, "model": "DTI", "param": p}, "dwimap", ".nii.gz")
+       for p in ("FA", "MD", "AD", "RD")},
+    # func
+    "func_preproc": ("func", {"task": "rest", "desc": "preproc"}, "bold", ".nii.gz"),
+    "func_mask": ("func", {"task": "rest", "desc": "brain"}, "mask", ".nii.gz"),
+    "func_confounds": ("func", {"task": "rest", "desc": "confounds"}, "timeseries", ".tsv"),
+    "func_xfm": ("func", {"task": "rest", "from": "bold", "to": "T1w", "mode": "image"}, "xfm", ".txt"),
+    **{f"func_{s.lower()}": ("func", {"task": "rest", "stat": s}, "boldmap", ".nii.gz")
+       for s in ("fALFF", "ReHo")},
+    **{f"func_{s.lower()}_mni": ("func", {"task": "rest", **_M, "stat": s}, "boldmap", ".nii.gz")
+       for s in ("fALFF", "ReHo")},
+    # QC figures (fMRIPrep puts them in sub-X/figures/)
+    "qc_anat_mask": ("figures", {"desc": "brainmask"}, "T1w", ".png"),
+    "qc_anat_reg": ("figures", {**_M, "desc": "reg"}, "T1w", ".png"),
+    "qc_dwi_fa": ("figures", {"model": "DTI", "desc": "maps"}, "dwi", ".png"),
+    "qc_dwi_motion": ("figures", {"desc": "motion"}, "dwi", ".png"),
+    "qc_func_maps": ("figures", {"task": "rest", "desc": "maps"}, "bold", ".png"),
+    "qc_func_motion": ("figures", {"task": "rest", "desc": "motion"}, "bold", ".png"),
+}
+
+
+def bids_name(subject: str, suffix: str, ext: str, **entities: str) -> str:
+    """File name ``sub-<subject>[_key-value...]_<suffix><ext>`` with entities in BIDS order.
+
+    ``from`` is a Python keyword: pass it as ``**{"from": "T1w"}``.
+    """
+    unknown = set(entities) - set(ENTITY_ORDER)
+    if unknown:
+        raise ValueError(f"unknown BIDS entities {sorted(unknown)}; known: {ENTITY_ORDER}")
+    parts = [f"sub-{subject}"]
+    parts += [f"{k}-{entities[k]}" for k in ENTITY_ORDER if k in entities and entities[k] is not None]
+    return "_".join(parts) + f"_{suffix}{ext}"
+
+
+def derivatives_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "derivatives" / PIPELINE
+
+
+def derivative(output_dir: str | Path, subject: str, key: str) -> str:
+    """Path of output ``key`` (see OUTPUTS) for one subject, as a string (Snakemake-friendly)."""
+    if key not in OUTPUTS:
+        raise KeyError(f"unknown derivative {key!r}; known: {sorted(OUTPUTS)}")
+    datatype, entities, suffix, ext = OUTPUTS[key]
+    name = bids_name(subject, suffix, ext, **entities)
+    return str(derivatives_root(output_dir) / f"sub-{subject}" / datatype / name)
+
+
+def derivative_pattern(output_dir: str | Path, key: str) -> str:
+    """The same path with a ``{subject}`` wildcard, for Snakemake rules."""
+    return derivative(output_dir, "{subject}", key)
+
+
+def raw(bids_dir: str | Path, subject: str, kind: str) -> str:
+    """Raw BIDS input of one subject: kind in T1w, dwi, bval, bvec, dwi_json, bold, bold_json."""
+    b = Path(bids_dir) / f"sub-{subject}"
+    table = {
+        "T1w": b / "anat" / f"sub-{subject}_T1w.nii.gz",
+        "dwi": b / "dwi" / f"sub-{subject}_dwi.nii.gz",
+        "bval": b / "dwi" / f"sub-{subject}_dwi.bval",
+        "bvec": b / "dwi" / f"sub-{subject}_dwi.bvec",
+        "dwi_json": b / "dwi" / f"sub-{subject}_dwi.json",
+        "bold": b / "func" / f"sub-{subject}_task-rest_bold.nii.gz",
+        "bold_json": b / "func" / f"sub-{subject}_task-rest_bold.json",
+    }
+    if kind not in table:
+        raise KeyError(f"unknown raw input {kind!r}; known: {sorted(table)}")
+    return str(table[kind])
