@@ -1,0 +1,20 @@
+# NeuroMoE workflow: BIDS (T1w, DWI, resting BOLD) + participants.tsv -> MNI maps -> patch cache
+# -> NeuroMoE training -> evaluation, report, prediction.  See README.md.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/anat.smk"
+include: "workflow/rules/dwi.smk"
+include: "workflow/rules/func.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

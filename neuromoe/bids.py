@@ -1,0 +1,301 @@
+"""BIDS input discovery and validation.
+
+``validate_dataset`` finds every problem at once, before any work starts, and reports each with the
+subject, the file and the fix (:class:`neuromoe.errors.ValidationReport`). It reads headers, gradient
+tables and sidecars only (milliseconds per subject); a truncated ``.nii.gz`` is caught without
+decompressing it by comparing the gzip trailer's recorded size with the size the header implies.
+
+Layout understood (one session, as the synthetic cohort and most single-visit studies)::
+
+    participants.tsv
+    sub-<id>/anat/sub-<id>_T1w.nii.gz
+    sub-<id>/dwi/sub-<id>_dwi.nii.gz  .bval  .bvec  [.json]
+    sub-<id>/func/sub-<id>_task-rest_bold.nii.gz  .json (RepetitionTime)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from neuromoe import paths
+from neuromoe.errors import InputError, ValidationReport
+
+MODALITIES = ("anat", "dwi", "func")
+SUBJECT_RE = re.compile(r"^sub-([A-Za-z0-9]+)$")
+SEX_CODES = {"M": 1.0, "F": 0.0, "m": 1.0, "f": 0.0, "male": 1.0, "female": 0.0}
+
+
+@dataclass
+class Subject:
+    """One subject's raw inputs: which modalities are present and usable."""
+
+    id: str
+    present: dict[str, bool] = field(default_factory=dict)
+
+    def has(self, modality: str) -> bool:
+        return self.present.get(modality, False)
+
+
+@dataclass
+class Dataset:
+    """The validated dataset: subjects to process, and the problems that excluded some of them."""
+
+    bids_dir: Path
+    subjects: dict[str, Subject]
+    participants: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+
+    def with_modality(self, modality: str) -> list[str]:
+        return sorted(s for s, sub in self.subjects.items() if sub.has(modality))
+
+
+def _rel(bids_dir: Path, p: str | Path) -> str:
+    try:
+        return str(Path(p).relative_to(bids_dir))
+    except ValueError:
+        return str(p)
+
+
+def gzip_complete(path: Path, expected_bytes: int) -> bool:
+    """True when a .gz file's trailer records ``expected_bytes`` (mod 2**32) of uncompressed data.
+
+    A truncated download or copy loses the trailer, so this catches it in O(1) without decoding.
+    """
+    size = path.stat().st_size
+    if size < 18:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(-4, 2)
+        (isize,) = struct.unpack("<I", fh.read(4))
+    return isize == expected_bytes % (1 << 32)
+
+
+def check_image(path: Path, subject: str, bids_dir: Path, ndim: int, what: str) -> tuple[tuple, InputError | None]:
+    """Header-level check of one NIfTI: readable, complete, the right number of dimensions."""
+    rel = _rel(bids_dir, path)
+    try:
+        img = nib.load(str(path))
+        shape = img.shape
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        return (), InputError(f"cannot read the {what} image ({exc.__class__.__name__}: {exc})",
+                              subject=f"sub-{subject}", path=rel,
+                              fix="replace the file with a valid NIfTI-1/2 image (re-export from the scanner "
+                                  "or dcm2niix)")
+    if str(path).endswith(".gz"):
+        hdr = img.header
+        expected = int(hdr["vox_offset"]) + int(np.prod(shape)) * hdr.get_data_dtype().itemsize
+        if not gzip_complete(path, expected):
+            return shape, InputError(f"the {what} image is truncated or corrupt (gzip stream incomplete)",
+                                     subject=f"sub-{subject}", path=rel,
+                                     fix="copy or download the file again; `gzip -t` on it should succeed")
+    if len(shape) != ndim and not (ndim == 3 and len(shape) == 4 and shape[3] == 1):
+        need = "3D (one volume)" if ndim == 3 else "4D (a time series of volumes)"
+        return shape, InputError(f"the {what} image is {len(shape)}D with shape {shape}; it must be {need}",
+                                 subject=f"sub-{subject}", path=rel,
+                                 fix="point to the right file, or convert it so it has the expected dimensions")
+    return shape, None
+
+
+def read_gradients(bval: Path, bvec: Path) -> tuple[np.ndarray, np.ndarray]:
+    """bvals (N,) and bvecs (3, N) in FSL/BIDS text format."""
+    bvals = np.loadtxt(bval, ndmin=1).astype(float).ravel()
+    bvecs = np.loadtxt(bvec, ndmin=2).astype(float)
+    if bvecs.shape[0] != 3 and bvecs.shape[1] == 3:
+        bvecs = bvecs.T
+    return bvals, bvecs
+
+
+def _check_dwi(bids_dir: Path, s: str, b0_threshold: float) -> list[InputError]:
+    subj = f"sub-{s}"
+    img_p, bval_p, bvec_p = (Path(paths.raw(bids_dir, s, k)) for k in ("dwi", "bval", "bvec"))
+    problems: list[InputError] = []
+    shape, err = check_image(img_p, s, bids_dir, 4, "DWI")
+    if err:
+        return [err]
+    for p, ext in ((bval_p, "bval"), (bvec_p, "bvec")):
+        if not p.exists():
+            problems.append(InputError(f"the DWI has no .{ext} file", subject=subj, path=_rel(bids_dir, p),
+                                       fix=f"add {p.name} next to the DWI (dcm2niix writes it)"))
+    if problems:
+        return problems
+    try:
+        bvals, bvecs = read_gradients(bval_p, bvec_p)
+    except ValueError as exc:
+        return [InputError(f"cannot parse the gradient table ({exc})", subject=subj, path=_rel(bids_dir, bval_p),
+                           fix="bval: one line of numbers; bvec: three lines of numbers")]
+    n = shape[3]
+    if bvecs.shape[0] != 3:
+        problems.append(InputError(f"the .bvec has {bvecs.shape[0]} rows; it must have 3 (x, y, z)",
+                                   subject=subj, path=_rel(bids_dir, bvec_p),
+                                   fix="write the b-vectors as three rows, one column per volume"))
+    if bvals.size != n:
+        problems.append(InputError(f"{bvals.size} b-values but the image has {n} volumes", subject=subj,
+                                   path=_rel(bids_dir, bval_p),
+                                   fix="the .bval must list one b-value per DWI volume"))
+    if bvecs.shape[0] == 3 and bvecs.shape[1] != n:
+        problems.append(InputError(f"{bvecs.shape[1]} b-vectors but the image has {n} volumes", subject=subj,
+                                   path=_rel(bids_dir, bvec_p),
+                                   fix="the .bvec must have one column per DWI volume"))
+    if not problems and not np.any(bvals <= b0_threshold):
+        problems.append(InputError(f"no b=0 volume (all b-values > {b0_threshold} s/mm^2)", subject=subj,
+                                   path=_rel(bids_dir, bval_p),
+                                   fix="a tensor fit needs at least one b=0 volume; check the .bval or "
+                                       "preprocessing.dwi.b0_threshold"))
+    return problems
+
+
+def _check_func(bids_dir: Path, s: str) -> list[InputError]:
+    subj = f"sub-{s}"
+    img_p, js_p = Path(paths.raw(bids_dir, s, "bold")), Path(paths.raw(bids_dir, s, "bold_json"))
+    _, err = check_image(img_p, s, bids_dir, 4, "BOLD")
+    if err:
+        return [err]
+    fix = ('add {"RepetitionTime": <seconds>} to the sidecar (dcm2niix writes it)')
+    if not js_p.exists():
+        return [InputError("the BOLD has no JSON sidecar, so its RepetitionTime is unknown", subject=subj,
+                           path=_rel(bids_dir, js_p), fix=fix)]
+    try:
+        meta = json.loads(js_p.read_text())
+    except json.JSONDecodeError as exc:
+        return [InputError(f"the sidecar is not valid JSON ({exc})", subject=subj, path=_rel(bids_dir, js_p),
+                           fix="fix the JSON syntax")]
+    tr = meta.get("RepetitionTime")
+    if not isinstance(tr, (int, float)) or not tr > 0:
+        return [InputError(f"RepetitionTime is {tr!r}; it must be a positive number of seconds", subject=subj,
+                           path=_rel(bids_dir, js_p), fix=fix)]
+    return []
+
+
+def _check_participants(bids_dir: Path, cfg: dict, folders: set[str]) -> tuple[pd.DataFrame, list[InputError]]:
+    pcfg = cfg["participants"]
+    tsv = bids_dir / "participants.tsv"
+    if not tsv.exists():
+        return pd.DataFrame(), [InputError("participants.tsv is missing", path="participants.tsv",
+                                           fix="add a participants.tsv with participant_id, "
+                                               f"{pcfg['diagnosis_column']} and the clinical columns")]
+    df = pd.read_csv(tsv, sep="\t", dtype={"participant_id": str}, na_values=["n/a", "NA", ""])
+    problems: list[InputError] = []
+    need = ["participant_id", pcfg["diagnosis_column"], *pcfg["clinical_columns"]]
+    missing_cols = [c for c in need if c not in df.columns]
+    if missing_cols:
+        problems.append(InputError(f"columns {missing_cols} are missing (found {list(df.columns)})",
+                                   path="participants.tsv",
+                                   fix="add them, or change participants.clinical_columns / diagnosis_column "
+                                       "in config.yaml"))
+        return df, problems
+    dup = df["participant_id"][df["participant_id"].duplicated()].tolist()
+    if dup:
+        problems.append(InputError(f"participant_id values appear twice: {dup}", path="participants.tsv",
+                                   fix="keep one row per participant"))
+    labels = pcfg["labels"]
+    for _, row in df.iterrows():
+        pid = row["participant_id"]
+        dx = row[pcfg["diagnosis_column"]]
+        if pd.isna(dx):
+            problems.append(InputError(f"no {pcfg['diagnosis_column']} given", subject=pid,
+                                       path="participants.tsv",
+                                       fix=f"fill in one of {labels}, or remove the participant"))
+        elif str(dx) not in labels:
+            problems.append(InputError(f"unknown {pcfg['diagnosis_column']} label {dx!r}; allowed: {labels}",
+                                       subject=pid, path="participants.tsv",
+                                       fix="correct the label, or add it to participants.labels in config.yaml"))
+        if pid not in folders:
+            problems.append(InputError("listed in participants.tsv but has no folder (no images)", subject=pid,
+                                       path="participants.tsv",
+                                       fix=f"add {pid}/ with its images, or remove the row"))
+    for col in pcfg["clinical_columns"]:
+        vals = df[col]
+        if col == "sex":
+            bad = vals[~vals.isna() & ~vals.astype(str).isin(list(SEX_CODES))]
+        else:
+            num = pd.to_numeric(vals, errors="coerce")
+            bad = vals[num.isna() & ~vals.isna()]
+        for idx, v in bad.items():
+            problems.append(InputError(f"column {col!r} has the non-numeric value {v!r}",
+                                       subject=df.loc[idx, "participant_id"], path="participants.tsv",
+                                       fix="use a number, or n/a for a missing value"
+                                       + (" (sex: M or F)" if col == "sex" else "")))
+    for folder in sorted(folders - set(df["participant_id"])):
+        problems.append(InputError("has images but no row in participants.tsv", subject=folder,
+                                   path="participants.tsv",
+                                   fix=f"add a row for {folder} with its diagnosis and clinical values"))
+    return df, problems
+
+
+def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
+    """Discover and validate a BIDS dataset; raise ValidationReport listing every problem.
+
+    A subject lacking a whole modality is not an error: with ``participants.missing_modality: keep`` it
+    stays (its absent experts are masked later), with ``exclude`` it is dropped, and either way it is
+    listed in ``Dataset.warnings``.
+    """
+    bids_dir = Path(bids_dir)
+    if not bids_dir.is_dir():
+        raise ValidationReport([InputError("the BIDS folder does not exist", path=bids_dir,
+                                           fix="set bids_dir in config.yaml (or --config bids_dir=...)")])
+    folders = {p.name for p in bids_dir.glob("sub-*") if p.is_dir()}
+    problems: list[InputError] = []
+    for f in sorted(folders):
+        if not SUBJECT_RE.match(f):
+            problems.append(InputError("subject folder name is not sub-<alphanumeric label>", subject=f,
+                                       path=f, fix="rename it, e.g. sub-01 (BIDS allows letters and digits only)"))
+        elif any((bids_dir / f).glob("ses-*")):
+            problems.append(InputError("has session folders (ses-*); this workflow reads one session per "
+                                       "subject", subject=f, path=f,
+                                       fix="point bids_dir at a single-session view (e.g. a copy with the "
+                                           "session level removed)"))
+    df, pproblems = _check_participants(bids_dir, cfg, folders)
+    problems += pproblems
+
+    keep = cfg["participants"].get("missing_modality", "exclude") == "keep"
+    b0_thr = float(cfg["preprocessing"]["dwi"].get("b0_threshold", 50))
+    subjects: dict[str, Subject] = {}
+    warnings: list[str] = []
+    for f in sorted(folders):
+        m = SUBJECT_RE.match(f)
+        if not m:
+            continue
+        s = m.group(1)
+        present = {
+            "anat": Path(paths.raw(bids_dir, s, "T1w")).exists(),
+            "dwi": Path(paths.raw(bids_dir, s, "dwi")).exists(),
+            "func": Path(paths.raw(bids_dir, s, "bold")).exists(),
+        }
+        if not any(present.values()):
+            problems.append(InputError("has no T1w, DWI or BOLD image under the expected names", subject=f,
+                                       path=f, fix=f"name them {f}_T1w.nii.gz, {f}_dwi.nii.gz, "
+                                                   f"{f}_task-rest_bold.nii.gz in anat/, dwi/, func/"))
+            continue
+        if present["anat"]:
+            _, err = check_image(Path(paths.raw(bids_dir, s, "T1w")), s, bids_dir, 3, "T1w")
+            if err:
+                problems.append(err)
+        if present["dwi"]:
+            problems += _check_dwi(bids_dir, s, b0_thr)
+        if present["func"]:
+            problems += _check_func(bids_dir, s)
+        absent = [k for k, v in present.items() if not v]
+        if not present["anat"]:
+            # Every MNI map is registered through the T1w, so a subject without one cannot be placed in MNI.
+            warnings.append(f"{f}: no T1w image; excluded (DWI and BOLD are registered to MNI via the T1w)")
+            continue
+        if absent:
+            verb = "kept with the expert(s) masked" if keep else "excluded (participants.missing_modality: exclude)"
+            warnings.append(f"{f}: missing {', '.join(absent)}; {verb}")
+            if not keep:
+                continue
+        subjects[s] = Subject(s, present)
+    if problems:
+        raise ValidationReport(problems)
+    if not subjects:
+        raise ValidationReport([InputError("no usable subjects found", path=bids_dir,
+                                           fix="check bids_dir and the file names (see README)")])
+    return Dataset(bids_dir, subjects, df, warnings)

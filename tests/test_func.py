@@ -1,0 +1,235 @@
+"""Tests of neuromoe.preproc.func: closed forms on synthetic series, errors, and one small end-to-end run.
+
+Thresholds are stated next to each assertion with the reason for them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from neuromoe.errors import StageError
+from neuromoe.preproc import func as F
+
+TR = 2.0
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def _sidecar(tmp_path, meta):
+    p = tmp_path / "sub-07_task-rest_bold.json"
+    p.write_text(json.dumps(meta))
+    return p
+
+
+def test_repetition_time_reads_sidecar(tmp_path):
+    assert F.repetition_time(_sidecar(tmp_path, {"RepetitionTime": 2.5, "TaskName": "rest"}), "07") == 2.5
+
+
+@pytest.mark.parametrize("meta", [{"TaskName": "rest"}, {"RepetitionTime": 0}, {"RepetitionTime": -2.0},
+                                  {"RepetitionTime": "2"}, {"RepetitionTime": 2000}])
+def test_repetition_time_bad_or_missing_is_stage_error(tmp_path, meta):
+    path = _sidecar(tmp_path, meta)
+    with pytest.raises(StageError) as err:
+        F.repetition_time(path, "07")
+    msg = str(err.value)
+    assert "sub-07" in msg and path.name in msg and "RepetitionTime" in msg
+    assert err.value.fix and ("RepetitionTime" in err.value.fix or "write" in err.value.fix)
+
+
+def test_repetition_time_missing_file(tmp_path):
+    with pytest.raises(StageError, match="sub-07"):
+        F.repetition_time(tmp_path / "nope.json", "07")
+
+
+def _bold(n_vols: int, shape=(4, 4, 4), tr=TR) -> nib.Nifti1Image:
+    data = np.arange(np.prod(shape) * n_vols, dtype=np.float32).reshape(*shape, n_vols)
+    img = nib.Nifti1Image(data, np.diag([3.0, 3.0, 3.0, 1.0]))
+    img.header.set_zooms((3.0, 3.0, 3.0, tr))
+    return img
+
+
+def test_drop_dummy_scans_keeps_the_tail():
+    img = _bold(60)
+    out = F.drop_dummy_scans(img, 4, TR, subject="07")
+    assert out.shape == (4, 4, 4, 56)
+    np.testing.assert_array_equal(out.get_fdata()[..., 0], img.get_fdata()[..., 4])
+    np.testing.assert_array_equal(out.affine, img.affine)
+    assert out.header.get_zooms()[3] == TR
+
+
+def test_drop_dummy_scans_too_few_volumes():
+    # 52 - 4 = 48 volumes * 2 s = 96 s < 100 s = 1 / 0.01 Hz: one period of the lowest band frequency is not seen.
+    assert F.min_volumes(TR, 0.01) == 50
+    with pytest.raises(StageError) as err:
+        F.drop_dummy_scans(_bold(52), 4, TR, subject="07")
+    msg = str(err.value)
+    assert "sub-07" in msg and "func" in msg
+    assert "48 volumes" in msg and "50 volumes" in msg and "0.01 Hz" in msg
+    # exactly at the limit is accepted
+    assert F.drop_dummy_scans(_bold(54), 4, TR, subject="07").shape[3] == 50
+
+
+# ---------------------------------------------------------------------------------------------- confounds
+
+def test_framewise_displacement_hand_value():
+    params = pd.DataFrame(
+        [[0, 0, 0, 0, 0, 0],
+         [1.0, -0.5, 0.0, 0.01, 0.0, -0.02],
+         [1.0, 0.0, 0.2, 0.01, 0.005, -0.02]],
+        columns=F.MOTION_COLUMNS)
+    # row 1: 1 + 0.5 + 0 + 50 * (0.01 + 0 + 0.02) = 3.0; row 2: 0 + 0.5 + 0.2 + 50 * 0.005 = 0.95
+    np.testing.assert_allclose(F.framewise_displacement(params), [0.0, 3.0, 0.95], atol=1e-12)
+
+
+def test_dvars_spike_and_standardised_null():
+    rng = _rng(1)
+    n_v, n_t = 4000, 100
+    # white noise around 1000: DVARS ~ sqrt(2) sigma, std_dvars ~ 1 (AR1 ~ 0, robust sigma ~ sigma)
+    x = 1000.0 + 10.0 * rng.standard_normal((n_v, n_t))
+    dv, std = F.dvars(x)
+    assert np.isnan(dv[0]) and np.isnan(std[0]) and dv.shape == (n_t,)
+    assert abs(np.nanmean(std) - 1.0) < 0.05  # 4000 voxels: sampling error of the mean well under 0.01
+    assert abs(np.nanmean(dv) - np.sqrt(2) * 10.0) < 0.3  # scale factor 1000 / median mean ~ 1 +- 1e-3
+    # a global +50 step on frame 40 only: DVARS at 40 and 41 jump to ~50, the rest stay ~14
+    y = x.copy()
+    y[:, 40] += 50.0
+    dv2, _ = F.dvars(y)
+    assert dv2[40] > 45 and dv2[41] > 45 and np.nanmax(np.delete(dv2, [40, 41])) < 20
+    # 4D + mask gives the same as (V, T)
+    vol = np.zeros((20, 20, 10, n_t))
+    mask = np.zeros((20, 20, 10), bool)
+    mask[:, :, :] = True
+    vol[mask] = x
+    np.testing.assert_allclose(F.dvars(vol, mask)[0][1:], dv[1:])
+
+
+def test_confounds_table_columns():
+    n = 10
+    params = np.zeros((n, 6))
+    fd = F.framewise_displacement(params)
+    dv, std = np.r_[np.nan, np.ones(n - 1)], np.r_[np.nan, np.ones(n - 1)]
+    df = F.confounds_table(params, fd, dv, np.arange(n), np.arange(n), std_dvars=std)
+    assert list(df.columns) == ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
+                                "framewise_displacement", "dvars", "std_dvars", "white_matter", "csf"]
+    assert len(df) == n
+    with pytest.raises(ValueError, match="white_matter"):
+        F.confounds_table(params, fd, dv, np.arange(n - 1), np.arange(n))
+
+
+# ---------------------------------------------------------------------------------------------- regression
+
+def test_regress_nuisance_removes_regressors_and_trend():
+    rng = _rng(2)
+    n_v, n_t = 500, 120
+    reg = rng.standard_normal((n_t, 3))
+    signal = rng.standard_normal((n_v, n_t))
+    beta = rng.uniform(-5, 5, (n_v, 3))
+    trend = np.outer(rng.uniform(-3, 3, n_v), np.arange(n_t) / n_t)
+    mean = rng.uniform(100, 1000, (n_v, 1))
+    y = mean + signal + beta @ reg.T + trend
+    res = F.regress_nuisance(y, reg, detrend=True, keep_mean=True).astype(np.float64)
+    # OLS residuals are orthogonal to every centred regressor and the trend (float32 output: 1e-3 relative)
+    design = np.column_stack([reg - reg.mean(0), np.arange(n_t) - (n_t - 1) / 2])
+    proj = (res - res.mean(1, keepdims=True)) @ design / np.linalg.norm(design, axis=0)
+    assert np.abs(proj).max() < 1e-2
+    np.testing.assert_allclose(res.mean(1), y.mean(1), rtol=1e-5)  # temporal mean kept
+    # what is left is the signal minus its own projection: correlation with the truth > 0.95 for K=5, T=120
+    r = [np.corrcoef(res[i], signal[i])[0, 1] for i in range(n_v)]
+    assert np.median(r) > 0.95
+    assert np.abs(F.regress_nuisance(y, reg, keep_mean=False).mean(1)).max() < 1e-3
+    with pytest.raises(ValueError, match="NaN"):
+        F.regress_nuisance(y, np.r_[np.nan, np.ones(n_t - 1)])
+
+
+# ---------------------------------------------------------------------------------------------- fALFF
+
+def test_falff_sine_in_band_is_near_one():
+    # 0.05 Hz at TR 2 s over 200 volumes = exactly 20 cycles: all amplitude on one in-band bin, apart from the
+    # small broadband leak of the linear detrend (measured 0.92), hence >= 0.9.
+    t = np.arange(200) * TR
+    x = 3.0 * np.sin(2 * np.pi * 0.05 * t)[None] + 500.0
+    assert F.falff(x, TR)[0] >= 0.9
+    # out of band (0.2 Hz) -> near 0
+    assert F.falff(np.sin(2 * np.pi * 0.2 * t)[None], TR)[0] < 0.1
+    # ALFF of that in-band sine recovers ~ its amplitude spread over the band's bins
+    a = F.alff(x, TR)[0]
+    n_bins = np.sum((np.fft.rfftfreq(200, TR) >= 0.01) & (np.fft.rfftfreq(200, TR) <= 0.08))
+    assert abs(a * n_bins - 3.0) < 0.3
+
+
+def test_falff_white_noise_is_band_share():
+    # Flat expected amplitude spectrum: fALFF ~ fraction of bins in band = 29/100 at T=200, TR=2
+    # (~ 0.07 / 0.25 = 0.28 in continuous frequency). Averaged over 2000 voxels, within 0.05 of 0.28.
+    x = _rng(3).standard_normal((2000, 200))
+    f = F.falff(x, TR)
+    assert abs(f.mean() - 0.07 / (1 / (2 * TR))) < 0.05
+    assert np.all((f >= 0) & (f <= 1))
+    assert F.falff(np.ones((3, 200)), TR).tolist() == [0.0, 0.0, 0.0]  # constant: no spectrum, 0
+
+
+def test_bandpass_keeps_band_only():
+    t = np.arange(200) * TR
+    low, high = np.sin(2 * np.pi * 0.05 * t), np.sin(2 * np.pi * 0.2 * t)
+    out = F.bandpass((low + high + 10)[None], TR)[0]
+    np.testing.assert_allclose(out - 10, low, atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------- ReHo
+
+def _cube_mask(n=12):
+    m = np.zeros((n, n, n), bool)
+    m[1:-1, 1:-1, 1:-1] = True
+    return m
+
+
+def test_reho_identical_neighbours_is_one():
+    rng = _rng(4)
+    n_t = 60
+    ts = rng.standard_normal(n_t)
+    data = np.broadcast_to(ts, (10, 10, 10, n_t)).copy()
+    data *= rng.uniform(1, 3, (10, 10, 10, 1))  # monotone (positive) scaling keeps ranks: still W = 1
+    mask = _cube_mask(10)
+    w = F.reho(data, mask)
+    np.testing.assert_allclose(w[mask], 1.0, atol=1e-6)
+    assert np.all(w[~mask] == 0)
+
+
+def test_reho_matches_direct_kendall_w():
+    rng = _rng(5)
+    n_t = 40
+    data = rng.standard_normal((8, 8, 8, n_t))
+    mask = _cube_mask(8)
+    w = F.reho(data, mask)
+    # direct W at an interior voxel and at a mask corner (K = 8: only in-mask neighbours count)
+    for v, sl in [((4, 4, 4), np.s_[3:6, 3:6, 3:6]), ((1, 1, 1), np.s_[1:3, 1:3, 1:3])]:
+        blk = data[sl].reshape(-1, n_t)
+        k = blk.shape[0]
+        r = stats.rankdata(blk, axis=1).sum(0)
+        s = np.sum((r - r.mean()) ** 2)
+        assert abs(w[v] - 12 * s / (k**2 * (n_t**3 - n_t))) < 1e-6
+
+
+def test_reho_independent_noise_is_near_null():
+    # For K independent series E[W] = 1/K exactly (mean pairwise Spearman rho = (K W - 1)/(K - 1) has mean 0).
+    # Interior voxels: K = 27, null 0.0370; measured mean over 512 interior voxels ~0.038 (sd of the mean ~1e-3,
+    # but neighbouring W's share voxels), so within 0.005. Over the whole mask the null is mean(1/K).
+    rng = _rng(6)
+    n_t = 100
+    data = rng.standard_normal((12, 12, 12, n_t))
+    mask = _cube_mask(12)
+    w = F.reho(data, mask)
+    assert abs(w[3:9, 3:9, 3:9].mean() - 1 / 27) < 0.005
+    null = F.null_reho(mask)
+    assert abs(w[mask].mean() - null[mask].mean()) < 0.005
+    for nb in (7, 19):
+        assert abs(F.reho(data, mask, nb)[mask].mean() - F.null_reho(mask, nb)[mask].mean()) < 0.01

@@ -1,0 +1,24 @@
+# Anatomical stage: brain extraction and registration of the T1w to the MNI template.
+
+
+rule anat:
+    input:
+        t1w=raw("T1w"),
+    output:
+        **keys("anat_"),
+        qc_anat_mask=deriv("qc_anat_mask"),
+        qc_anat_reg=deriv("qc_anat_reg"),
+    params:
+        cfg=stage_config("preprocessing.backend", "preprocessing.anat", "preprocessing.fsl"),
+    log:
+        f"{LOGS}/anat/sub-{{subject}}.log",
+    benchmark:
+        f"{BENCH}/anat/sub-{{subject}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=30,
+    conda:
+        PREPROC_ENV
+    script:
+        f"{SCRIPTS}/anat.py"

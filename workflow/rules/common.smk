@@ -1,0 +1,110 @@
+# Start-up: config validation, the synthetic demo cohort, BIDS discovery and validation, targets.
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+sys.path.insert(0, workflow.basedir)  # the neuromoe package, also inside conda envs
+
+from neuromoe import paths
+from neuromoe.bids import MODALITIES, validate_dataset
+from neuromoe.config import validate_config
+from neuromoe.errors import NeuroMoEError
+
+
+try:
+    validate_config(config)  # readable, every problem at once, semantic checks
+except NeuroMoEError as exc:
+    raise WorkflowError(str(exc))
+validate(config, "../schemas/config.schema.yaml")  # snakemake's own check (and defaults)
+
+OUT = config["output_dir"]
+BIDS = config["bids_dir"]
+LOGS = f"{OUT}/logs"
+BENCH = f"{OUT}/benchmarks"
+SCRIPTS = "../scripts"
+BACKEND = config["preprocessing"]["backend"]
+PREPROC_ENV = "../../envs/fsl.yaml" if BACKEND == "fsl" else "../../envs/preproc.yaml"
+
+
+if not Path(BIDS).exists() and config["synthetic"]["generate"]:
+    from neuromoe.synth import make_cohort
+
+    print(
+        f"neuromoe: {BIDS} does not exist; writing the synthetic demo cohort "
+        f"({config['synthetic']['subjects']} subjects, seed {config['synthetic']['seed']}) ...",
+        file=sys.stderr,
+    )
+    make_cohort(BIDS, config["synthetic"]["subjects"], config["synthetic"]["seed"])
+
+try:
+    DATASET = validate_dataset(BIDS, config)
+except NeuroMoEError as exc:
+    raise WorkflowError(str(exc))
+for _w in DATASET.warnings:
+    print(f"neuromoe: warning: {_w}", file=sys.stderr)
+
+SUBJECTS = sorted(DATASET.subjects)
+
+
+wildcard_constraints:
+    subject="|".join(SUBJECTS) if SUBJECTS else "[A-Za-z0-9]+",
+
+
+def deriv(key, subject="{subject}"):
+    """Path of a derivative (see neuromoe/paths.py) for one subject or the {subject} wildcard."""
+    return paths.derivative(OUT, subject, key)
+
+
+def raw(kind, subject="{subject}"):
+    return paths.raw(BIDS, subject, kind)
+
+
+def keys(prefix):
+    """Output keys of one stage: {key: pattern} for the rule's named outputs."""
+    return {k: deriv(k) for k in paths.OUTPUTS if k.startswith(prefix)}
+
+
+def stage_config(*sections):
+    """The config keys a stage uses (dotted paths), nested as in config.yaml.
+
+    Passed as ``params``: Snakemake reruns a job when its params change, so editing another stage's
+    keys (or a comment) reruns nothing here.
+    """
+    out = {}
+    for dotted in sections:
+        node, dst = config, out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+            dst = dst.setdefault(part, {})
+        dst[parts[-1]] = node[parts[-1]]
+    return out
+
+
+def preproc_targets():
+    t = []
+    for s in SUBJECTS:
+        t += [deriv(k, s) for k in ("anat_brain_mni", "anat_mask_mni", "qc_anat_mask", "qc_anat_reg")]
+        if DATASET.subjects[s].has("dwi"):
+            t += [deriv(f"dwi_{m.lower()}_mni", s) for m in ("FA", "MD", "AD", "RD")]
+            t += [deriv(k, s) for k in ("qc_dwi_fa", "qc_dwi_motion")]
+        if DATASET.subjects[s].has("func"):
+            t += [deriv(f"func_{m.lower()}_mni", s) for m in ("fALFF", "ReHo")]
+            t += [deriv(k, s) for k in ("qc_func_maps", "qc_func_motion")]
+    return t
+
+
+def all_targets():
+    return [f"{OUT}/derivatives/neuromoe/dataset_description.json"] + preproc_targets()
+
+
+rule dataset_description:
+    output:
+        f"{OUT}/derivatives/neuromoe/dataset_description.json",
+    log:
+        f"{LOGS}/dataset_description.log",
+    localrule: True
+    script:
+        f"{SCRIPTS}/dataset_description.py"

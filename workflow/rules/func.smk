@@ -1,0 +1,28 @@
+# Resting-state fMRI stage: dummy scans, realignment, confounds, nuisance regression, fALFF/ReHo, MNI.
+
+
+rule func:
+    input:
+        bold=raw("bold"),
+        bold_json=raw("bold_json"),
+        anat_brain=deriv("anat_brain"),
+        anat_mask=deriv("anat_mask"),
+        anat_xfm=deriv("anat_xfm"),
+    output:
+        **keys("func_"),
+        qc_func_maps=deriv("qc_func_maps"),
+        qc_func_motion=deriv("qc_func_motion"),
+    params:
+        cfg=stage_config("preprocessing.backend", "preprocessing.func", "preprocessing.fsl"),
+    log:
+        f"{LOGS}/func/sub-{{subject}}.log",
+    benchmark:
+        f"{BENCH}/func/sub-{{subject}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        PREPROC_ENV
+    script:
+        f"{SCRIPTS}/func.py"
