@@ -8,10 +8,15 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/anat.smk"
 include: "workflow/rules/dwi.smk"
 include: "workflow/rules/func.smk"
+include: "workflow/rules/cache.smk"
+include: "workflow/rules/model.smk"
 
 
 rule all:

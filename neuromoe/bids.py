@@ -30,7 +30,8 @@ from neuromoe.errors import InputError, ValidationReport
 
 MODALITIES = ("anat", "dwi", "func")
 SUBJECT_RE = re.compile(r"^sub-([A-Za-z0-9]+)$")
-SEX_CODES = {"M": 1.0, "F": 0.0, "m": 1.0, "f": 0.0, "male": 1.0, "female": 0.0}
+# participants.tsv sex coding (case-insensitive); the one table data.py and clinical.py use too.
+SEX_CODES = {"m": 0.0, "male": 0.0, "f": 1.0, "female": 1.0}
 
 
 @dataclass
@@ -91,7 +92,9 @@ def check_image(path: Path, subject: str, bids_dir: Path, ndim: int, what: str) 
                                   "or dcm2niix)")
     if str(path).endswith(".gz"):
         hdr = img.header
-        expected = int(hdr["vox_offset"]) + int(np.prod(shape)) * hdr.get_data_dtype().itemsize
+        # dataobj.offset is the real data offset (the header object's vox_offset may read 0 after load).
+        offset = int(getattr(img.dataobj, "offset", hdr["vox_offset"]))
+        expected = offset + int(np.prod(shape)) * hdr.get_data_dtype().itemsize
         if not gzip_complete(path, expected):
             return shape, InputError(f"the {what} image is truncated or corrupt (gzip stream incomplete)",
                                      subject=f"sub-{subject}", path=rel,
@@ -214,7 +217,7 @@ def _check_participants(bids_dir: Path, cfg: dict, folders: set[str]) -> tuple[p
     for col in pcfg["clinical_columns"]:
         vals = df[col]
         if col == "sex":
-            bad = vals[~vals.isna() & ~vals.astype(str).isin(list(SEX_CODES))]
+            bad = vals[~vals.isna() & ~vals.astype(str).str.strip().str.lower().isin(list(SEX_CODES))]
         else:
             num = pd.to_numeric(vals, errors="coerce")
             bad = vals[num.isna() & ~vals.isna()]

@@ -21,6 +21,7 @@ What ``compute_metrics`` returns (all plain floats / lists, JSON-serialisable):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -68,7 +69,8 @@ def label_indices(pred: pd.DataFrame, classes: Sequence[str] | None = None) -> n
     if as_text.isin(classes).all():
         return as_text.map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=int)
     numeric = pd.to_numeric(raw, errors="coerce")
-    if numeric.notna().all() and (numeric == numeric.round()).all() and numeric.between(0, len(classes) - 1).all():
+    whole = numeric.notna().all() and (numeric == numeric.round()).all()
+    if whole and numeric.between(0, len(classes) - 1).all():
         return numeric.to_numpy(dtype=int)
     unknown = sorted(set(as_text) - set(classes))[:5]
     raise ValueError(f"labels {unknown} are neither class names {classes} nor indices 0..{len(classes) - 1}")
@@ -118,7 +120,8 @@ def reliability_table(pred: pd.DataFrame, n_bins: int = ECE_BINS) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def ovr_auc(y: np.ndarray, prob: np.ndarray, classes: Sequence[str]) -> tuple[float, dict[str, float], list[str]]:
+def ovr_auc(y: np.ndarray, prob: np.ndarray,
+            classes: Sequence[str]) -> tuple[float, dict[str, float], list[str]]:
     """One-vs-rest ROC AUC: (macro mean, per class, skipped classes).
 
     A class is skipped when the rows hold no subject of it, or only subjects of it (no negatives):
@@ -153,10 +156,14 @@ def compute_metrics(pred: pd.DataFrame, classes: Sequence[str] | None = None) ->
     if skipped:
         notes.append(f"ROC AUC skips class(es) {', '.join(skipped)}: no positive or no negative subjects in "
                      f"these {n} rows; macro AUC is over the {len(classes) - len(skipped)} other(s)")
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": expected in a small fold; recall is over true classes.
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        bal_acc = float(balanced_accuracy_score(y, y_hat))
     out: dict = {
         "n": n,
         "accuracy": float(accuracy_score(y, y_hat)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, y_hat)),
+        "balanced_accuracy": bal_acc,
         "macro_f1": float(f1_score(y, y_hat, labels=present, average="macro", zero_division=0)),
         "auc": auc,
         **{f"auc_{c}": v for c, v in auc_per_class.items()},
@@ -202,11 +209,13 @@ class Summary:
                 f"[{self.ci_low * scale:.{digits}f}, {self.ci_high * scale:.{digits}f}]")
 
 
-def summarise(values: Iterable[float], confidence: float = 0.95) -> Summary:
+def summarise(values: Iterable[float], confidence: float = 0.95,
+              bounds: tuple[float, float] | None = None) -> Summary:
     """Mean, sample SD (ddof=1) and ``confidence`` t-interval ``mean ± t(n-1) * sd / sqrt(n)``.
 
     NaNs are dropped. With one value the SD and interval are NaN; with none, everything is NaN.
-    Approximate: see ``Summary`` (CV folds are not independent).
+    ``bounds`` clips the interval to the metric's range (e.g. (0, 1) for accuracy): with few runs a
+    t-interval can reach past it. Approximate: see ``Summary`` (CV folds are not independent).
     """
     arr = np.asarray([float(v) for v in values], dtype=float)
     arr = arr[~np.isnan(arr)]
@@ -218,4 +227,7 @@ def summarise(values: Iterable[float], confidence: float = 0.95) -> Summary:
         return Summary(mean, float("nan"), float("nan"), float("nan"), 1)
     sd = float(arr.std(ddof=1))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    return Summary(mean, sd, mean - half, mean + half, n)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Summary(mean, sd, low, high, n)

@@ -71,7 +71,8 @@ def _subjects_and_labels(participants: pd.DataFrame, id_column: str,
     """Sorted subject ids (without ``sub-``) and their diagnoses, validated."""
     for col in (id_column, label_column):
         if col not in participants.columns:
-            raise InputError(f"participants table has no column {col!r} (columns: {list(participants.columns)})",
+            raise InputError(f"participants table has no column {col!r} "
+                             f"(columns: {list(participants.columns)})",
                              path="participants.tsv", fix=f"add a {col!r} column or set it in config.yaml")
     frame = participants[[id_column, label_column]].copy()
     frame[id_column] = frame[id_column].astype(str).str.removeprefix("sub-")
@@ -230,4 +231,8 @@ def split_parts(splits: pd.DataFrame, split_id: str) -> dict[str, list[str]]:
 
 def split_ids(splits: pd.DataFrame) -> list[str]:
     """The split ids of a table, in the order seeds then folds."""
-    return sorted(splits["split_id"].unique(), key=lambda s: (parse_split_id(s)[1], parse_split_id(s)[2] or 0))
+    def key(sid: str) -> tuple[int, int]:
+        _, seed, fold = parse_split_id(sid)
+        return seed, fold or 0
+
+    return sorted(splits["split_id"].unique(), key=key)

@@ -233,3 +233,169 @@ def test_reho_independent_noise_is_near_null():
     assert abs(w[mask].mean() - null[mask].mean()) < 0.005
     for nb in (7, 19):
         assert abs(F.reho(data, mask, nb)[mask].mean() - F.null_reho(mask, nb)[mask].mean()) < 0.01
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def _rigid_ras(angle_deg: float, axis: int, shift_mm) -> np.ndarray:
+    """4x4 RAS rigid: rotation about one world axis, then a translation (mm)."""
+    a = np.deg2rad(angle_deg)
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    m = np.eye(4)
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    m[:3, 3] = shift_mm
+    return m
+
+
+def _grid(voxel_mm: float, template: nib.Nifti1Image) -> nib.Nifti1Image:
+    """An empty image covering the template's field of view at ``voxel_mm`` (diagonal, RAS)."""
+    extent = np.array(template.shape[:3]) * np.abs(np.diag(template.affine)[:3])
+    shape = tuple(int(np.ceil(e / voxel_mm)) for e in extent)
+    aff = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    aff[:3, 3] = template.affine[:3, 3]
+    return nib.Nifti1Image(np.zeros(shape, np.float32), aff)
+
+
+def make_func_inputs(tmp_path, voxel_mm: float = 6.0, n_vols: int = 64, n_dummy: int = 4, seed: int = 0):
+    """A small synthetic subject: T1w brain (3 mm) + anat_xfm, and a BOLD with known geometry and signals.
+
+    Geometry (RAS rigid maps, known): T1w points -> MNI points ``A``; BOLD (head frame) points -> MNI ``B``.
+    BOLD contrast: EPI-like (CSF > GM > WM) from the template priors; a 0.05 Hz oscillation (5 % of the signal,
+    sign alternating between 36 mm blocks) in the left-hemisphere grey matter (MNI x < -10 mm) only; white noise
+    (~1.2 %); head motion: a random walk plus a 0 -> 1.2 mm drift along y and one 0.8 mm jump; dummy volumes 40 %
+    brighter (not yet at steady state).
+    Returns (inputs, truth) where truth holds the planted maps and transforms.
+    """
+    from nilearn import datasets
+    from scipy import ndimage
+
+    from neuromoe.preproc import registration as reg
+
+    rng = _rng(seed)
+    tpl = datasets.load_mni152_template(resolution=2)
+    wm = datasets.load_mni152_wm_template(resolution=2).get_fdata()
+    gm = datasets.load_mni152_gm_template(resolution=2).get_fdata()
+    brain = datasets.load_mni152_brain_mask(resolution=2).get_fdata() > 0
+    csf = np.clip(1 - wm - gm, 0, 1) * brain
+    epi = (0.55 * wm + 0.8 * gm + 1.2 * csf) * brain
+    xyz = nib.affines.apply_affine(tpl.affine, np.indices(tpl.shape).reshape(3, -1).T).reshape(*tpl.shape, 3)
+    left_gm = (gm > 0.5) & (xyz[..., 0] < -10) & brain
+    right_gm = (gm > 0.5) & (xyz[..., 0] > 10) & brain
+
+    a_ras = _rigid_ras(4.0, 2, (5.0, -3.0, 4.0))  # T1w -> MNI
+    b_ras = _rigid_ras(-3.0, 0, (-4.0, 6.0, 2.0))  # BOLD -> MNI
+    t1_grid, bold_grid = _grid(3.0, tpl), _grid(voxel_mm, tpl)
+    tpl_brain = nib.Nifti1Image(tpl.get_fdata() * brain, tpl.affine)
+    t1 = reg.resample(tpl_brain, t1_grid, reg.ras_to_transform(a_ras))
+    t1_mask = nib.Nifti1Image((t1.get_fdata() > 0.05).astype(np.uint8), t1.affine)
+    b_tf = reg.ras_to_transform(b_ras)
+    base = reg.resample(nib.Nifti1Image(1000 * epi, tpl.affine), bold_grid, b_tf).get_fdata()
+    # the oscillation's sign alternates between 36 mm blocks (a 3D checkerboard), as local fluctuations do: the
+    # planted signal then averages out over WM / CSF masks and over the rigid-motion directions, instead of
+    # leaking (whole) into the WM regressor and the motion estimates and being regressed out with them
+    block = np.floor(xyz / 36.0).sum(axis=-1) % 2 * 2 - 1
+    osc_w = reg.resample(nib.Nifti1Image((left_gm * block).astype(np.float32), tpl.affine), bold_grid,
+                         b_tf).get_fdata()
+
+    t = np.arange(n_vols) * TR
+    # Head motion per volume, world (RAS mm) rigid maps head frame -> volume: y = R (x - c) + c + t.
+    # Planted: a 0 -> 1.2 mm drift along y and a 0.8 mm jump at volume 40, on top of a random walk on all six
+    # parameters (0.03 mm, 0.0007 rad per volume) as real heads have; without it the x/z/rotation estimates
+    # would be pure estimation noise, which the oscillation biases, and regressing them would remove the signal.
+    drift = np.clip((t - t[n_dummy]) / (t[-1] - t[n_dummy]), 0, 1) * 1.2 + (np.arange(n_vols) >= 40) * 0.8
+    walk = np.cumsum(rng.normal(0, 1, (n_vols, 6)) * [0.03, 0.03, 0.03, 0.0007, 0.0007, 0.0007], axis=0)
+    centre = nib.affines.apply_affine(bold_grid.affine, (np.array(base.shape) - 1) / 2)
+    head_moves = []
+    for k in range(n_vols):
+        rot = _rigid_ras(np.rad2deg(walk[k, 5]), 2, 0) @ _rigid_ras(np.rad2deg(walk[k, 4]), 1, 0) \
+            @ _rigid_ras(np.rad2deg(walk[k, 3]), 0, 0)
+        m = rot.copy()
+        m[:3, 3] = centre - rot[:3, :3] @ centre + walk[k, :3] + [0, drift[k], 0]
+        head_moves.append(m)
+    vols = np.empty(base.shape + (n_vols,), np.float32)
+    for k in range(n_vols):
+        clean = base * (1 + 0.05 * osc_w * np.sin(2 * np.pi * 0.05 * t[k]))
+        # volume voxel o shows the head-frame point M^-1 (affine o): pull with the voxel-space inverse
+        pull = np.linalg.inv(bold_grid.affine) @ np.linalg.inv(head_moves[k]) @ bold_grid.affine
+        moved = ndimage.affine_transform(clean, pull[:3, :3], pull[:3, 3], order=1)
+        gain = 1.4 if k < n_dummy else 1.0
+        vols[..., k] = gain * moved + rng.normal(0, 10.0, base.shape) * (base > 0)
+    bold = nib.Nifti1Image(vols, bold_grid.affine)
+    bold.header.set_zooms((voxel_mm,) * 3 + (TR,))
+    bold.header.set_xyzt_units("mm", "sec")
+
+    d = tmp_path / "in"
+    d.mkdir(exist_ok=True)
+    inputs = {"bold": str(d / "sub-01_task-rest_bold.nii.gz"), "bold_json": str(d / "sub-01_task-rest_bold.json"),
+              "anat_brain": str(d / "sub-01_desc-brain_T1w.nii.gz"),
+              "anat_mask": str(d / "sub-01_desc-brain_mask.nii.gz"), "anat_xfm": str(d / "sub-01_xfm.txt")}
+    nib.save(bold, inputs["bold"])
+    (d / "sub-01_task-rest_bold.json").write_text(json.dumps({"RepetitionTime": TR, "TaskName": "rest"}))
+    nib.save(t1, inputs["anat_brain"])
+    nib.save(t1_mask, inputs["anat_mask"])
+    reg.write_transform(reg.ras_to_transform(np.linalg.inv(a_ras)), inputs["anat_xfm"])  # MNI -> T1w points
+    truth = {"a_ras": a_ras, "b_ras": b_ras, "moves": head_moves[n_dummy:], "left_gm": left_gm,
+             "right_gm": right_gm, "template": tpl}
+    return inputs, truth
+
+
+def test_run_func_end_to_end(tmp_path):
+    pytest.importorskip("neuromoe.preproc.qc")
+    from neuromoe import paths
+    from neuromoe.preproc import registration as reg
+
+    inputs, truth = make_func_inputs(tmp_path)
+    keys = [k for k in paths.OUTPUTS if k.startswith(("func_", "qc_func_"))]
+    outputs = {k: paths.derivative(tmp_path / "out", "01", k) for k in keys}
+    config = {"preprocessing": {"func": {"dummy_scans": 4, "band_hz": [0.01, 0.08],
+                                         "nuisance": ["motion", "wm", "csf"]}}}
+    F.run_func(inputs, outputs, "01", config, threads=1)
+    for k in keys:
+        assert (tmp_path / outputs[k]).exists(), k
+
+    bold = nib.load(inputs["bold"])
+    pre = nib.load(outputs["func_preproc"])
+    assert pre.shape == bold.shape[:3] + (60,)  # 64 volumes - 4 dummies
+    np.testing.assert_allclose(pre.affine, bold.affine)
+    assert pre.header.get_zooms()[3] == pytest.approx(TR)
+    mask = nib.load(outputs["func_mask"])
+    assert mask.shape == bold.shape[:3] and mask.get_data_dtype() == np.uint8
+    for stat in ("falff", "reho"):
+        native = nib.load(outputs[f"func_{stat}"])
+        assert native.shape == bold.shape[:3]
+        np.testing.assert_allclose(native.affine, bold.affine)
+        mni = nib.load(outputs[f"func_{stat}_mni"])
+        assert mni.shape == (99, 117, 95)
+        np.testing.assert_allclose(mni.affine, truth["template"].affine)
+        v = mni.get_fdata()
+        assert v.min() >= -1e-6 and v.max() <= 1 + 1e-6  # both statistics are in [0, 1]
+
+    conf = pd.read_csv(outputs["func_confounds"], sep="\t", na_values="n/a")
+    assert list(conf.columns) == F.CONFOUND_COLUMNS and len(conf) == 60
+    assert conf["framewise_displacement"].iloc[0] == 0 and np.isnan(conf["dvars"].iloc[0])
+    assert conf.drop(columns=["dvars", "std_dvars"]).notna().all().all()
+    # realignment sees the planted y drift + jump: |corr| > 0.9 with the truth (the reference is the middle
+    # volume, so only the shape, not the offset, is comparable)
+    true_y = [m[1, 3] for m in truth["moves"]]
+    assert abs(np.corrcoef(conf["trans_y"], true_y)[0, 1]) > 0.9
+    # the jump (0.8 mm) is the largest FD
+    assert int(conf["framewise_displacement"].idxmax()) == 40 - 4
+
+    # func_xfm (T1w points -> BOLD points) = M B^-1 A, M the head's pose in the reference (middle) volume:
+    # measured 0.34 mm at brain corners; asserted within 1.5 mm (a quarter of a 6 mm BOLD voxel)
+    tf = reg.read_transform(outputs["func_xfm"])
+    expected = truth["moves"][len(truth["moves"]) // 2] @ np.linalg.inv(truth["b_ras"]) @ truth["a_ras"]
+    got = reg.transform_to_ras(tf)
+    pts = np.array([[x, y, z, 1.0] for x in (-50, 50) for y in (-70, 30) for z in (-20, 50)])
+    err = np.linalg.norm((pts @ got.T - pts @ expected.T)[:, :3], axis=1)
+    assert err.max() < 1.5, err
+
+    # the planted in-band oscillation (left GM only) is found at the right MNI place. Measured: fALFF 0.41 in left
+    # GM vs 0.23 in right GM (white noise after regression; partial volume at 6 mm and the mask edge dilute the
+    # left value), so a margin of 0.1; ReHo 0.27 vs 0.06 (null 1/27 ~ 0.04), so a factor 2.
+    f = nib.load(outputs["func_falff_mni"]).get_fdata()
+    left, right = f[truth["left_gm"]].mean(), f[truth["right_gm"]].mean()
+    assert left > right + 0.1, (left, right)
+    r = nib.load(outputs["func_reho_mni"]).get_fdata()
+    assert r[truth["left_gm"]].mean() > 2 * r[truth["right_gm"]].mean()

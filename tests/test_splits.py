@@ -128,7 +128,8 @@ def test_round_trip_keeps_string_ids(tmp_path) -> None:
     back = read_splits(path)
     pd.testing.assert_frame_equal(back, s)
     assert back["participant_id"].iloc[0].startswith("0")
-    (tmp_path / "bad.tsv").write_text("split_id\tparticipant_id\tpart\nholdout-s0\t01\ttrain\nholdout-s0\t01\ttest\n")
+    (tmp_path / "bad.tsv").write_text("split_id\tparticipant_id\tpart\n"
+                                      "holdout-s0\t01\ttrain\nholdout-s0\t01\ttest\n")
     with pytest.raises(InputError, match="more than once"):
         read_splits(tmp_path / "bad.tsv")
 

@@ -405,3 +405,253 @@ def null_reho(mask: np.ndarray, neighbourhood: int = 27) -> np.ndarray:
     sel = m & (k >= 2)
     out[sel] = 1.0 / k[sel]
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tissue masks for the WM / CSF confounds
+# --------------------------------------------------------------------------------------------------
+
+# Brain-mask erosion (mm) before CSF is read off the template: keeps the ventricles, drops the brain edge,
+# where "neither GM nor WM" is partial volume with skull and background rather than CSF.
+CSF_EDGE_MM = 10.0
+TISSUE_THRESHOLDS = {"wm": 0.9, "csf": 0.7}  # prior probability, after averaging into BOLD voxels
+MIN_TISSUE_VOXELS = 10
+
+
+def template_tissue_priors() -> tuple[nib.Nifti1Image, dict[str, np.ndarray]]:
+    """MNI152 2009a (nilearn, 2 mm grid) WM and CSF prior probabilities, (99, 117, 95) each, in [0, 1].
+
+    nilearn ships WM and GM probability maps but no CSF map: CSF is taken as the brain mask minus GM minus WM,
+    inside the brain mask eroded by ``CSF_EDGE_MM`` (which leaves the ventricles and deep sulci).
+    """
+    from nilearn import datasets
+
+    template = datasets.load_mni152_template(resolution=2)
+    wm = np.asarray(datasets.load_mni152_wm_template(resolution=2).dataobj, dtype=np.float64)
+    gm = np.asarray(datasets.load_mni152_gm_template(resolution=2).dataobj, dtype=np.float64)
+    brain = np.asarray(datasets.load_mni152_brain_mask(resolution=2).dataobj) > 0
+    voxel_mm = float(np.abs(np.diag(template.affine)[:3]).mean())
+    inner = ndimage.binary_erosion(brain, iterations=max(1, round(CSF_EDGE_MM / voxel_mm)))
+    csf = np.clip(1.0 - wm - gm, 0.0, 1.0) * inner
+    return template, {"wm": np.clip(wm, 0.0, 1.0), "csf": csf}
+
+
+def priors_to_native(reference: nib.Nifti1Image, mni_to_native: Any,
+                     priors: Mapping[str, np.ndarray], template: nib.Nifti1Image,
+                     threads: int = 1) -> dict[str, np.ndarray]:
+    """Template probability maps (on ``template``'s grid) brought onto ``reference``'s grid, (X, Y, Z) each.
+
+    Only the forward transform ``mni_to_native`` (ITK: MNI points -> native points, the one that puts native
+    maps into MNI) is used, so a non-invertible (B-spline) T1w -> MNI works as well as an affine one: every
+    template voxel is sent to the native voxel it lands in (nearest-neighbour pull of a native index image onto
+    the template grid), and each native voxel gets the mean prior of the template voxels that land in it.
+    With the 2 mm template and 3-4 mm BOLD, 3-8 template voxels land in each native voxel; native voxels
+    nobody lands in (finer than the template) get 0.
+    """
+    from neuromoe.imageio import new_image
+    from neuromoe.preproc import registration as reg
+
+    shape = reference.shape[:3]
+    n_vox = int(np.prod(shape))
+    if n_vox >= 2**24:  # the index image is float32 in ITK; beyond this it would not be exact
+        raise ValueError(f"reference grid {shape} too large for the index pull")
+    # Index + 1 so that 0 (the value for points outside the native field of view) means "nowhere".
+    index = np.arange(1, n_vox + 1, dtype=np.float32).reshape(shape)
+    pulled = reg.resample(new_image(index, reference.affine), template, mni_to_native, interp="nearest",
+                          default=0.0, threads=threads)
+    idx = np.rint(np.asarray(pulled.dataobj)).astype(np.int64).ravel()
+    hit = idx > 0
+    target = idx[hit] - 1
+    counts = np.bincount(target, minlength=n_vox).astype(np.float64)
+    out = {}
+    for name, prob in priors.items():
+        sums = np.bincount(target, weights=np.asarray(prob, dtype=np.float64).ravel()[hit], minlength=n_vox)
+        out[name] = np.divide(sums, counts, out=np.zeros(n_vox), where=counts > 0).reshape(shape)
+    return out
+
+
+def tissue_mask(prob: np.ndarray, brain: np.ndarray, threshold: float,
+                min_voxels: int = MIN_TISSUE_VOXELS) -> np.ndarray:
+    """Eroded tissue mask (X, Y, Z) bool: prior >= ``threshold`` inside ``brain``, eroded by one voxel.
+
+    Erosion keeps the mean signal away from partial volume with the neighbouring tissue; it is skipped when it
+    would leave fewer than ``min_voxels`` (small ventricles at 4 mm), and when even the threshold leaves too few
+    the ``min_voxels`` voxels of highest prior are used. Returns an empty mask only if ``brain`` is empty.
+    """
+    cand = (prob >= threshold) & brain
+    eroded = ndimage.binary_erosion(cand)
+    if eroded.sum() >= min_voxels:
+        return eroded
+    if cand.sum() >= min_voxels:
+        return cand
+    inside = np.flatnonzero((brain & (prob > 0)).ravel())
+    if inside.size == 0:
+        return cand
+    top = inside[np.argsort(prob.ravel()[inside])[::-1][:min_voxels]]
+    out = np.zeros(prob.shape, bool)
+    out.ravel()[top] = True
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+NUISANCE_CHOICES = ("motion", "wm", "csf")
+
+
+def _func_config(config: Mapping[str, Any]) -> tuple[int, tuple[float, float], list[str]]:
+    """(dummy_scans, band_hz, nuisance) from ``{"preprocessing": {"func": ...}}``; absent keys: defaults."""
+    cfg = config.get("preprocessing", {}).get("func", {})
+    dummies = int(cfg.get("dummy_scans", 4))
+    band = tuple(float(b) for b in cfg.get("band_hz", DEFAULT_BAND_HZ))
+    if len(band) != 2 or not 0 < band[0] < band[1]:
+        raise ValueError(f"preprocessing.func.band_hz must be [low, high] with 0 < low < high, got {list(band)}")
+    nuisance = [str(n) for n in cfg.get("nuisance", list(NUISANCE_CHOICES))]
+    bad = sorted(set(nuisance) - set(NUISANCE_CHOICES))
+    if bad:
+        raise ValueError(f"preprocessing.func.nuisance: unknown {bad}; choose from {list(NUISANCE_CHOICES)}")
+    return dummies, (band[0], band[1]), nuisance
+
+
+def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str, config: Mapping[str, Any],
+             threads: int = 1) -> Mapping[str, str]:
+    """The func stage for one subject; writes every ``func_*`` and ``qc_func_*`` output (see neuromoe.paths).
+
+    inputs: ``bold`` (4D NIfTI), ``bold_json`` (sidecar with RepetitionTime, s), ``anat_brain`` (skull-stripped
+    T1w), optional ``anat_mask`` (its brain mask; default anat_brain > 0), ``anat_xfm`` (ITK .txt, T1w -> MNI in
+    "image" mode, i.e. mapping MNI points to T1w points). config: ``{"preprocessing": {"func": {"dummy_scans",
+    "band_hz", "nuisance"}}}``.
+
+    Steps:
+      1. TR from the sidecar; drop ``dummy_scans`` (StageError if < 1/f_low seconds remain).
+      2. Rigid realignment of every volume to the middle one (correlation; mcflirt's default reference).
+      3. Brain mask of the mean realigned BOLD (nilearn ``compute_epi_mask``), minus voxels that left the field
+         of view in any volume (their series would contain zeros).
+      4. Mean BOLD -> T1w brain, rigid, mutual information, metric masks dilated by ~1 BOLD voxel so the brain
+         edge counts (``func_xfm``: T1w points -> BOLD points); composed with ``anat_xfm`` it maps MNI points to
+         BOLD points.
+      5. WM and CSF masks in BOLD space from the MNI template's priors (not from an intensity segmentation of the
+         mean BOLD, whose EPI contrast separates tissues poorly), pulled through that forward MNI -> BOLD
+         transform (see ``priors_to_native``), thresholded and eroded (``tissue_mask``).
+      6. Confounds TSV: 6 motion parameters, FD, DVARS, std_dvars, mean WM and CSF signals (of the realigned
+         series), fMRIPrep column names.
+      7. OLS nuisance regression (intercept, linear trend, the configured ``nuisance`` of motion/wm/csf) of the
+         in-mask series; the mean is kept. This is ``func_preproc`` (0 outside the brain mask).
+      8. fALFF of the cleaned series; ReHo (27 neighbours) of the cleaned series band-passed to ``band_hz``.
+         Native maps on the BOLD grid, and on the MNI 2 mm template grid (99 x 117 x 95) through the composed
+         transform in one linear interpolation.
+      9. QC: fALFF/ReHo slices and the motion traces with FD.
+    Returns ``outputs``.
+    """
+    import logging
+    import time
+
+    from nilearn.masking import compute_epi_mask
+
+    from neuromoe.imageio import load_image, new_image, save_map, save_mask
+    from neuromoe.preproc import registration as reg
+    from neuromoe.preproc.motion import realign_series
+
+    log = logging.getLogger("neuromoe.func")
+    sub = _sub(subject)
+    t_start = time.perf_counter()
+    n_dummy, band, nuisance = _func_config(config)
+
+    # 1. inputs
+    tr = repetition_time(inputs["bold_json"], subject)
+    raw = load_image(inputs["bold"], subject=subject, ndim=4)
+    if not np.isfinite(np.asarray(raw.dataobj)).all():
+        raise StageError("the BOLD series contains NaN or infinite values", subject=sub, stage=STAGE,
+                         path=inputs["bold"], fix="check the scanner export / conversion to NIfTI")
+    img = drop_dummy_scans(raw, n_dummy, tr, f_low=band[0], subject=subject)
+    affine = img.affine
+
+    # 2. realignment
+    corrected, motion = realign_series(img, metric="corr", subject=sub, threads=threads)
+    data = np.asarray(corrected.dataobj, dtype=np.float32)  # (X, Y, Z, T)
+    n_t = data.shape[3]
+    log.info("%s: realigned %d volumes in %.1f s", sub, n_t, motion.attrs.get("seconds", float("nan")))
+
+    # 3. brain mask
+    mean_bold = data.mean(axis=3)
+    mean_img = new_image(mean_bold, affine)
+    mask = np.asarray(compute_epi_mask(mean_img).dataobj) > 0
+    mask &= data.min(axis=3) > 0
+    if mask.sum() < 100:
+        raise StageError(f"the BOLD brain mask is (nearly) empty ({int(mask.sum())} voxels)", subject=sub,
+                         stage=STAGE, path=inputs["bold"], fix="check that the BOLD volumes contain a head")
+
+    # 4. BOLD -> T1w, and MNI -> BOLD
+    t1 = load_image(inputs["anat_brain"], subject=subject, ndim=3)
+    if inputs.get("anat_mask"):
+        t1_mask = load_image(inputs["anat_mask"], subject=subject, ndim=3)
+    else:
+        t1_mask = new_image(np.asarray(t1.dataobj) > 0, t1.affine, dtype=np.uint8)
+    # Both metric masks are dilated by about one BOLD voxel so that the brain's edge, the strongest feature
+    # shared by a T1w brain and a low-resolution EPI, is sampled; the mean BOLD is not cut by the (conservative)
+    # EPI mask, whose edge would not match the T1w brain's and biased the fit by ~3 mm on test data.
+    bold_mm = float(np.mean(np.abs(img.header.get_zooms()[:3])))
+    t1_zoom = float(min(np.abs(t1.header.get_zooms()[:3])))
+    fixed_mask = ndimage.binary_dilation(np.asarray(t1_mask.dataobj) > 0,
+                                         iterations=max(1, math.ceil(bold_mm / t1_zoom)))
+    moving_mask = ndimage.binary_dilation(mask, iterations=2)
+    bold_to_t1 = reg.register(t1, mean_img, kind="rigid", metric="mi",
+                              fixed_mask=new_image(fixed_mask, t1.affine, dtype=np.uint8),
+                              moving_mask=new_image(moving_mask, affine, dtype=np.uint8), threads=threads)
+    reg.write_transform(bold_to_t1, outputs["func_xfm"])
+    t1_to_mni = reg.read_transform(inputs["anat_xfm"])
+    mni_to_bold = reg.compose(t1_to_mni, bold_to_t1)  # MNI points -> T1w points -> BOLD points
+
+    # 5. WM / CSF masks in BOLD space
+    template, priors = template_tissue_priors()
+    native = priors_to_native(mean_img, mni_to_bold, priors, template, threads=threads)
+    tissue = {k: tissue_mask(native[k], mask, TISSUE_THRESHOLDS[k]) for k in ("wm", "csf")}
+    for k, m in tissue.items():
+        if not m.any():
+            raise StageError(f"no {k.upper()} voxels found in BOLD space", subject=sub, stage=STAGE,
+                             path=inputs["bold"],
+                             fix="check the BOLD -> T1w -> MNI registration (QC figures of the anat stage)")
+    log.info("%s: WM mask %d voxels, CSF mask %d voxels", sub, tissue["wm"].sum(), tissue["csf"].sum())
+
+    # 6. confounds
+    series = data[mask]  # (V, T)
+    fd = framewise_displacement(motion)
+    dv, std_dv = dvars(series)
+    wm_sig, csf_sig = data[tissue["wm"]].mean(axis=0), data[tissue["csf"]].mean(axis=0)
+    confounds = confounds_table(motion, fd, dv, wm_sig, csf_sig, std_dvars=std_dv)
+    write_confounds(confounds, outputs["func_confounds"])
+
+    # 7. nuisance regression
+    cols = {"motion": MOTION_COLUMNS, "wm": ["white_matter"], "csf": ["csf"]}
+    chosen = [c for k in nuisance for c in cols[k]]
+    regressors = confounds[chosen].to_numpy() if chosen else None
+    clean = regress_nuisance(series, regressors, detrend=True, keep_mean=True)  # (V, T)
+    preproc = np.zeros(data.shape, dtype=np.float32)
+    preproc[mask] = clean
+    preproc_img = new_image(preproc, affine, like=img)
+    preproc_img.header.set_xyzt_units("mm", "sec")
+    preproc_img.header.set_zooms(preproc_img.header.get_zooms()[:3] + (tr,))
+    save_map(preproc_img, outputs["func_preproc"])
+    save_mask(mask, outputs["func_mask"], affine=affine)
+
+    # 8. maps, native and MNI
+    falff_vol = np.zeros(mask.shape, dtype=np.float32)
+    falff_vol[mask] = falff(clean, tr, band)
+    filtered = np.zeros(data.shape, dtype=np.float32)
+    filtered[mask] = bandpass(clean, tr, band)
+    reho_vol = reho(filtered, mask, neighbourhood=27)
+    del filtered
+    maps = {"fALFF": new_image(falff_vol, affine), "ReHo": new_image(reho_vol, affine)}
+    for name, m in maps.items():
+        save_map(m, outputs[f"func_{name.lower()}"])
+        save_map(reg.resample(m, template, mni_to_bold, interp="linear", threads=threads),
+                 outputs[f"func_{name.lower()}_mni"])
+
+    # 9. QC
+    from neuromoe.preproc import qc
+
+    qc.plot_map_slices(maps, outputs["qc_func_maps"], title=f"{sub} fALFF / ReHo (native)")
+    qc.plot_motion(confounds, outputs["qc_func_motion"], title=f"{sub} BOLD motion")
+    log.info("%s: func stage done in %.1f s", sub, time.perf_counter() - t_start)
+    return outputs

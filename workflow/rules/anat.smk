@@ -6,8 +6,18 @@ rule anat:
         t1w=raw("T1w"),
     output:
         **keys("anat_"),
-        qc_anat_mask=deriv("qc_anat_mask"),
-        qc_anat_reg=deriv("qc_anat_reg"),
+        qc_anat_mask=report(
+            deriv("qc_anat_mask"),
+            category="1. Preprocessing QC",
+            subcategory="sub-{subject}",
+            caption="../report/qc_anat_mask.rst",
+        ),
+        qc_anat_reg=report(
+            deriv("qc_anat_reg"),
+            category="1. Preprocessing QC",
+            subcategory="sub-{subject}",
+            caption="../report/qc_anat_reg.rst",
+        ),
     params:
         cfg=stage_config("preprocessing.backend", "preprocessing.anat", "preprocessing.fsl"),
     log:

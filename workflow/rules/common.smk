@@ -97,7 +97,11 @@ def preproc_targets():
 
 
 def all_targets():
-    return [f"{OUT}/derivatives/neuromoe/dataset_description.json"] + preproc_targets()
+    return (
+        [f"{OUT}/derivatives/neuromoe/dataset_description.json"]
+        + preproc_targets()
+        + [f"{OUT}/evaluation/ablation.md", f"{OUT}/evaluation/explain/group_saliency.png"]
+    )
 
 
 rule dataset_description:

@@ -11,8 +11,18 @@ rule dwi:
         anat_xfm=deriv("anat_xfm"),
     output:
         **keys("dwi_"),
-        qc_dwi_fa=deriv("qc_dwi_fa"),
-        qc_dwi_motion=deriv("qc_dwi_motion"),
+        qc_dwi_fa=report(
+            deriv("qc_dwi_fa"),
+            category="1. Preprocessing QC",
+            subcategory="sub-{subject}",
+            caption="../report/qc_dwi_maps.rst",
+        ),
+        qc_dwi_motion=report(
+            deriv("qc_dwi_motion"),
+            category="1. Preprocessing QC",
+            subcategory="sub-{subject}",
+            caption="../report/qc_dwi_motion.rst",
+        ),
     params:
         cfg=stage_config("preprocessing.backend", "preprocessing.dwi", "preprocessing.fsl"),
     log:

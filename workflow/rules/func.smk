@@ -10,8 +10,18 @@ rule func:
         anat_xfm=deriv("anat_xfm"),
     output:
         **keys("func_"),
-        qc_func_maps=deriv("qc_func_maps"),
-        qc_func_motion=deriv("qc_func_motion"),
+        qc_func_maps=report(
+            deriv("qc_func_maps"),
+            category="1. Preprocessing QC",
+            subcategory="sub-{subject}",
+            caption="../report/qc_func_maps.rst",
+        ),
+        qc_func_motion=report(
+            deriv("qc_func_motion"),
+            category="1. Preprocessing QC",
+            subcategory="sub-{subject}",
+            caption="../report/qc_func_motion.rst",
+        ),
     params:
         cfg=stage_config("preprocessing.backend", "preprocessing.func", "preprocessing.fsl"),
     log:

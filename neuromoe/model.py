@@ -1,0 +1,377 @@
+"""NeuroMoE: a transformer mixture of experts over MRI modalities and clinical features (one module).
+
+Structure (docs/MODEL.md, arXiv 2506.14970)::
+
+    anat (B,1,D,H,W)  -> Conv3d patch embed (k=s=4) + 3D pos. emb. -> K pre-norm blocks -> LN, mean -> h_anat
+    dwi  (B,Cd,D,H,W) -> (same, own weights)                                                   -> h_dwi
+    func (B,Cf,D,H,W) -> (same, own weights)                                                   -> h_func
+    clin (B,F)        -> FCN F -> 128 -> 64 (ReLU, dropout 0.3)                                -> h_clin
+    expert_m: FFN(h_m) -> logits_m (B,C);   gate: w = softmax(Linear(Dropout(ReLU(Linear(clin))))) (B,E)
+    log P_out = logsumexp_m(log w_m + log_softmax(logits_m))        (the mixture sum_m w_m P_m, in log space)
+
+Missing modalities: ``present`` (B,E) masks absent experts with -inf in the gate logits before the softmax,
+so the gate renormalises over the experts present; an absent modality's input is replaced by zeros inside
+the model (so even NaNs there cannot leak into the output) and its weight is exactly 0.
+
+Choices beyond the paper (config keys, defaults in ModelConfig): attention dropout is its own key
+(``attn_dropout``, default 0): a non-zero ``dropout_p`` sends CPU ``scaled_dot_product_attention`` to its
+math path, which materialises the (N, N) map (2 GB and ~8x the time for one 8-head layer at 4,096 tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+EXPERTS = ("anat", "dwi", "func", "clin")  # canonical expert order
+MRI_MODALITIES = ("anat", "dwi", "func")  # order of the cohort cache's ``present`` vector
+
+
+@dataclass
+class ModelConfig:
+    """Every size of the network; validated on construction (ValueError names the bad value).
+
+    ``channels`` gives the input channels per MRI modality (only the experts used need one), ``grid``
+    the input volume (D, H, W) in voxels, each divisible by ``patch_size``. Defaults are the paper's.
+    """
+
+    channels: dict[str, int] = field(default_factory=lambda: {"anat": 1, "dwi": 2, "func": 2})
+    grid: tuple[int, int, int] = (64, 64, 64)
+    n_clinical: int = 7
+    n_classes: int = 3
+    experts: tuple[str, ...] = EXPERTS
+    use_gate: bool = True
+    patch_size: int = 4
+    dim: int = 256
+    depth: int = 4
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1  # residual, MLP and expert-head dropout
+    attn_dropout: float = 0.0  # dropout_p of the attention; see the module docstring
+    clin_hidden: tuple[int, ...] = (128, 64)
+    expert_hidden: int = 128
+    gate_hidden: int = 64
+    clin_dropout: float = 0.3
+    gate_dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        self.grid = tuple(int(g) for g in self.grid)
+        self.experts = tuple(self.experts)
+        self.clin_hidden = tuple(int(h) for h in self.clin_hidden)
+        self.channels = {str(k): int(v) for k, v in self.channels.items()}
+        if len(self.grid) != 3 or any(g < 1 for g in self.grid):
+            raise ValueError(f"grid must be 3 positive ints (D, H, W), got {self.grid}")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        if any(g % self.patch_size for g in self.grid):
+            raise ValueError(f"grid {self.grid} is not divisible by patch_size {self.patch_size}")
+        if not self.experts:
+            raise ValueError("experts is empty; use a non-empty subset of " + str(EXPERTS))
+        unknown = [e for e in self.experts if e not in EXPERTS]
+        if unknown:
+            raise ValueError(f"unknown expert(s) {unknown}; allowed: {EXPERTS}")
+        if list(self.experts) != [e for e in EXPERTS if e in self.experts]:
+            raise ValueError(f"experts {self.experts} must be unique and in the canonical order {EXPERTS}")
+        for m in self.mri_experts:
+            if self.channels.get(m, 0) < 1:
+                raise ValueError(f"expert {m!r} needs channels[{m!r}] >= 1, got channels={self.channels}")
+        for name in ("dim", "depth", "heads", "expert_hidden", "gate_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"heads {self.heads} does not divide dim {self.dim}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not self.clin_hidden or any(h < 1 for h in self.clin_hidden):
+            raise ValueError(f"clin_hidden must be a non-empty list of positive ints, got {self.clin_hidden}")
+        for name in ("dropout", "attn_dropout", "clin_dropout", "gate_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        if self.n_classes < 2:
+            raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
+        if self.n_clinical < 0:
+            raise ValueError(f"n_clinical must be >= 0, got {self.n_clinical}")
+        if self.n_clinical == 0 and ("clin" in self.experts or self.use_gate):
+            raise ValueError("n_clinical is 0 but the clinical expert or the gate needs clinical features; "
+                             "set participants.clinical_columns or use a variant without them")
+
+    @property
+    def mri_experts(self) -> tuple[str, ...]:
+        """The MRI modalities among the experts, canonical order."""
+        return tuple(e for e in self.experts if e in MRI_MODALITIES)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens per MRI modality: prod(grid / patch_size)."""
+        return math.prod(g // self.patch_size for g in self.grid)
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict (tuples as lists)."""
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Inverse of ``to_dict``; an unknown key raises ValueError naming it (no silent typos)."""
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise ValueError(f"unknown model config key(s) {extra}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class MoEOutput:
+    """Network output. E = len(cfg.experts) in cfg.experts order, C = n_classes; float32."""
+
+    log_probs: Tensor  # (B, C)    log P_out
+    gate: Tensor  # (B, E)         w, rows sum to 1, 0 for absent experts
+    expert_log_probs: Tensor  # (B, E, C)  log P_m (meaningless but finite for absent experts)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (fused kernels)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.heads, self.attn_dropout = cfg.heads, cfg.attn_dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear -> Dropout, hidden = mlp_ratio * dim."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.dim)
+        self.fc = nn.Linear(cfg.dim, hidden)
+        self.proj = nn.Linear(hidden, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(cfg.dim), SelfAttention(cfg)
+        self.ln2, self.mlp = nn.LayerNorm(cfg.dim), MLP(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class VolumeEncoder(nn.Module):
+    """One MRI modality (B, C_in, D, H, W) -> (B, dim): patch tokens + learnable 3D positions, mean-pooled."""
+
+    def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
+        super().__init__()
+        p = cfg.patch_size
+        self.tokens_grid = tuple(g // p for g in cfg.grid)  # (gd, gh, gw)
+        self.patch = nn.Conv3d(in_channels, cfg.dim, kernel_size=p, stride=p)
+        self.pos = nn.Parameter(torch.zeros(1, *self.tokens_grid, cfg.dim))  # (1, gd, gh, gw, dim)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.ln_f = nn.LayerNorm(cfg.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, D, H, W) -> (B, dim)."""
+        x = self.patch(x)  # (B, dim, gd, gh, gw)
+        B, C = x.shape[:2]
+        x = x.flatten(2).transpose(1, 2)  # (B, N, dim), tokens in (gd, gh, gw) row-major order
+        x = self.drop(x + self.pos.view(1, -1, C))  # pos (1, N, dim), same token order
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x).mean(dim=1)  # (B, dim)
+
+
+def _fcn(sizes: list[int], dropout: float) -> nn.Sequential:
+    """Linear -> ReLU -> Dropout for each consecutive pair of ``sizes``."""
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class NeuroMoE(nn.Module):
+    """The mixture of experts; ``forward(images, clin, present) -> MoEOutput``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoders = nn.ModuleDict({m: VolumeEncoder(cfg, cfg.channels[m]) for m in cfg.mri_experts})
+        self.clin_encoder = (_fcn([cfg.n_clinical, *cfg.clin_hidden], cfg.clin_dropout)
+                             if "clin" in cfg.experts else None)
+        heads = {}
+        for m in cfg.experts:
+            d_in = cfg.clin_hidden[-1] if m == "clin" else cfg.dim
+            heads[m] = nn.Sequential(nn.Linear(d_in, cfg.expert_hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+                                     nn.Linear(cfg.expert_hidden, cfg.n_classes))
+        self.heads = nn.ModuleDict(heads)
+        self.gate = (nn.Sequential(nn.Linear(cfg.n_clinical, cfg.gate_hidden), nn.ReLU(),
+                                   nn.Dropout(cfg.gate_dropout), nn.Linear(cfg.gate_hidden, len(cfg.experts)))
+                     if cfg.use_gate else None)
+        # Transformer linears: N(0, 0.02) as nanoGPT/ViT. The small FCNs (clinical, heads, gate) keep torch's
+        # fan-in init: at width 8-128, four 0.02-scaled layers in a row would start with vanishing gradients.
+        self.encoders.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """Number of parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, images: dict[str, Tensor], clin: Tensor, present: Tensor | None = None) -> MoEOutput:
+        """Mixture prediction.
+
+        Args:
+            images: ``{modality: (B, channels[m], D, H, W)}`` for every MRI expert (others are ignored).
+            clin: (B, F) preprocessed clinical features (gate input and clinical-expert input).
+            present: (B, E) bool, E = len(cfg.experts); False masks that expert (weight 0, gate renormalised).
+                None: all present. Every row needs at least one expert present.
+        """
+        cfg = self.cfg
+        B, E = clin.shape[0], len(cfg.experts)
+        if clin.shape[1:] != (cfg.n_clinical,):
+            raise ValueError(f"clin has shape {tuple(clin.shape)}, expected (B, {cfg.n_clinical})")
+        if present is not None:
+            if present.shape != (B, E) or present.dtype != torch.bool:
+                raise ValueError(f"present must be a bool tensor (B, E) = ({B}, {E}), "
+                                 f"got {present.dtype} {tuple(present.shape)}")
+            if not bool(present.any(dim=1).all()):
+                raise ValueError("a sample has no expert present; drop it or use a variant with its "
+                                 "modalities")
+        logits = []
+        for i, m in enumerate(cfg.experts):
+            if m == "clin":
+                h = self.clin_encoder(clin)  # (B, clin_hidden[-1])
+            else:
+                if m not in images:
+                    raise ValueError(f"images has no {m!r} volume (has {sorted(images)})")
+                x = images[m]
+                want = (B, cfg.channels[m], *cfg.grid)
+                if tuple(x.shape) != want:
+                    raise ValueError(f"images[{m!r}] has shape {tuple(x.shape)}, expected {want}")
+                if present is not None:  # absent input -> zeros, so nothing of it reaches the output
+                    x = torch.where(present[:, i].view(B, 1, 1, 1, 1), x, 0.0)
+                h = self.encoders[m](x)  # (B, dim)
+            logits.append(self.heads[m](h))  # (B, C)
+        expert_lp = F.log_softmax(torch.stack(logits, dim=1).float(), dim=-1)  # (B, E, C)
+        gate_logits = self.gate(clin).float() if self.gate is not None else clin.new_zeros(B, E).float()
+        if present is not None:
+            gate_logits = gate_logits.masked_fill(~present, float("-inf"))  # (B, E)
+        log_w = F.log_softmax(gate_logits, dim=-1)  # (B, E), -inf for absent experts
+        log_probs = torch.logsumexp(log_w.unsqueeze(-1) + expert_lp, dim=1)  # (B, C)
+        return MoEOutput(log_probs=log_probs, gate=log_w.exp(), expert_log_probs=expert_lp)
+
+    def estimate_flops(self) -> int:
+        """Forward FLOPs per sample (2 per multiply-add of every matmul/conv; norms and softmax ignored).
+
+        A training step costs about 3x this (backward = 2x forward), as in nanoGPT's ``estimate_mfu``.
+        """
+        cfg = self.cfg
+        N, d, p3 = cfg.n_tokens, cfg.dim, cfg.patch_size ** 3
+        hidden = int(cfg.mlp_ratio * d)
+        per_block = 2 * N * (d * 3 * d + d * d + 2 * d * hidden) + 2 * 2 * N * N * d  # linears + QK^T + AV
+        flops = 0
+        for m in cfg.mri_experts:
+            flops += 2 * N * cfg.channels[m] * p3 * d + cfg.depth * per_block
+        if "clin" in cfg.experts:
+            sizes = [cfg.n_clinical, *cfg.clin_hidden]
+            flops += sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        for m in cfg.experts:
+            d_in = cfg.clin_hidden[-1] if m == "clin" else d
+            flops += 2 * (d_in * cfg.expert_hidden + cfg.expert_hidden * cfg.n_classes)
+        if cfg.use_gate:
+            flops += 2 * (cfg.n_clinical * cfg.gate_hidden + cfg.gate_hidden * len(cfg.experts))
+        return flops
+
+    def estimate_mfu(self, samples_per_step: int, seconds_per_step: float, peak_flops: float) -> float:
+        """Model FLOPs utilisation of a training step: 3 * forward FLOPs * samples / time / peak FLOP/s."""
+        return 3 * self.estimate_flops() * samples_per_step / seconds_per_step / peak_flops
+
+
+def expert_presence(modality_present: Tensor, experts: tuple[str, ...]) -> Tensor:
+    """(B, 3) bool over (anat, dwi, func), as the cohort cache gives it -> (B, E) over ``experts``.
+
+    The clinical expert is always present (its features are imputed).
+    """
+    cols = [modality_present[:, MRI_MODALITIES.index(m)] if m in MRI_MODALITIES
+            else torch.ones_like(modality_present[:, 0]) for m in experts]
+    return torch.stack(cols, dim=1).bool()  # (B, E)
+
+
+def balance_loss(gate: Tensor) -> Tensor:
+    """R_balance = (1/E) sum_k (mean over batch of w_k - 1/E)^2 for gate (B, E); in [0, (E-1)/E^2]."""
+    E = gate.shape[1]
+    return ((gate.mean(dim=0) - 1.0 / E) ** 2).mean()
+
+
+def moe_loss(out: MoEOutput, y: Tensor, class_weights: Tensor | None = None,
+             balance_lambda: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """L = WCE(P_out, y) + lambda * R_balance.
+
+    WCE is ``F.nll_loss(log P_out, y, weight=a)``: the class-weighted mean sum_i a_{y_i} (-log P_out[i, y_i])
+    / sum_i a_{y_i}, normalised by the sum of the weights in the batch (torch's convention), so a batch of
+    one class has the same scale as an unweighted NLL.
+
+    Args:
+        out: model output (log_probs (B, C), gate (B, E)).
+        y: (B,) long class indices.
+        class_weights: (C,) a_c from ``class_weights`` on the training fold; None = unweighted.
+        balance_lambda: weight of R_balance.
+    Returns:
+        (scalar loss tensor, {"wce": float, "balance": float}).
+    """
+    wce = F.nll_loss(out.log_probs, y, weight=class_weights)
+    balance = balance_loss(out.gate)
+    loss = wce + balance_lambda * balance
+    return loss, {"wce": float(wce.detach()), "balance": float(balance.detach())}
+
+
+def class_weights(labels: Tensor | list[int], n_classes: int) -> Tensor:
+    """a_c = N / (C * N_c) over the training fold's labels -> (C,) float32.
+
+    A class with no training sample cannot be weighted (or learned): ValueError naming it.
+    """
+    y = torch.as_tensor(labels, dtype=torch.long).flatten()
+    if y.numel() and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes - 1}], got range "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    counts = torch.bincount(y, minlength=n_classes).float()  # (C,)
+    if (counts == 0).any():
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"class(es) {empty} have no sample in the training fold; cannot weight them")
+    return (y.numel() / (n_classes * counts)).float()

@@ -1,0 +1,360 @@
+"""Image registration and resampling with SimpleITK (python backend).
+
+Conventions
+-----------
+- Transforms are ``SimpleITK.Transform`` objects in ITK's convention: they act on physical points in
+  LPS+ mm and map a point of the *fixed* (reference) space to the corresponding point of the *moving*
+  space. ``resample(moving, reference, transform)`` therefore pulls ``moving`` onto ``reference``'s
+  grid with the transform ``register(fixed=reference, moving=moving)`` returned.
+- ``compose(a, b)`` maps a point through ``a`` first, then ``b``: with ``a = register(MNI, T1w)``
+  (MNI -> T1w points) and ``b = register(T1w, dwi)`` (T1w -> dwi points), ``compose(a, b)`` maps MNI
+  points to dwi points and resamples a dwi map straight onto the MNI grid (one interpolation).
+- Transforms are stored as ITK text files (``.txt``), readable by ANTs, ITK-SNAP and SimpleITK.
+  ``transform_to_ras`` / ``ras_to_transform`` convert linear ones to 4x4 RAS matrices (nibabel world).
+
+Speed: every registration runs a multi-resolution pyramid (shrink factors, smoothing in mm) with the
+metric evaluated on a random sample of voxels drawn with a fixed seed, so a 2 mm head-to-template affine
+takes a few seconds on one core and reruns give the same numbers. The thread count comes from the
+``threads`` argument, else the ``NEUROMOE_THREADS`` environment variable (rules set it from Snakemake's
+``threads``), else 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from neuromoe.imageio import affine_to_itk, from_sitk, new_image, to_sitk
+
+__all__ = ["to_sitk", "from_sitk", "register", "resample", "write_transform", "read_transform", "compose",
+           "transform_to_ras", "ras_to_transform", "flatten_linear", "resolve_threads"]
+
+_RAS2LPS = np.diag([-1.0, -1.0, 1.0])
+_INTERP = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+KINDS = ("rigid", "affine", "nonlinear")
+METRICS = ("mi", "corr")
+SEED = 20240611  # fixed sampling seed: identical inputs give identical transforms
+
+
+def resolve_threads(threads: int | None = None) -> int:
+    """Threads to use: the argument, else $NEUROMOE_THREADS, else 1 (shared machines, many jobs)."""
+    if threads is None:
+        env = os.environ.get("NEUROMOE_THREADS", "").strip()
+        threads = int(env) if env.isdigit() else 1
+    return max(1, int(threads))
+
+
+@contextlib.contextmanager
+def itk_threads(threads: int | None = None) -> Iterator[int]:
+    """Context in which new SimpleITK filters use ``resolve_threads(threads)`` threads."""
+    n = resolve_threads(threads)
+    old = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    try:
+        yield n
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
+
+
+# ---------------------------------------------------------------- transforms <-> RAS matrices
+
+def flatten_linear(tf: sitk.Transform) -> sitk.AffineTransform:
+    """One AffineTransform equal to a linear transform (or chain of them), centre at the origin.
+
+    Read off by mapping the origin and the unit vectors, exact for any linear transform.
+    """
+    o = np.asarray(tf.TransformPoint((0.0, 0.0, 0.0)))
+    mat = np.stack([np.asarray(tf.TransformPoint(tuple(e))) - o for e in np.eye(3)], axis=1)
+    out = sitk.AffineTransform(3)
+    out.SetMatrix(tuple(mat.ravel().tolist()))
+    out.SetTranslation(tuple(o.tolist()))
+    return out
+
+
+def transform_to_ras(tf: sitk.Transform) -> np.ndarray:
+    """4x4 matrix mapping fixed-space RAS mm points to moving-space RAS mm points (linear ``tf`` only)."""
+    a = flatten_linear(tf)
+    m = np.asarray(a.GetMatrix()).reshape(3, 3)
+    t = np.asarray(a.GetTranslation())
+    out = np.eye(4)
+    out[:3, :3] = _RAS2LPS @ m @ _RAS2LPS
+    out[:3, 3] = _RAS2LPS @ t
+    return out
+
+
+def ras_to_transform(mat: np.ndarray) -> sitk.AffineTransform:
+    """ITK AffineTransform (LPS) equal to a 4x4 RAS -> RAS matrix (the inverse of ``transform_to_ras``)."""
+    mat = np.asarray(mat, dtype=float)
+    out = sitk.AffineTransform(3)
+    out.SetMatrix(tuple((_RAS2LPS @ mat[:3, :3] @ _RAS2LPS).ravel().tolist()))
+    out.SetTranslation(tuple((_RAS2LPS @ mat[:3, 3]).tolist()))
+    return out
+
+
+def compose(first: sitk.Transform, second: sitk.Transform) -> sitk.Transform:
+    """Transform mapping a point through ``first``, then through ``second``.
+
+    Two linear transforms give one AffineTransform; otherwise an ITK CompositeTransform (which applies
+    its components last-added-first, hence the order below).
+    """
+    if _is_linear(first) and _is_linear(second):
+        return flatten_linear(sitk.CompositeTransform([second, first]))
+    return sitk.CompositeTransform([second, first])
+
+
+def _is_linear(tf: sitk.Transform) -> bool:
+    tf = _downcast(tf)
+    if isinstance(tf, sitk.CompositeTransform):
+        return all(_is_linear(tf.GetNthTransform(i)) for i in range(tf.GetNumberOfTransforms()))
+    return bool(tf.IsLinear())
+
+
+def _downcast(tf: sitk.Transform) -> sitk.Transform:
+    return tf.Downcast() if hasattr(tf, "Downcast") else tf
+
+
+def write_transform(tf: sitk.Transform, path: str | Path) -> str:
+    """Write ``tf`` as an ITK text transform file (parents created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteTransform(tf, str(path))
+    return str(path)
+
+
+def read_transform(path: str | Path) -> sitk.Transform:
+    """Read an ITK transform file written by ``write_transform`` (or ANTs / ITK-SNAP)."""
+    tf = _downcast(sitk.ReadTransform(str(path)))
+    # A one-component composite is how ITK stores some single transforms; unwrap it.
+    if isinstance(tf, sitk.CompositeTransform) and tf.GetNumberOfTransforms() == 1:
+        tf = _downcast(tf.GetNthTransform(0))
+    return tf
+
+
+# ---------------------------------------------------------------- resampling
+
+def resample(moving: nib.Nifti1Image, reference: nib.Nifti1Image, transform: sitk.Transform | None = None,
+             interp: str = "linear", default: float = 0.0, threads: int | None = None) -> nib.Nifti1Image:
+    """``moving`` resampled onto ``reference``'s grid (its shape[:3] and affine; its data are not used).
+
+    ``transform`` maps reference-space points to moving-space points (None: identity, i.e. a pure change
+    of grid in world space). 4D ``moving``: every volume is resampled, output (X, Y, Z, T) on the
+    reference grid. Output float32 (``nearest`` keeps integer dtypes, for label images and masks);
+    points outside ``moving`` get ``default``.
+    """
+    if interp not in _INTERP:
+        raise ValueError(f"interp must be one of {sorted(_INTERP)}, got {interp!r}")
+    tf = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
+    ref = _grid(reference)
+    src_dtype = np.asarray(moving.dataobj[(0,) * moving.ndim]).dtype
+    keep_int = interp == "nearest" and np.issubdtype(src_dtype, np.integer)
+    dtype = src_dtype if keep_int else np.float32
+    pixel = sitk.sitkFloat32 if not keep_int else None
+    with itk_threads(threads):
+        f = sitk.ResampleImageFilter()
+        f.SetReferenceImage(ref)
+        f.SetTransform(tf)
+        f.SetInterpolator(_INTERP[interp])
+        f.SetDefaultPixelValue(float(default))
+        if pixel is not None:
+            f.SetOutputPixelType(pixel)
+        if moving.ndim == 3:
+            out = sitk.GetArrayFromImage(f.Execute(to_sitk(moving, dtype=dtype))).T
+        elif moving.ndim == 4:
+            vols = [sitk.GetArrayFromImage(f.Execute(to_sitk(moving, volume=i, dtype=dtype))).T
+                    for i in range(moving.shape[3])]
+            out = np.stack(vols, axis=-1)
+        else:
+            raise ValueError(f"resample: moving must be 3D or 4D, got shape {moving.shape}")
+    img = new_image(out, reference.affine, like=moving if moving.ndim == out.ndim else None, dtype=dtype)
+    return img
+
+
+def _grid(img: nib.Nifti1Image) -> sitk.Image:
+    """An empty ITK image with the geometry of the first three axes of ``img`` (no voxel data copied)."""
+    spacing, origin, direction = affine_to_itk(img.affine)
+    g = sitk.Image([int(s) for s in img.shape[:3]], sitk.sitkUInt8)
+    g.SetSpacing(spacing)
+    g.SetOrigin(origin)
+    g.SetDirection(direction)
+    return g
+
+
+# ---------------------------------------------------------------- registration
+
+def register(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, kind: str = "affine", metric: str = "mi",
+             fixed_mask: nib.Nifti1Image | None = None, moving_mask: nib.Nifti1Image | None = None, *,
+             initial: sitk.Transform | None = None, init: str = "moments",
+             shrink: Sequence[int] = (4, 2, 1), smooth_mm: Sequence[float] | None = None,
+             iterations: int = 100, samples: int = 20000, bspline_spacing_mm: float = 30.0,
+             bspline_iterations: int = 60, seed: int = SEED, threads: int | None = None) -> sitk.Transform:
+    """Transform mapping ``fixed`` physical points (LPS mm) onto the matching ``moving`` points.
+
+    kind: ``rigid`` (6 dof), ``affine`` (12 dof: a rigid stage, then affine) or ``nonlinear`` (affine,
+    then a cubic B-spline free-form deformation with control points ``bspline_spacing_mm`` apart,
+    returned as a CompositeTransform [affine, bspline]).
+    metric: ``mi`` (Mattes mutual information, any contrasts) or ``corr`` (normalised correlation,
+    same contrast). Masks (binary images on their image's grid) restrict where the metric is sampled.
+    Start: ``initial`` (a transform fixed -> moving) if given, else ``init``: ``moments`` (align the
+    intensity centres of mass), ``geometry`` (align the image centres) or ``none`` (identity).
+    Pyramid: ``shrink`` factors with Gaussian smoothing ``smooth_mm`` (default: half the shrunk voxel
+    size, in mm) per level; ``samples`` voxels (of the masked fixed image) are drawn per iteration at
+    every level, so fine levels cost no more per iteration than coarse ones.
+    3D images only (for a 4D series, register one volume: ``nib.four_to_three``).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if init not in ("moments", "geometry", "none"):
+        raise ValueError(f"init must be moments, geometry or none, got {init!r}")
+    for name, im in (("fixed", fixed), ("moving", moving)):
+        if im.ndim != 3:
+            raise ValueError(f"register: {name} must be 3D, got shape {im.shape}")
+    with itk_threads(threads):
+        f_im, m_im = to_sitk(fixed), to_sitk(moving)
+        f_mask = to_sitk(fixed_mask, dtype=np.uint8) if fixed_mask is not None else None
+        m_mask = to_sitk(moving_mask, dtype=np.uint8) if moving_mask is not None else None
+        spacing = float(np.mean(f_im.GetSpacing()))
+        shrink = [int(s) for s in shrink]
+        smooth = list(smooth_mm) if smooth_mm is not None else [0.5 * s * spacing if s > 1 else 0.0
+                                                                  for s in shrink]
+        if len(smooth) != len(shrink):
+            raise ValueError("smooth_mm needs one value per shrink level")
+
+        start = _initial_transform(f_im, m_im, initial, init, f_mask, m_mask)
+        # Rigid stage on the coarse levels first: it finds the pose without letting scale/shear
+        # absorb a misalignment, and it is cheap there.
+        coarse = [i for i, s in enumerate(shrink) if s >= 2] or [0]
+        rigid_levels = shrink if kind == "rigid" else [shrink[i] for i in coarse]
+        rigid_smooth = smooth if kind == "rigid" else [smooth[i] for i in coarse]
+        if _is_rigid(start):
+            rig = sitk.Euler3DTransform()
+            a = flatten_linear(start)
+            rig.SetCenter(_centre(f_im, f_mask))
+            _set_linear(rig, a)
+            rig = _run(f_im, m_im, rig, metric, f_mask, m_mask, rigid_levels, rigid_smooth,
+                       iterations, samples, seed, moving_initial=None)
+            linear: sitk.Transform = rig
+        else:  # an affine start is kept: refine it directly
+            linear = start
+        if kind == "rigid":
+            return linear
+        aff = sitk.AffineTransform(3)
+        aff.SetCenter(_centre(f_im, f_mask))
+        _set_linear(aff, flatten_linear(linear))
+        aff = _run(f_im, m_im, aff, metric, f_mask, m_mask, shrink, smooth, iterations, samples, seed,
+                   moving_initial=None)
+        if kind == "affine":
+            return aff
+        # Nonlinear: B-spline on top of the affine (the affine stays fixed as the moving-initial).
+        phys = np.asarray(f_im.GetSize()) * np.asarray(f_im.GetSpacing())
+        mesh = [max(1, int(round(p / bspline_spacing_mm))) for p in phys]
+        bs = sitk.BSplineTransformInitializer(f_im, mesh, order=3)
+        bs_levels = [s for s in shrink if s <= 4][-2:] or shrink[-1:]
+        bs_smooth = [smooth[shrink.index(s)] for s in bs_levels]
+        bs = _run(f_im, m_im, bs, metric, f_mask, m_mask, bs_levels, bs_smooth, bspline_iterations,
+                  samples, seed, moving_initial=aff, optimizer="lbfgsb")
+        return sitk.CompositeTransform([aff, bs])
+
+
+def _run(f_im: sitk.Image, m_im: sitk.Image, tf: sitk.Transform, metric: str, f_mask: sitk.Image | None,
+         m_mask: sitk.Image | None, shrink: Sequence[int], smooth: Sequence[float], iterations: int,
+         samples: int, seed: int, moving_initial: sitk.Transform | None,
+         optimizer: str = "gd") -> sitk.Transform:
+    """One ITK registration of ``tf`` (optimised in place) over a shrink/smooth pyramid."""
+    r = sitk.ImageRegistrationMethod()
+    if metric == "mi":
+        r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    else:
+        r.SetMetricAsCorrelation()
+    r.SetMetricSamplingStrategy(r.RANDOM)
+    n_vox = float(np.prod(f_im.GetSize()))
+    if f_mask is not None:
+        n_vox *= max(float(np.mean(sitk.GetArrayViewFromImage(f_mask) > 0)), 1e-6)
+    pct = [min(1.0, samples * s ** 3 / n_vox) for s in shrink]
+    r.SetMetricSamplingPercentagePerLevel(pct, int(seed))
+    if f_mask is not None:
+        r.SetMetricFixedMask(f_mask)
+    if m_mask is not None:
+        r.SetMetricMovingMask(m_mask)
+    r.SetInterpolator(sitk.sitkLinear)
+    if optimizer == "lbfgsb":
+        r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=int(iterations),
+                               maximumNumberOfCorrections=5,
+                               maximumNumberOfFunctionEvaluations=4 * int(iterations),
+                               costFunctionConvergenceFactor=1e7)
+    else:
+        # Step lengths in mm of voxel shift (scales from physical shift), so one setting fits rotations,
+        # translations and scales alike.
+        r.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-2,
+                                                   numberOfIterations=int(iterations),
+                                                   relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
+        r.SetOptimizerScalesFromPhysicalShift()
+    r.SetShrinkFactorsPerLevel([int(s) for s in shrink])
+    r.SetSmoothingSigmasPerLevel([float(s) for s in smooth])
+    r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    if moving_initial is not None:
+        r.SetMovingInitialTransform(moving_initial)
+    r.SetInitialTransform(tf, inPlace=True)
+    r.Execute(f_im, m_im)
+    return tf
+
+
+def _initial_transform(f_im: sitk.Image, m_im: sitk.Image, initial: sitk.Transform | None, init: str,
+                       f_mask: sitk.Image | None, m_mask: sitk.Image | None) -> sitk.Transform:
+    """A linear fixed -> moving start: ``initial``, or a translation from centres of mass / image centres."""
+    if initial is not None:
+        if not _is_linear(initial):
+            raise ValueError("register: initial must be a linear transform (rigid or affine)")
+        return initial
+    if init == "none":
+        return sitk.Euler3DTransform()
+    if init == "geometry":
+        cf, cm = _image_centre(f_im), _image_centre(m_im)
+    else:  # intensity centre of mass, within the masks when given
+        cf, cm = _centre(f_im, f_mask, weighted=True), _centre(m_im, m_mask, weighted=True)
+    t = sitk.Euler3DTransform()
+    t.SetTranslation(tuple((np.asarray(cm) - np.asarray(cf)).tolist()))
+    return t
+
+
+def _is_rigid(tf: sitk.Transform, tol: float = 1e-4) -> bool:
+    m = np.asarray(flatten_linear(tf).GetMatrix()).reshape(3, 3)
+    return bool(np.allclose(m.T @ m, np.eye(3), atol=tol) and np.linalg.det(m) > 0)
+
+
+def _set_linear(tf: sitk.Transform, a: sitk.AffineTransform) -> None:
+    """Give ``tf`` (Euler3D or Affine, centre already set) the mapping of ``a``, keeping its centre."""
+    m = np.asarray(a.GetMatrix()).reshape(3, 3)
+    t = np.asarray(a.GetTranslation())
+    c = np.asarray(tf.GetCenter())
+    # x -> m (x - c) + c + t'  must equal  m x + t  =>  t' = t + m c - c
+    tf.SetMatrix(tuple(m.ravel().tolist()))
+    tf.SetTranslation(tuple((t + m @ c - c).tolist()))
+
+
+def _image_centre(im: sitk.Image) -> tuple[float, float, float]:
+    idx = (np.asarray(im.GetSize(), dtype=float) - 1) / 2
+    return im.TransformContinuousIndexToPhysicalPoint(tuple(idx.tolist()))
+
+
+def _centre(im: sitk.Image, mask: sitk.Image | None = None,
+            weighted: bool = False) -> tuple[float, float, float]:
+    """Physical (LPS mm) centre of mass of ``im`` (intensity-weighted) or of ``mask`` / the image grid."""
+    if mask is not None and not weighted:
+        arr = sitk.GetArrayViewFromImage(mask) > 0
+        w = arr.astype(float)
+    else:
+        w = np.clip(sitk.GetArrayViewFromImage(im).astype(float), 0, None) if weighted else None
+        if w is not None and mask is not None:
+            w = w * (sitk.GetArrayViewFromImage(mask) > 0)
+    if w is None or w.sum() <= 0:
+        return _image_centre(im)
+    zyx = [np.sum(w * g) / w.sum() for g in np.indices(w.shape, sparse=True)]
+    return im.TransformContinuousIndexToPhysicalPoint((float(zyx[2]), float(zyx[1]), float(zyx[0])))

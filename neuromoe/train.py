@@ -1,0 +1,545 @@
+"""Training of one (split, variant): ``train_run`` -> a run folder with a model, its history, predictions.
+
+Run folder (``out_dir``)::
+
+    checkpoint/last.safetensors (+ .json)   every epoch: model, AdamW, RNG states, history, early-stop state
+    checkpoint/best.safetensors (+ .json)   the weights with the lowest validation loss so far
+    history.csv                              one row per epoch
+    model.safetensors, model.json            best weights + configs, classes, clinical preprocessor, metrics
+    predictions.tsv                          val and test: participant_id, part, label, prob_*, gate_*
+    metrics.json                             val/test accuracy, balanced accuracy, loss, mean gate per expert
+
+Choices (docs/MODEL.md leaves them open):
+
+- Validation loss (early stopping, best checkpoint) = the class-weighted NLL of the mixture over the whole
+  validation part, with the training fold's class weights; the balance term is logged, not stopped on.
+- Learning rate per optimiser step: linear warm-up over ``warmup_epochs`` then cosine to ``min_lr`` at
+  ``epochs``; a pure function of the step count, so it needs no scheduler state beyond that count.
+- Weight decay on matrices, convolutions and the positional embedding only (nanoGPT), not biases/norms.
+- Seeds: ``seed`` (train.seed, default 0) and the split id give the run seed; every variant of a split shares
+  it (same initial draws, same batches) so ablations are paired. Each epoch reseeds torch from (run seed,
+  epoch) and draws its own shuffling permutation, so a resumed run replays exactly what an uninterrupted
+  one does: on CPU a killed-and-resumed run ends with bit-identical weights.
+- Subjects missing an MRI modality: with ``participants.missing_modality: exclude`` they are left out of every
+  part; with ``keep`` the model masks the absent experts, and only subjects with none of the variant's
+  experts (e.g. no fMRI for ``only_func``) are left out. Both counts go to metrics.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from neuromoe.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    write_json_atomic,
+)
+from neuromoe.clinical import ClinicalPreprocessor
+from neuromoe.errors import InputError
+from neuromoe.model import (
+    EXPERTS,
+    MRI_MODALITIES,
+    ModelConfig,
+    NeuroMoE,
+    class_weights,
+    expert_presence,
+    moe_loss,
+)
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_wce", "train_balance", "train_acc", "val_loss", "val_acc",
+                   "val_balanced_acc", "val_balance", "lr", "seconds"]
+
+class StopRun(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raise from ``on_epoch_end`` to stop a run the way a kill would (its checkpoint is already written)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants and settings
+# ---------------------------------------------------------------------------------------------
+def variant_spec(name: str) -> tuple[tuple[str, ...], bool, float | None]:
+    """Variant name -> (experts, use_gate, balance-lambda override or None).
+
+    ``full``; ``no_gate`` (uniform weights); ``drop_<m>`` (all experts but m, gated); ``only_<m>`` (one
+    expert, no gate); ``lambda_<value>`` (full model with balance lambda = value, e.g. ``lambda_0.0``),
+    where m is one of anat, dwi, func, clin.
+    """
+    if name == "full":
+        return EXPERTS, True, None
+    if name == "no_gate":
+        return EXPERTS, False, None
+    kind, _, arg = name.partition("_")
+    if kind == "drop" and arg in EXPERTS:
+        return tuple(e for e in EXPERTS if e != arg), True, None
+    if kind == "only" and arg in EXPERTS:
+        return (arg,), False, None
+    if kind == "lambda" and arg:
+        try:
+            lam = float(arg)
+        except ValueError:
+            lam = float("nan")
+        if math.isfinite(lam) and lam >= 0:
+            return EXPERTS, True, lam
+    raise ValueError(f"unknown variant {name!r}; expected full, no_gate, drop_<m>, only_<m> "
+                     f"(m in {', '.join(EXPERTS)}) or lambda_<value >= 0> (e.g. lambda_0.0)")
+
+
+@dataclass
+class TrainConfig:
+    """The ``train:`` section of config.yaml (defaults are the paper protocol's)."""
+
+    epochs: int = 150
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_epochs: int = 5
+    patience: int = 20
+    balance_lambda: float = 0.1
+    num_workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+    min_lr: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Known keys only (others belong to other consumers and are ignored); ValueError on bad values."""
+        known = {f.name for f in fields(cls)}
+        tc = cls(**{k: v for k, v in d.items() if k in known})
+        for name in ("epochs", "batch_size"):
+            if getattr(tc, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(tc, name)}")
+        if tc.lr <= 0 or tc.min_lr < 0 or tc.min_lr > tc.lr:
+            raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= lr, got lr={tc.lr} "
+                             f"min_lr={tc.min_lr}")
+        if tc.patience < 1 or tc.warmup_epochs < 0 or tc.num_workers < 0:
+            raise ValueError(f"train.patience >= 1, warmup_epochs >= 0, num_workers >= 0; got {tc}")
+        if tc.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device must be auto, cpu or cuda, got {tc.device!r}")
+        return tc
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 31-bit seed from any printable parts (independent of Python's hash randomisation)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then cosine to ``min_lr``."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_device(device: str = "auto", configured: str = "auto") -> torch.device:
+    """``device`` if not auto, else ``configured`` if not auto, else CUDA when available, else CPU."""
+    choice = device if device != "auto" else configured
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device; use device auto or cpu")
+    return torch.device(choice)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of ``range(n)`` drawn from (seed, epoch): stateless, so resuming replays it."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "shuffle", self.epoch))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+# ---------------------------------------------------------------------------------------------
+# One pass
+# ---------------------------------------------------------------------------------------------
+def _to_device(batch: Mapping[str, Tensor], experts: Sequence[str], dev: torch.device
+               ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+    """Dataset batch -> (images {m: (B,C,D,H,W) float32}, clin (B,F), present (B,E) bool, y (B,))."""
+    nb = dev.type == "cuda"
+    images = {m: batch[m].to(dev, non_blocking=nb).float() for m in experts if m in MRI_MODALITIES}
+    clin = batch["clin"].to(dev, non_blocking=nb).float()
+    present = expert_presence(batch["present"].to(dev, non_blocking=nb), tuple(experts))
+    return images, clin, present, batch["label"].to(dev, non_blocking=nb).long()
+
+
+def _autocast(dev: torch.device) -> Any:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+
+
+def train_step(model: NeuroMoE, opt: torch.optim.Optimizer, batch: Mapping[str, Tensor],
+               dev: torch.device, weights: Tensor | None, balance_lambda: float,
+               grad_clip: float = 0.0) -> dict[str, float]:
+    """One optimiser step on a collated batch (bf16 autocast on CUDA); the learning rate is the caller's.
+
+    Returns {"loss", "wce", "balance"} (batch means), {"correct", "n"} (counts) as floats.
+    """
+    model.train()
+    images, clin, present, y = _to_device(batch, model.cfg.experts, dev)
+    with _autocast(dev):
+        out = model(images, clin, present)
+    loss, parts = moe_loss(out, y, weights, balance_lambda)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    correct = float((out.log_probs.argmax(1) == y).sum())
+    return {"loss": float(loss.detach()), **parts, "correct": correct, "n": float(y.shape[0])}
+
+
+@torch.no_grad()
+def predict(model: NeuroMoE, loader: DataLoader, dev: torch.device) -> dict[str, np.ndarray]:
+    """Eval-mode pass -> numpy {"log_probs" (N,C), "gate" (N,E), "label" (N,), "row" (N,)}, loader order."""
+    model.eval()
+    out: dict[str, list[Tensor]] = {"log_probs": [], "gate": [], "label": [], "row": []}
+    for batch in loader:
+        images, clin, present, y = _to_device(batch, model.cfg.experts, dev)
+        with _autocast(dev):
+            o = model(images, clin, present)
+        out["log_probs"].append(o.log_probs.float().cpu())
+        out["gate"].append(o.gate.float().cpu())
+        out["label"].append(y.cpu())
+        out["row"].append(torch.as_tensor(batch["row"]).long())
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def _accuracy(y: np.ndarray, y_hat: np.ndarray) -> float:
+    return float(np.mean(y == y_hat)) if len(y) else float("nan")
+
+
+def _balanced_accuracy(y: np.ndarray, y_hat: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y`` (scikit-learn's definition)."""
+    return float(np.mean([np.mean(y_hat[y == c] == c) for c in np.unique(y)])) if len(y) else float("nan")
+
+
+def _weighted_nll(log_probs: np.ndarray, y: np.ndarray, weights: np.ndarray) -> float:
+    """sum_i a_{y_i} (-log p_i[y_i]) / sum_i a_{y_i}, as F.nll_loss(weight=a) over the whole set."""
+    a = weights[y]
+    return float(np.sum(-log_probs[np.arange(len(y)), y] * a) / np.sum(a)) if len(y) else float("nan")
+
+
+def part_metrics(pred: Mapping[str, np.ndarray], weights: np.ndarray,
+                 experts: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, class-weighted NLL, mean gate per expert of a ``predict`` output."""
+    y, y_hat = pred["label"], pred["log_probs"].argmax(1)
+    return {"n": int(len(y)), "accuracy": _accuracy(y, y_hat),
+            "balanced_accuracy": _balanced_accuracy(y, y_hat),
+            "loss": _weighted_nll(pred["log_probs"], y, weights),
+            "gate_mean": {e: float(pred["gate"][:, i].mean()) if len(y) else float("nan")
+                          for i, e in enumerate(experts)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# train_run
+# ---------------------------------------------------------------------------------------------
+def _split_rows(index: pd.DataFrame, splits_tsv: str | Path, split_id: str) -> dict[str, list[int]]:
+    """Cache rows of each part of ``split_id`` (ids matched without the ``sub-`` prefix)."""
+    from neuromoe.splits import read_splits, split_parts
+
+    try:
+        parts = split_parts(read_splits(splits_tsv), split_id)
+    except KeyError as err:
+        raise InputError(str(err.args[0]), path=splits_tsv, fix="use a split id from the table") from err
+    ids = index["participant_id"].astype(str).str.removeprefix("sub-")
+    row_of = dict(zip(ids, index["row"], strict=True))
+    out: dict[str, list[int]] = {}
+    for part, ids in parts.items():
+        unknown = [i for i in ids if i not in row_of]
+        if unknown:
+            raise InputError(f"split {split_id} names subject(s) not in the cohort cache: "
+                             + ", ".join(f"sub-{i}" for i in unknown[:5]), path=splits_tsv,
+                             fix="rebuild the splits from the same participants as the cache")
+        out[part] = sorted(int(row_of[i]) for i in ids)
+    for part in ("train", "val"):
+        if not out[part]:
+            raise InputError(f"split {split_id} has no {part} subjects", path=splits_tsv,
+                             fix="regenerate the splits (each needs train and val subjects)")
+    return out
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)
+
+
+def _predictions_table(pred: Mapping[str, np.ndarray], part: str, index: pd.DataFrame,
+                       classes: Sequence[str], experts: Sequence[str]) -> pd.DataFrame:
+    ids = index.set_index("row").loc[pred["row"], "participant_id"].astype(str).str.removeprefix("sub-")
+    table = pd.DataFrame({"participant_id": ids.to_numpy(), "part": part,
+                          "label": [classes[i] for i in pred["label"]]})
+    probs = np.exp(pred["log_probs"])
+    for j, c in enumerate(classes):
+        table[f"prob_{c}"] = probs[:, j]
+    for j, e in enumerate(experts):
+        table[f"gate_{e}"] = pred["gate"][:, j]
+    return table
+
+
+@dataclass
+class RunData:
+    """What a run needs from the cohort cache and the splits (see ``prepare_data``)."""
+
+    cohort: Any  # neuromoe.cache.CohortCache
+    rows: dict[str, list[int]]  # part -> cache rows used
+    excluded: dict[str, list[int]]  # part -> cache rows left out (missing modalities)
+    clinical: np.ndarray  # (N_cache, F) float32, fitted on the train rows
+    preprocessor: ClinicalPreprocessor
+    weights: Tensor  # (C,) class weights of the train rows
+
+
+def prepare_data(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, experts: Sequence[str],
+                 cfg: Mapping[str, Any]) -> RunData:
+    """Open the cache (checked against ``cfg``), pick the split's rows, fit clinical scaling on train."""
+    from neuromoe.cache import open_cohort
+
+    cohort = open_cohort(cache_dir, expected=cfg)
+    index = cohort.index
+    rows = _split_rows(index, splits_tsv, split_id)
+    has = index.set_index("row")[[f"has_{m}" for m in MRI_MODALITIES]].astype(bool)
+    has.columns = list(MRI_MODALITIES)
+    needed = [m for m in experts if m in MRI_MODALITIES]
+    if cfg.get("participants", {}).get("missing_modality", "exclude") == "exclude":
+        usable = has.all(axis=1)
+    elif "clin" in experts or not needed:
+        usable = pd.Series(True, index=has.index)
+    else:
+        usable = has[needed].any(axis=1)
+    excluded = {p: [r for r in rs if not usable[r]] for p, rs in rows.items()}
+    rows = {p: [r for r in rs if usable[r]] for p, rs in rows.items()}
+    if not rows["train"] or not rows["val"]:
+        raise InputError(f"split {split_id}, experts {list(experts)}: no usable train or val subject after "
+                         "leaving out those missing modalities", path=cache_dir,
+                         fix="set participants.missing_modality: keep, or check the cache's has_* columns")
+    clin_cols = list(cfg.get("participants", {}).get("clinical_columns", []))
+    pre = ClinicalPreprocessor(clin_cols).fit(index.iloc[rows["train"]])
+    y = index["label"].to_numpy(dtype=np.int64)
+    return RunData(cohort=cohort, rows=rows, excluded=excluded, clinical=pre.transform(index),
+                   preprocessor=pre, weights=class_weights(y[rows["train"]], len(cohort.labels)))
+
+
+def _fresh_state() -> dict[str, Any]:
+    return {"epoch": 0, "step": 0, "history": [], "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0,
+            "finished": False, "stopped_early": False}
+
+
+def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, variant: str,
+              cfg: Mapping[str, Any], out_dir: str | Path, device: str = "auto", threads: int | None = None,
+              *, max_epochs_this_run: int | None = None,
+              on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Train one variant on one split; resume from ``out_dir/checkpoint/last.safetensors`` if present.
+
+    Args:
+        cache_dir: the cohort cache (``neuromoe.cache.build_cohort``); opened and checked against ``cfg``,
+            read through ``neuromoe.data.CohortDataset``.
+        splits_tsv, split_id: which subjects train / validate / test (``neuromoe.splits``).
+        variant: see ``variant_spec``.
+        cfg: the whole validated config (reads the cache, participants, model and train sections).
+        out_dir: the run folder (see the module docstring).
+        device: auto | cpu | cuda (auto defers to train.device, then to what is available).
+        threads: ``torch.set_num_threads`` (CPU intra-op threads) when given.
+        max_epochs_this_run: stop (as a kill would) after this many epochs in this call; for tests and
+            time-sliced jobs. The call then returns ``{"finished": False, ...}`` and writes no final files.
+        on_epoch_end: called with (epoch, history row) after each epoch's checkpoint is written; it may
+            raise (``StopRun`` or anything) to interrupt the run.
+        progress: show a tqdm bar per epoch on stderr.
+    Returns:
+        The metrics dict also written to metrics.json (``finished: True``).
+    """
+    out_dir = Path(out_dir)
+    tag = f"[{split_id}/{variant}]"
+    experts, use_gate, lam_override = variant_spec(variant)
+    tc = TrainConfig.from_dict(cfg.get("train", {}))
+    lam = tc.balance_lambda if lam_override is None else lam_override
+    dev = resolve_device(device, tc.device)
+    if threads:
+        torch.set_num_threads(int(threads))
+    data = prepare_data(cache_dir, splits_tsv, split_id, experts, cfg)
+    classes = data.cohort.labels
+    mcfg = ModelConfig.from_dict({**cfg.get("model", {}), "experts": experts, "use_gate": use_gate,
+                                  "channels": {m: len(c) for m, c in data.cohort.channels.items()},
+                                  "grid": data.cohort.grid, "n_clinical": len(data.preprocessor.columns),
+                                  "n_classes": len(classes)})
+    seed = derive_seed(tc.seed, split_id)
+    run_keys = {k: v for k, v in asdict(tc).items() if k not in ("num_workers", "device")}
+    fingerprint = {"split_id": split_id, "variant": variant, "seed": seed, "model_config": mcfg.to_dict(),
+                   "train_config": run_keys, "balance_lambda": lam, "rows": data.rows}
+
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    if dev.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # only effective before cuBLAS starts
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        from neuromoe.data import CohortDataset
+
+        torch.manual_seed(seed)
+        model = NeuroMoE(mcfg).to(dev)
+        opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr,
+                                fused=dev.type == "cuda" or None)
+        datasets = {p: CohortDataset(data.cohort, rs, data.clinical) for p, rs in data.rows.items() if rs}
+        loader_kw: dict[str, Any] = {"batch_size": tc.batch_size, "num_workers": tc.num_workers,
+                                     "pin_memory": dev.type == "cuda",
+                                     "persistent_workers": tc.num_workers > 0}
+        sampler = EpochSampler(len(datasets["train"]), seed)
+        train_loader = DataLoader(datasets["train"], sampler=sampler,
+                                  generator=torch.Generator().manual_seed(seed), **loader_kw)
+        eval_loaders = {p: DataLoader(ds, shuffle=False, **loader_kw)
+                        for p, ds in datasets.items() if p != "train"}
+        warmup, total = tc.warmup_epochs * len(train_loader), tc.epochs * len(train_loader)
+        weights_dev = data.weights.to(dev)
+
+        ckpt_dir = out_dir / "checkpoint"
+        last_path, best_path = ckpt_dir / "last.safetensors", ckpt_dir / "best.safetensors"
+        state = _fresh_state()
+        if last_path.exists():
+            ck = load_checkpoint(last_path, device=dev)
+            if ck.meta.get("fingerprint") != fingerprint:
+                raise CheckpointError(f"{last_path}: written by a run with another configuration (split, "
+                                      "variant, model, train settings or subjects differ).\n"
+                                      f"  fix: delete {ckpt_dir} to start this run over")
+            model.load_state_dict(ck.model_state)
+            opt.load_state_dict(ck.optimizer_state)
+            state = ck.meta["state"]
+            if ck.rng_state is not None:
+                restore_rng_state(ck.rng_state)
+            tqdm.write(f"{tag} resuming after epoch {state['epoch']}", file=sys.stderr)
+
+        epochs_here = 0
+        while not state["finished"]:
+            epoch = state["epoch"]
+            torch.manual_seed(derive_seed(seed, "epoch", epoch))  # dropout draws: a function of the epoch
+            sampler.set_epoch(epoch)
+            t0 = time.time()
+            sums = dict.fromkeys(("loss", "wce", "balance", "correct", "n"), 0.0)
+            lr = tc.lr
+            bar = tqdm(train_loader, desc=f"{tag} epoch {epoch + 1}/{tc.epochs}", file=sys.stderr,
+                       leave=False, disable=not progress, mininterval=1.0)
+            for batch in bar:
+                lr = lr_at(state["step"], tc.lr, warmup, total, tc.min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                r = train_step(model, opt, batch, dev, weights_dev, lam, tc.grad_clip)
+                state["step"] += 1
+                for k in ("loss", "wce", "balance"):
+                    sums[k] += r[k] * r["n"]
+                sums["correct"] += r["correct"]
+                sums["n"] += r["n"]
+                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}",
+                                acc=f"{sums['correct'] / sums['n']:.2f}")
+            bar.close()
+            val = predict(model, eval_loaders["val"], dev)
+            vm = part_metrics(val, data.weights.numpy(), experts)
+            n = max(sums["n"], 1.0)
+            row = {"epoch": epoch + 1, "train_loss": sums["loss"] / n, "train_wce": sums["wce"] / n,
+                   "train_balance": sums["balance"] / n, "train_acc": sums["correct"] / n,
+                   "val_loss": vm["loss"], "val_acc": vm["accuracy"],
+                   "val_balanced_acc": vm["balanced_accuracy"],
+                   "val_balance": float(np.mean((val["gate"].mean(0) - 1.0 / len(experts)) ** 2)),
+                   "lr": lr, "seconds": time.time() - t0}
+            state["history"].append(row)
+            state["epoch"] = epoch + 1
+            if vm["loss"] < state["best_val"]:
+                state.update(best_val=vm["loss"], best_epoch=epoch + 1, bad_epochs=0)
+                save_checkpoint(best_path, model.state_dict(), {"epoch": epoch + 1, "val": vm})
+            else:
+                state["bad_epochs"] += 1
+            if state["bad_epochs"] >= tc.patience:
+                state.update(finished=True, stopped_early=True)
+            elif state["epoch"] >= tc.epochs:
+                state["finished"] = True
+            # best before last: a kill in between replays this epoch, which rewrites the same best.
+            save_checkpoint(last_path, model.state_dict(), {"fingerprint": fingerprint, "state": state},
+                            optimizer_state=opt.state_dict(), rng_state=capture_rng_state())
+            _write_history(out_dir / "history.csv", state["history"])
+            tqdm.write(f"{tag} epoch {epoch + 1}: train loss {row['train_loss']:.4f} val loss "
+                       f"{row['val_loss']:.4f} acc {row['val_acc']:.3f} bacc {row['val_balanced_acc']:.3f} "
+                       f"lr {lr:.2e} ({row['seconds']:.1f} s)", file=sys.stderr)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, row)
+            epochs_here += 1
+            if (not state["finished"] and max_epochs_this_run is not None
+                    and epochs_here >= max_epochs_this_run):
+                return {"finished": False, "epochs_run": state["epoch"], "split_id": split_id,
+                        "variant": variant}
+
+        # Final: best weights -> model.safetensors, predictions, metrics.
+        if not best_path.exists():
+            raise RuntimeError(f"{tag} no epoch had a finite validation loss (training diverged); "
+                               "lower train.lr or check the inputs for NaNs")
+        model.load_state_dict(load_checkpoint(best_path, device=dev).model_state)
+        results: dict[str, dict[str, Any]] = {}
+        tables = []
+        for part, loader in eval_loaders.items():
+            pred = predict(model, loader, dev)
+            results[part] = part_metrics(pred, data.weights.numpy(), experts)
+            tables.append(_predictions_table(pred, part, data.cohort.index, classes, experts))
+        pd.concat(tables, ignore_index=True).to_csv(out_dir / "predictions.tsv", sep="\t", index=False,
+                                                    float_format="%.6g")
+        metrics = {"finished": True, "split_id": split_id, "variant": variant, "experts": list(experts),
+                   "use_gate": use_gate, "balance_lambda": lam, "classes": list(classes), "seed": seed,
+                   "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+                   "stopped_early": state["stopped_early"], "n_params": model.num_params(),
+                   "flops_per_sample": model.estimate_flops(), "device": str(dev),
+                   "train_seconds": float(sum(r["seconds"] for r in state["history"])),
+                   "n": {p: len(rs) for p, rs in data.rows.items()},
+                   "n_excluded": {p: len(rs) for p, rs in data.excluded.items()}, **results}
+        meta = {"model_config": mcfg.to_dict(), "train_config": asdict(tc),
+                "clinical": data.preprocessor.to_dict(), "classes": list(classes),
+                "channels": data.cohort.channels, "variant": variant, "split_id": split_id,
+                "epoch": state["best_epoch"], "metrics": metrics}
+        save_checkpoint(out_dir / "model.safetensors", model.state_dict(), meta)
+        write_json_atomic(out_dir / "metrics.json", metrics)
+        return metrics
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[NeuroMoE, dict[str, Any]]:
+    """A trained ``model.safetensors`` -> (NeuroMoE in eval mode, meta: configs, classes, clinical, ...)."""
+    ck = load_checkpoint(path, device=device)
+    model = NeuroMoE(ModelConfig.from_dict(ck.meta["model_config"])).to(device)
+    model.load_state_dict(ck.model_state)
+    return model.eval(), ck.meta
+
+

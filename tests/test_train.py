@@ -1,0 +1,365 @@
+"""Training (neuromoe/train.py), checkpoints (neuromoe/checkpoint.py), clinical data (neuromoe/clinical.py).
+
+The runs use a real cohort cache built by ``neuromoe.cache.build_cohort`` from per-subject tensors written
+here (8^3 grid, 24 subjects, a planted class signal), read through ``neuromoe.data.CohortDataset``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from neuromoe import cache as C
+from neuromoe.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    read_checkpoint_meta,
+    restore_rng_state,
+    save_checkpoint,
+)
+from neuromoe.clinical import ClinicalPreprocessor
+from neuromoe.errors import InputError
+from neuromoe.model import ModelConfig, NeuroMoE
+from neuromoe.train import (
+    HISTORY_COLUMNS,
+    EpochSampler,
+    StopRun,
+    TrainConfig,
+    load_model,
+    lr_at,
+    train_run,
+    variant_spec,
+)
+
+torch.set_num_threads(1)
+GRID = (8, 8, 8)
+LABELS = ["HC", "PD", "iRBD"]
+N_SUBJECTS = 24
+CLIN = ["age", "sex", "updrs3"]
+
+
+def make_cfg(**train: object) -> dict:
+    t = {"epochs": 6, "batch_size": 6, "lr": 3e-3, "weight_decay": 0.01, "warmup_epochs": 1, "patience": 50,
+         "balance_lambda": 0.1, "num_workers": 0, "device": "cpu"}
+    t.update(train)
+    return {"cache": {"grid": list(GRID), "dtype": "float16", "dwi_maps": ["FA", "MD"],
+                      "func_maps": ["fALFF", "ReHo"]},
+            "participants": {"diagnosis_column": "diagnosis", "labels": LABELS, "clinical_columns": CLIN,
+                             "missing_modality": "keep"},
+            "model": {"patch_size": 4, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2,
+                      "clin_hidden": [16, 8], "expert_hidden": 16, "gate_hidden": 8, "dropout": 0.1,
+                      "clin_dropout": 0.3, "gate_dropout": 0.3},
+            "train": t}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A cohort cache whose volumes and updrs3 carry the class; sub-05 has no func; plus splits.tsv."""
+    root = tmp_path_factory.mktemp("cohort")
+    rng = np.random.default_rng(0)
+    subs = [f"{i:02d}" for i in range(1, N_SUBJECTS + 1)]
+    labels = [i % 3 for i in range(N_SUBJECTS)]
+    records = []
+    norm = C.normalisation_params()
+    for sub, y in zip(subs, labels, strict=True):
+        d = root / "subjects" / f"sub-{sub}"
+        d.mkdir(parents=True)
+        rec = {"subject": sub, "cache_format": C.CACHE_FORMAT, "grid": list(GRID), "dtype": "float16",
+               "normalisation": norm, "modalities": {}}
+        for m, ch in (("anat", ["T1w"]), ("dwi", ["FA", "MD"]), ("func", ["fALFF", "ReHo"])):
+            if sub == "05" and m == "func":
+                rec["modalities"][m] = {"channels": ch, "present": False}
+                continue
+            x = rng.normal(0, 1, (len(ch), *GRID)).astype(np.float32)
+            x[:, :4] += 1.5 * (y - 1)  # class signal in one half of every volume
+            np.save(d / f"{m}.npy", C.encode(x, "float16"))
+            rec["modalities"][m] = {"channels": ch, "present": True, "file": f"{m}.npy"}
+        (d / "rec.json").write_text(json.dumps(rec))
+        records.append(d / "rec.json")
+    age = rng.normal(65, 8, N_SUBJECTS).round(1)
+    age[3] = np.nan
+    part = pd.DataFrame({"participant_id": [f"sub-{s}" for s in subs],
+                         "diagnosis": [LABELS[y] for y in labels], "age": age,
+                         "sex": ["M", "F"] * (N_SUBJECTS // 2),
+                         "updrs3": [10 * y + rng.normal(0, 3) for y in labels]})
+    part.to_csv(root / "participants.tsv", sep="\t", index=False, na_rep="n/a")
+    C.build_cohort(records, root / "participants.tsv", root / "cache", make_cfg())
+    parts = ["train"] * 12 + ["val"] * 6 + ["test"] * 6  # stratified: labels cycle 0, 1, 2
+    pd.DataFrame({"split_id": "holdout-s0", "participant_id": subs, "part": parts}).to_csv(
+        root / "splits.tsv", sep="\t", index=False)
+    return {"cache": root / "cache", "splits": root / "splits.tsv", "participants": root / "participants.tsv"}
+
+
+def run(cohort: dict[str, Path], out: Path, variant: str = "full", cfg: dict | None = None,
+        **kw: object) -> dict:
+    return train_run(cohort["cache"], cohort["splits"], "holdout-s0", variant, cfg or make_cfg(), out,
+                     device="cpu", threads=1, progress=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants, schedule, sampler
+# ---------------------------------------------------------------------------------------------
+def test_variant_spec() -> None:
+    assert variant_spec("full") == (("anat", "dwi", "func", "clin"), True, None)
+    assert variant_spec("no_gate") == (("anat", "dwi", "func", "clin"), False, None)
+    assert variant_spec("drop_func") == (("anat", "dwi", "clin"), True, None)
+    assert variant_spec("only_dwi") == (("dwi",), False, None)
+    assert variant_spec("only_clin") == (("clin",), False, None)
+    assert variant_spec("lambda_0.0") == (("anat", "dwi", "func", "clin"), True, 0.0)
+    assert variant_spec("lambda_1e-2")[2] == 0.01
+    for bad in ("fulll", "drop_pet", "only_", "lambda_", "lambda_-1", "lambda_nan", "lambda_x"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            variant_spec(bad)
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    lrs = [lr_at(s, 1.0, 4, 20, 0.1) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))  # non-increasing after warm-up
+    assert math.isclose(lr_at(20, 1.0, 4, 20, 0.1), 0.1)
+    assert lr_at(0, 1.0, 0, 10) == 1.0
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch() -> None:
+    s = EpochSampler(10, seed=3)
+    s.set_epoch(2)
+    a = list(s)
+    assert sorted(a) == list(range(10)) and list(s) == a
+    s.set_epoch(3)
+    assert list(s) != a
+    t = EpochSampler(10, seed=3)
+    t.set_epoch(2)
+    assert list(t) == a
+
+
+def test_train_config_checks() -> None:
+    assert TrainConfig.from_dict({"lr": 0.5, "unrelated": 1}).lr == 0.5
+    with pytest.raises(ValueError, match="train.batch_size"):
+        TrainConfig.from_dict({"batch_size": 0})
+
+
+# ---------------------------------------------------------------------------------------------
+# Clinical preprocessing
+# ---------------------------------------------------------------------------------------------
+def test_clinical_fit_on_train_only_impute_and_scale() -> None:
+    train = pd.DataFrame({"age": [50.0, np.nan, 70.0, 60.0], "sex": ["M", "F", "f", None], "x": [1, 1, 1, 1]})
+    test = pd.DataFrame({"age": [np.nan, 1000.0], "sex": ["m", None], "x": [5, np.nan]})
+    pre = ClinicalPreprocessor(["age", "sex", "x"]).fit(train)
+    assert pre.median["age"] == 60.0 and pre.levels["sex"] == ["m", "f"]  # m -> 0, f -> 1 as neuromoe.data
+    xt = pre.transform(train)
+    assert xt.dtype == np.float32 and xt.shape == (4, 3) and np.isfinite(xt).all()
+    sd = np.std([50.0, 70.0, 60.0])
+    np.testing.assert_allclose(xt[:, 0], (np.array([50, 60, 70, 60]) - 60) / sd, rtol=1e-6)
+    np.testing.assert_allclose(xt[:, 2], 0.0)  # constant column: scale 1, centred
+    x = pre.transform(test)
+    assert x[0, 0] == pytest.approx(0.0) and x[1, 0] == pytest.approx((1000 - 60) / sd, rel=1e-6)
+    assert pre.mean["age"] == 60.0  # the test rows never changed the fit
+    again = ClinicalPreprocessor.from_dict(json.loads(json.dumps(pre.to_dict())))
+    np.testing.assert_array_equal(again.transform(test), x)
+
+
+def test_clinical_errors_name_the_column() -> None:
+    with pytest.raises(InputError, match="'moca' has no observed value in the 2 training subjects"):
+        ClinicalPreprocessor(["moca"]).fit(pd.DataFrame({"moca": [np.nan, np.nan]}))
+    with pytest.raises(InputError, match="not in the table"):
+        ClinicalPreprocessor(["moca"]).fit(pd.DataFrame({"age": [1.0]}))
+    pre = ClinicalPreprocessor(["sex"]).fit(pd.DataFrame({"sex": ["M", "F"]}))
+    with pytest.raises(InputError, match=r"level\(s\) \['x'\] not seen"):
+        pre.transform(pd.DataFrame({"sex": ["X"]}))
+    with pytest.raises(InputError, match="3 level"):
+        ClinicalPreprocessor(["site"]).fit(pd.DataFrame({"site": ["a", "b", "c"]}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def tiny_model(seed: int = 0) -> NeuroMoE:
+    torch.manual_seed(seed)
+    return NeuroMoE(ModelConfig(channels={"anat": 1, "dwi": 2, "func": 2}, grid=GRID, n_clinical=3, dim=16,
+                                depth=1, heads=2, clin_hidden=(8,), expert_hidden=8, gate_hidden=8))
+
+
+def batch(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return ({m: torch.randn(2, c, *GRID, generator=g) for m, c in (("anat", 1), ("dwi", 2), ("func", 2))},
+            torch.randn(2, 3, generator=g))
+
+
+def test_checkpoint_round_trip_gives_identical_outputs_and_optimizer(tmp_path: Path) -> None:
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, clin = batch()
+    for _ in range(2):
+        opt.zero_grad()
+        model(images, clin).log_probs.sum().backward()
+        opt.step()
+    rng = capture_rng_state()
+    meta = {"epoch": 2, "config": model.cfg.to_dict(), "best": float("inf")}
+    save_checkpoint(tmp_path / "ck.safetensors", model.state_dict(), meta, opt.state_dict(), rng)
+    assert json.loads((tmp_path / "ck.json").read_text())["epoch"] == 2  # readable sidecar
+    assert read_checkpoint_meta(tmp_path / "ck.safetensors")["best"] == float("inf")
+    expected_draw = torch.rand(3)
+
+    ck = load_checkpoint(tmp_path / "ck.safetensors")
+    model2 = NeuroMoE(ModelConfig.from_dict(ck.meta["config"]))
+    model2.load_state_dict(ck.model_state)
+    model.eval(), model2.eval()
+    assert torch.equal(model(images, clin).log_probs, model2(images, clin).log_probs)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    opt2.load_state_dict(ck.optimizer_state)
+    for m, o in ((model, opt), (model2, opt2)):  # one more identical step on each
+        m.train()
+        torch.manual_seed(7)
+        o.zero_grad()
+        m(images, clin).log_probs.sum().backward()
+        o.step()
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    restore_rng_state(ck.rng_state)
+    assert torch.equal(torch.rand(3), expected_draw)
+
+
+def test_non_safetensors_checkpoints_are_refused(tmp_path: Path) -> None:
+    model = tiny_model()
+    torch.save(model.state_dict(), tmp_path / "model.pt")  # a pickle zip
+    (tmp_path / "pickle.safetensors").write_bytes(pickle.dumps({"a": 1}))
+    (tmp_path / "text.safetensors").write_text("hello, not a checkpoint")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))  # safetensors, not ours
+    save_checkpoint(tmp_path / "ok.safetensors", model.state_dict(), {"epoch": 1}, sidecar=False)
+    raw = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
+    for name in ("model.pt", "pickle.safetensors", "text.safetensors", "empty.safetensors"):
+        with pytest.raises(CheckpointError, match="not a safetensors file"):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(CheckpointError, match="not a NeuroMoE checkpoint"):
+        load_checkpoint(tmp_path / "foreign.safetensors")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "truncated.safetensors")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import neuromoe.checkpoint as ckmod
+
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, tiny_model(0).state_dict(), {"epoch": 1})
+    before = path.read_bytes()
+
+    def crash(tensors: dict, filename: str, metadata: dict) -> None:
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckmod, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, tiny_model(1).state_dict(), {"epoch": 2})
+    assert path.read_bytes() == before
+    assert load_checkpoint(path).meta["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.json", "last.safetensors"]  # no tmp left
+
+
+# ---------------------------------------------------------------------------------------------
+# train_run
+# ---------------------------------------------------------------------------------------------
+def test_training_run_learns_and_writes_its_outputs(cohort: dict[str, Path], tmp_path: Path) -> None:
+    t0 = time.time()
+    m = run(cohort, tmp_path, cfg=make_cfg(epochs=12, lr=5e-3, batch_size=4))
+    assert time.time() - t0 < 30  # seconds, not minutes, on one CPU thread
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert list(hist.columns) == HISTORY_COLUMNS and len(hist) == 12
+    # Separable toy problem: the training loss falls well below its start (ln 3 ~ 1.10).
+    assert hist["train_loss"].iloc[-3:].mean() < 0.6 * hist["train_loss"].iloc[0], hist["train_loss"].tolist()
+    assert hist["val_loss"].min() < 0.8 * hist["val_loss"].iloc[0]
+    assert m["finished"] and m["val"]["accuracy"] >= 0.6 and m["test"]["n"] == 6
+    assert math.isclose(sum(m["test"]["gate_mean"].values()), 1.0, rel_tol=1e-5)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(m))
+    pred = pd.read_csv(tmp_path / "predictions.tsv", sep="\t", dtype={"participant_id": str})
+    assert list(pred.columns) == ["participant_id", "part", "label", *[f"prob_{c}" for c in LABELS],
+                                  *[f"gate_{e}" for e in ("anat", "dwi", "func", "clin")]]
+    assert sorted(pred["part"].unique()) == ["test", "val"] and len(pred) == 12
+    assert pred["participant_id"].iloc[0] == "13" and set(pred["label"]) <= set(LABELS)
+    np.testing.assert_allclose(pred.filter(like="prob_").sum(1), 1.0, atol=1e-4)
+    # The shipped model reproduces the predictions; its preprocessor was fitted on the 12 training subjects.
+    model, meta = load_model(tmp_path / "model.safetensors")
+    assert meta["classes"] == LABELS and meta["epoch"] == m["best_epoch"]
+    index = pd.read_csv(cohort["cache"] / "index.tsv", sep="\t")
+    assert meta["clinical"]["median"]["updrs3"] == pytest.approx(float(index["updrs3"].iloc[:12].median()))
+    assert (tmp_path / "checkpoint" / "best.safetensors").exists()
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(cohort: dict[str, Path], tmp_path: Path) -> None:
+    cfg = make_cfg(epochs=4)
+    run(cohort, tmp_path / "a", cfg=cfg)
+    partial = run(cohort, tmp_path / "b", cfg=cfg, max_epochs_this_run=2)
+    assert partial == {"finished": False, "epochs_run": 2, "split_id": "holdout-s0", "variant": "full"}
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+
+    def kill_after_epoch_3(epoch: int, row: dict) -> None:
+        if epoch == 3:
+            raise StopRun
+
+    with pytest.raises(StopRun):
+        run(cohort, tmp_path / "b", cfg=cfg, on_epoch_end=kill_after_epoch_3)
+    run(cohort, tmp_path / "b", cfg=cfg)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha, hb = (pd.read_csv(tmp_path / d / "history.csv").drop(columns="seconds") for d in "ab")
+    pd.testing.assert_frame_equal(ha, hb)
+    pa, pb = (pd.read_csv(tmp_path / d / "predictions.tsv", sep="\t") for d in "ab")
+    pd.testing.assert_frame_equal(pa, pb)
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(cohort: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    run(cohort, tmp_path, cfg=make_cfg(epochs=3), max_epochs_this_run=1)
+    with pytest.raises(CheckpointError, match="another configuration"):
+        run(cohort, tmp_path, cfg=make_cfg(epochs=3, lr=1e-2))
+
+
+def test_single_expert_variant_leaves_out_subjects_without_it(cohort: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    m = run(cohort, tmp_path, variant="only_func", cfg=make_cfg(epochs=1))
+    assert m["experts"] == ["func"] and m["n_excluded"]["train"] == 1  # sub-05 has no func
+    assert m["n"]["train"] == 11 and m["test"]["gate_mean"] == {"func": 1.0}
+    cfg = make_cfg(epochs=1)
+    cfg["participants"]["missing_modality"] = "exclude"
+    m = run(cohort, tmp_path / "ex", variant="only_clin", cfg=cfg)
+    assert m["n_excluded"]["train"] == 1
+
+
+def test_missing_modality_is_masked_for_the_full_model(cohort: dict[str, Path], tmp_path: Path) -> None:
+    run(cohort, tmp_path, variant="no_gate", cfg=make_cfg(epochs=1))
+    # sub-05 (train) lacks func; check a val/test-like pass through the shipped model on its cache row.
+    from neuromoe.data import CohortDataset
+
+    model, meta = load_model(tmp_path / "model.safetensors")
+    index = pd.read_csv(cohort["cache"] / "index.tsv", sep="\t")
+    pre = ClinicalPreprocessor.from_dict(meta["clinical"])
+    ds = CohortDataset(cohort["cache"], [4], pre.transform(index))
+    item = ds[0]
+    assert not bool(item["present"][2])
+    from neuromoe.model import expert_presence
+
+    present = expert_presence(item["present"][None], model.cfg.experts)
+    images = {m: item[m][None].float() for m in ("anat", "dwi", "func")}
+    out = model(images, item["clin"][None], present)
+    torch.testing.assert_close(out.gate, torch.tensor([[1 / 3, 1 / 3, 0.0, 1 / 3]]))
+
+
+def test_bad_split_and_variant_are_reported(cohort: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown variant"):
+        run(cohort, tmp_path, variant="drop_everything")
+    with pytest.raises(InputError, match="cv-s9-f9"):
+        train_run(cohort["cache"], cohort["splits"], "cv-s9-f9", "full", make_cfg(), tmp_path, device="cpu")

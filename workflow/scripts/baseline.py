@@ -1,0 +1,12 @@
+from pathlib import Path
+
+from neuromoe.smk import run
+
+
+def main(s):
+    from neuromoe.baseline import run_baseline
+
+    run_baseline(s.params.cache_dir, s.input.splits, s.wildcards.split, s.params.cfg, Path(s.output[0]).parent)
+
+
+run(snakemake, main)

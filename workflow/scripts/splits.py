@@ -1,0 +1,15 @@
+from neuromoe.smk import run
+
+
+def main(s):
+    import pandas as pd
+
+    from neuromoe.splits import make_splits, write_splits
+
+    ev = s.params.cfg["evaluation"]
+    index = pd.read_csv(s.input.index, sep="\t", dtype={"participant_id": str})
+    splits = make_splits(index, ev["protocol"], ev["folds"], ev["seeds"], ev["val_fraction"])
+    write_splits(splits, s.output[0])
+
+
+run(snakemake, main)
