@@ -203,9 +203,7 @@ def _check_participants(bids_dir: Path, cfg: dict, folders: set[str]) -> tuple[p
         pid = row["participant_id"]
         dx = row[pcfg["diagnosis_column"]]
         if pd.isna(dx):
-            problems.append(InputError(f"no {pcfg['diagnosis_column']} given", subject=pid,
-                                       path="participants.tsv",
-                                       fix=f"fill in one of {labels}, or remove the participant"))
+            pass  # unlabelled: preprocessed and cached for `neuromoe predict`, never trained or tested on
         elif str(dx) not in labels:
             problems.append(InputError(f"unknown {pcfg['diagnosis_column']} label {dx!r}; allowed: {labels}",
                                        subject=pid, path="participants.tsv",
@@ -298,6 +296,11 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
         subjects[s] = Subject(s, present)
     if problems:
         raise ValidationReport(problems)
+    if not df.empty:
+        unlabelled = df.loc[df[cfg["participants"]["diagnosis_column"]].isna(), "participant_id"].tolist()
+        if unlabelled:
+            warnings.append(f"{len(unlabelled)} subject(s) without a diagnosis ({', '.join(unlabelled[:5])}"
+                            f"{', ...' if len(unlabelled) > 5 else ''}): processed for prediction only")
     if not subjects:
         raise ValidationReport([InputError("no usable subjects found", path=bids_dir,
                                            fix="check bids_dir and the file names (see README)")])

@@ -550,11 +550,13 @@ def build_cohort(subject_records: Sequence[str | Path], participants_tsv: str | 
             raise InputError("not in participants.tsv", subject=pid, path=participants_tsv,
                              fix="add a row for the subject or remove its data")
         diag = part.at[pid, diag_col]
-        if diag not in labels:
+        unlabelled = pd.isna(diag)  # a new subject to predict: cached, never trained or tested on
+        if not unlabelled and diag not in labels:
             raise InputError(f"diagnosis {diag!r} is not one of the configured labels {labels}", subject=pid,
                              path=participants_tsv, fix="correct the diagnosis or config participants.labels")
         present = {m: bool(recs[i][1]["modalities"].get(m, {}).get("present", False)) for m in MODALITIES}
-        rows.append({"row": i, "participant_id": pid, "diagnosis": diag, "label": labels.index(diag),
+        rows.append({"row": i, "participant_id": pid, "diagnosis": diag,
+                     "label": -1 if unlabelled else labels.index(diag),
                      **{f"has_{m}": present[m] for m in MODALITIES},
                      **{c: part.at[pid, c] for c in clin_cols}})
     index = pd.DataFrame(rows, columns=["row", "participant_id", "diagnosis", "label",

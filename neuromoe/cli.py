@@ -44,6 +44,31 @@ def cmd_config(args: argparse.Namespace) -> None:
     yaml.safe_dump(cfg, sys.stdout, sort_keys=False)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from neuromoe.train import train_run
+
+    cfg = _load_config(args.config)
+    metrics = train_run(args.cache, args.splits, args.split, args.variant, cfg, args.out_dir, device=args.device,
+                        threads=args.threads)
+    print(f"{args.variant} on {args.split}: test balanced accuracy "
+          f"{metrics.get('test', {}).get('balanced_accuracy', float('nan')):.3f}; run folder {args.out_dir}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from neuromoe.evaluate import write_evaluation
+
+    written = write_evaluation(args.runs, args.out_dir)
+    print(Path(written["ablation_md"]).read_text())
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from neuromoe.predict import predict_cohort
+
+    out = predict_cohort(args.model, args.cache, args.out_dir, subjects=args.subjects or None,
+                         explain=not args.no_explain, device=args.device)
+    print(f"predictions: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuromoe", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -58,6 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("bids_dir", nargs="?", help="default: bids_dir from the config")
     v.add_argument("--config", default=None, help="config.yaml (default: the repository's)")
     v.set_defaults(func=cmd_validate)
+
+    t = sub.add_parser("train", help="train one variant on one split of a cohort cache (resumes if interrupted)")
+    t.add_argument("--cache", required=True, help="cohort cache folder (results/cache/cohort)")
+    t.add_argument("--splits", required=True, help="splits.tsv")
+    t.add_argument("--split", required=True, help="split id, e.g. cv-s0-f0")
+    t.add_argument("--variant", default="full")
+    t.add_argument("--out-dir", required=True, type=Path)
+    t.add_argument("--config", default=None)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--threads", type=int, default=None)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="tabulate finished runs (ablation table, figures)")
+    e.add_argument("runs", nargs="+", help="run folders, or a folder holding them")
+    e.add_argument("--out-dir", required=True, type=Path)
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="predict cached subjects with a trained run; writes explanations")
+    pr.add_argument("--model", required=True, help="a run folder holding model.safetensors")
+    pr.add_argument("--cache", required=True, help="cohort cache of the subjects to predict")
+    pr.add_argument("--out-dir", required=True, type=Path)
+    pr.add_argument("--subjects", nargs="*", help="only these participant ids")
+    pr.add_argument("--no-explain", action="store_true", help="skip the saliency maps")
+    pr.add_argument("--device", default="cpu")
+    pr.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("config", help="print the validated config with defaults filled in")
     c.add_argument("--config", default=None)

@@ -65,6 +65,8 @@ def validate_config(cfg: dict, schema_path: Path = SCHEMA) -> dict:
                             f"use multiples of {patch}, e.g. [32, 32, 32]")
         if cfg["model"]["dim"] % cfg["model"]["heads"]:
             problems.append(f"model.heads: {cfg['model']['heads']} does not divide model.dim {cfg['model']['dim']}")
+        if "full" not in cfg["evaluation"]["variants"]:
+            problems.append("evaluation.variants: must include 'full' (the report and explanations use it)")
         lo, hi = cfg["preprocessing"]["func"]["band_hz"]
         if not lo < hi:
             problems.append(f"preprocessing.func.band_hz: [{lo}, {hi}] must be increasing")

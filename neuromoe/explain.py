@@ -3,10 +3,11 @@
 Saliency method: gradient x input of the target class's log-probability, ``|x * d log P_out[c] / dx|``
 summed over the modality's channels. Why this one:
 
-- one forward and one backward pass give the maps of every modality at once (well under a second per
-  subject on a CPU at the demo's 32^3 grid; a few seconds at 64^3), where integrated gradients costs
-  one backward per step and occlusion of 4^3 patches one forward per patch (512 per modality at 32^3,
-  4,096 at 64^3);
+- one forward and one backward pass give the maps of every modality at once. Measured on a shared
+  2-core CPU: 1.7 s per subject for the demo model at 32^3, 32 s for the paper-size model (12.8 M
+  parameters) at 64^3. Integrated gradients costs one backward per step (x 8-50), and occlusion of
+  4^3 patches one forward per patch and modality (3 x 512 at 32^3, 3 x 4,096 at 64^3): minutes to
+  hours per subject on a CPU;
 - with the cache's normalised maps a zero input is a meaningful "no signal" baseline, and x * grad is
   the first-order share of the output due to each voxel relative to it (integrated gradients with a
   single step);
@@ -58,7 +59,7 @@ def saliency(model: NeuroMoE, item: Mapping[str, torch.Tensor],
     """Gradient x input saliency of one subject on the model grid.
 
     Args:
-        model: a trained NeuroMoE (put in eval mode here; parameters are not changed).
+        model: a trained NeuroMoE (run in eval mode, its mode restored after; parameters unchanged).
         item: a ``CohortDataset`` item: ``{modality: (C, D, H, W), "clin": (F,), "present": (3,), "label"}``.
         target: ``"pred"`` (the predicted class), ``"true"`` (``item["label"]``) or a class index.
 
@@ -66,22 +67,26 @@ def saliency(model: NeuroMoE, item: Mapping[str, torch.Tensor],
         (``{modality: (D, H, W) float32 >= 0}`` for the MRI experts present, info dict with
         ``target``, ``pred``, ``probs`` (C,), ``gate`` ``{expert: weight}``).
     """
-    model.eval()
+    was_training = model.training
+    model.eval()  # no dropout: the explanation is of the deterministic prediction
     device = next(model.parameters()).device
     images, clin, present = _batch(item, model, device)
-    with torch.enable_grad():
-        out = model(images, clin, present)
-        probs = out.log_probs.detach().exp()[0].cpu().numpy()
-        pred = int(probs.argmax())
-        if target == "pred":
-            cls = pred
-        elif target == "true":
-            cls = int(item["label"])
-        else:
-            cls = int(target)
-        if not 0 <= cls < model.cfg.n_classes:
-            raise ValueError(f"target class {cls} outside 0..{model.cfg.n_classes - 1}")
-        grads = torch.autograd.grad(out.log_probs[0, cls], list(images.values()), allow_unused=True)
+    try:
+        with torch.enable_grad():
+            out = model(images, clin, present)
+            probs = out.log_probs.detach().exp()[0].cpu().numpy()
+            pred = int(probs.argmax())
+            if target == "pred":
+                cls = pred
+            elif target == "true":
+                cls = int(item["label"])
+            else:
+                cls = int(target)
+            if not 0 <= cls < model.cfg.n_classes:
+                raise ValueError(f"target class {cls} outside 0..{model.cfg.n_classes - 1}")
+            grads = torch.autograd.grad(out.log_probs[0, cls], list(images.values()), allow_unused=True)
+    finally:
+        model.train(was_training)
     maps = {}
     pres = present[0].cpu().numpy()
     for (m, x), g in zip(images.items(), grads, strict=True):

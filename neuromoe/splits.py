@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,6 +100,24 @@ def _check_class_sizes(labels: np.ndarray, needed: int, what: str, fix: str) -> 
                          f"(class counts: {all_counts})", path="participants.tsv", fix=fix)
 
 
+def _cv_fits(n: int, folds: int, with_val: bool) -> bool:
+    """Can a class of ``n`` subjects be split in ``folds`` stratified folds?
+
+    Every fold must test at least one subject of it (n >= folds), and the rest of the largest fold
+    (n - ceil(n / folds)) must keep one subject for training, plus one for validation when there is a
+    validation part (a stratified split needs two of a class).
+    """
+    return n >= folds and n - math.ceil(n / folds) >= (2 if with_val else 1)
+
+
+def _cv_min_per_class(folds: int, with_val: bool) -> int:
+    """The fewest subjects a class needs for ``_cv_fits``."""
+    n = folds
+    while not _cv_fits(n, folds, with_val):
+        n += 1
+    return n
+
+
 def _carve_val(ids: np.ndarray, labels: np.ndarray, val_fraction: float,
                seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, val) split of ``ids``; val is ``val_fraction`` of them (at least one per class)."""
@@ -162,13 +181,17 @@ def make_splits(participants: pd.DataFrame, protocol: str = "cv", folds: int = 5
             raise InputError(f"cv needs at least 2 folds, got {folds}", path="config.yaml",
                              fix="set evaluation.folds to 2 or more")
         folds = int(folds)
-        # Each class needs one subject per test fold, and (with a val part) one more left for training.
-        needed = folds + (1 if val_fraction > 0 else 0)
-        max_folds = int(np.unique(labels, return_counts=True)[1].min()) - (1 if val_fraction > 0 else 0)
-        _check_class_sizes(labels, needed, f"stratified {folds}-fold cv" +
-                           (" with a validation part" if val_fraction > 0 else ""),
-                           f"set evaluation.folds to {max(max_folds, 2)} or fewer, or add subjects to the "
-                           "small class")
+        with_val = val_fraction > 0
+        smallest = int(np.unique(labels, return_counts=True)[1].min())
+        fits = [k for k in range(2, smallest + 1) if _cv_fits(smallest, k, with_val)]
+        if fits:
+            below = all(_cv_fits(smallest, k, with_val) for k in range(2, max(fits)))
+            fix = f"set evaluation.folds to {max(fits)}{' or fewer' if below else ''}"
+        else:
+            fix = "merge or drop the small class"
+        what = f"stratified {folds}-fold cv" + (" with a validation part" if with_val else "")
+        _check_class_sizes(labels, _cv_min_per_class(folds, with_val), what,
+                           fix + ", or add subjects to the small class")
         for seed in seeds:
             skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
             for k, (rest_idx, test_idx) in enumerate(skf.split(ids, labels)):

@@ -68,7 +68,8 @@ def test_drop_dummy_scans_keeps_the_tail():
 
 
 def test_drop_dummy_scans_too_few_volumes():
-    # 52 - 4 = 48 volumes * 2 s = 96 s < 100 s = 1 / 0.01 Hz: one period of the lowest band frequency is not seen.
+    # 52 - 4 = 48 volumes * 2 s = 96 s < 100 s = 1 / 0.01 Hz: one period of the lowest band frequency is not
+    # seen.
     assert F.min_volumes(TR, 0.01) == 50
     with pytest.raises(StageError) as err:
         F.drop_dummy_scans(_bold(52), 4, TR, subject="07")
@@ -221,8 +222,8 @@ def test_reho_matches_direct_kendall_w():
 
 def test_reho_independent_noise_is_near_null():
     # For K independent series E[W] = 1/K exactly (mean pairwise Spearman rho = (K W - 1)/(K - 1) has mean 0).
-    # Interior voxels: K = 27, null 0.0370; measured mean over 512 interior voxels ~0.038 (sd of the mean ~1e-3,
-    # but neighbouring W's share voxels), so within 0.005. Over the whole mask the null is mean(1/K).
+    # Interior voxels: K = 27, null 0.0370; measured mean over 512 interior voxels ~0.038 (sd of the mean
+    # ~1e-3, but neighbouring W's share voxels), so within 0.005. Over the whole mask the null is mean(1/K).
     rng = _rng(6)
     n_t = 100
     data = rng.standard_normal((12, 12, 12, n_t))
@@ -233,6 +234,45 @@ def test_reho_independent_noise_is_near_null():
     assert abs(w[mask].mean() - null[mask].mean()) < 0.005
     for nb in (7, 19):
         assert abs(F.reho(data, mask, nb)[mask].mean() - F.null_reho(mask, nb)[mask].mean()) < 0.01
+
+
+# ---------------------------------------------------------------------------------------------- tissue masks
+
+def test_priors_to_native_is_block_mean_through_forward_transform():
+    from neuromoe.preproc import registration as reg
+
+    rng = _rng(7)
+    # template 2 mm, 20^3; native 4 mm whose voxel j covers template voxels 2j, 2j+1 on each axis
+    t_aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    t_aff[:3, 3] = -20.0
+    n_aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    n_aff[:3, 3] = -19.0
+    template = nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), t_aff)
+    native = nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), n_aff)
+    prior = rng.uniform(0, 1, (20, 20, 20))
+    block = prior.reshape(10, 2, 10, 2, 10, 2).mean(axis=(1, 3, 5))
+    out = F.priors_to_native(native, None, {"p": prior}, template)["p"]
+    np.testing.assert_allclose(out, block, atol=1e-9)  # exact 2x2x2 means
+    # a forward map MNI -> native shifting by one native voxel (+4 mm in x) moves the result by one voxel
+    shift = np.eye(4)
+    shift[0, 3] = 4.0
+    out = F.priors_to_native(native, reg.ras_to_transform(shift), {"p": prior}, template)["p"]
+    np.testing.assert_allclose(out[1:], block[:-1], atol=1e-9)
+    assert np.all(out[0] == 0)  # nothing lands there
+
+
+def test_tissue_mask_erodes_and_falls_back():
+    prob = np.zeros((12, 12, 12))
+    prob[2:10, 2:10, 2:10] = 0.95
+    brain = np.ones(prob.shape, bool)
+    m = F.tissue_mask(prob, brain, 0.9)
+    assert m.sum() == 6**3  # 8^3 block eroded by one voxel
+    small = np.zeros(prob.shape)
+    small[5:7, 5:7, 5:7] = 0.8  # 8 voxels: erosion would empty it, and fewer than 10 pass the threshold
+    small[3, 3, 3] = 0.5
+    small[8, 8, 8] = 0.4
+    m = F.tissue_mask(small, brain, 0.9, min_voxels=10)
+    assert m.sum() == 10 and m[5:7, 5:7, 5:7].all() and m[3, 3, 3] and m[8, 8, 8]
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -261,10 +301,10 @@ def make_func_inputs(tmp_path, voxel_mm: float = 6.0, n_vols: int = 64, n_dummy:
     """A small synthetic subject: T1w brain (3 mm) + anat_xfm, and a BOLD with known geometry and signals.
 
     Geometry (RAS rigid maps, known): T1w points -> MNI points ``A``; BOLD (head frame) points -> MNI ``B``.
-    BOLD contrast: EPI-like (CSF > GM > WM) from the template priors; a 0.05 Hz oscillation (5 % of the signal,
-    sign alternating between 36 mm blocks) in the left-hemisphere grey matter (MNI x < -10 mm) only; white noise
-    (~1.2 %); head motion: a random walk plus a 0 -> 1.2 mm drift along y and one 0.8 mm jump; dummy volumes 40 %
-    brighter (not yet at steady state).
+    BOLD contrast: EPI-like (CSF > GM > WM) from the template priors; a 0.05 Hz oscillation (5 % of the
+    signal, sign alternating between 36 mm blocks) in the left-hemisphere grey matter (MNI x < -10 mm) only;
+    white noise (~1.2 %); head motion: a random walk plus a 0 -> 1.2 mm drift along y and one 0.8 mm jump;
+    dummy volumes 40 % brighter (not yet at steady state).
     Returns (inputs, truth) where truth holds the planted maps and transforms.
     """
     from nilearn import datasets
@@ -291,18 +331,19 @@ def make_func_inputs(tmp_path, voxel_mm: float = 6.0, n_vols: int = 64, n_dummy:
     t1_mask = nib.Nifti1Image((t1.get_fdata() > 0.05).astype(np.uint8), t1.affine)
     b_tf = reg.ras_to_transform(b_ras)
     base = reg.resample(nib.Nifti1Image(1000 * epi, tpl.affine), bold_grid, b_tf).get_fdata()
-    # the oscillation's sign alternates between 36 mm blocks (a 3D checkerboard), as local fluctuations do: the
-    # planted signal then averages out over WM / CSF masks and over the rigid-motion directions, instead of
-    # leaking (whole) into the WM regressor and the motion estimates and being regressed out with them
+    # the oscillation's sign alternates between 36 mm blocks (a 3D checkerboard), as local fluctuations do:
+    # the planted signal then averages out over WM / CSF masks and over the rigid-motion directions, instead
+    # of leaking (whole) into the WM regressor and the motion estimates and being regressed out with them
     block = np.floor(xyz / 36.0).sum(axis=-1) % 2 * 2 - 1
     osc_w = reg.resample(nib.Nifti1Image((left_gm * block).astype(np.float32), tpl.affine), bold_grid,
                          b_tf).get_fdata()
 
     t = np.arange(n_vols) * TR
-    # Head motion per volume, world (RAS mm) rigid maps head frame -> volume: y = R (x - c) + c + t.
-    # Planted: a 0 -> 1.2 mm drift along y and a 0.8 mm jump at volume 40, on top of a random walk on all six
+    # Head motion per volume, world (RAS mm) rigid maps head frame -> volume: y = R (x - c) + c + t. Planted:
+    # a 0 -> 1.2 mm drift along y and a 0.8 mm jump at volume 40, on top of a random walk on all six
     # parameters (0.03 mm, 0.0007 rad per volume) as real heads have; without it the x/z/rotation estimates
-    # would be pure estimation noise, which the oscillation biases, and regressing them would remove the signal.
+    # would be pure estimation noise, which the oscillation biases, and regressing them would remove the
+    # signal.
     drift = np.clip((t - t[n_dummy]) / (t[-1] - t[n_dummy]), 0, 1) * 1.2 + (np.arange(n_vols) >= 40) * 0.8
     walk = np.cumsum(rng.normal(0, 1, (n_vols, 6)) * [0.03, 0.03, 0.03, 0.0007, 0.0007, 0.0007], axis=0)
     centre = nib.affines.apply_affine(bold_grid.affine, (np.array(base.shape) - 1) / 2)
@@ -327,7 +368,8 @@ def make_func_inputs(tmp_path, voxel_mm: float = 6.0, n_vols: int = 64, n_dummy:
 
     d = tmp_path / "in"
     d.mkdir(exist_ok=True)
-    inputs = {"bold": str(d / "sub-01_task-rest_bold.nii.gz"), "bold_json": str(d / "sub-01_task-rest_bold.json"),
+    inputs = {"bold": str(d / "sub-01_task-rest_bold.nii.gz"),
+              "bold_json": str(d / "sub-01_task-rest_bold.json"),
               "anat_brain": str(d / "sub-01_desc-brain_T1w.nii.gz"),
               "anat_mask": str(d / "sub-01_desc-brain_mask.nii.gz"), "anat_xfm": str(d / "sub-01_xfm.txt")}
     nib.save(bold, inputs["bold"])
@@ -391,9 +433,9 @@ def test_run_func_end_to_end(tmp_path):
     err = np.linalg.norm((pts @ got.T - pts @ expected.T)[:, :3], axis=1)
     assert err.max() < 1.5, err
 
-    # the planted in-band oscillation (left GM only) is found at the right MNI place. Measured: fALFF 0.41 in left
-    # GM vs 0.23 in right GM (white noise after regression; partial volume at 6 mm and the mask edge dilute the
-    # left value), so a margin of 0.1; ReHo 0.27 vs 0.06 (null 1/27 ~ 0.04), so a factor 2.
+    # the planted in-band oscillation (left GM only) is found at the right MNI place. Measured: fALFF 0.41 in
+    # left GM vs 0.23 in right GM (white noise after regression; partial volume at 6 mm and the mask edge
+    # dilute the left value), so a margin of 0.1; ReHo 0.27 vs 0.06 (null 1/27 ~ 0.04), so a factor 2.
     f = nib.load(outputs["func_falff_mni"]).get_fdata()
     left, right = f[truth["left_gm"]].mean(), f[truth["right_gm"]].mean()
     assert left > right + 0.1, (left, right)

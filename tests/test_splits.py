@@ -102,11 +102,17 @@ def test_too_few_subjects_in_a_class_names_class_and_suggests_fewer_folds() -> N
     with pytest.raises(InputError) as err:
         make_splits(p, "cv", folds=5, seeds=[0], val_fraction=0.2)
     msg = str(err.value)
-    assert "'iRBD' has 3" in msg and "fix:" in msg and "folds to 2 or fewer" in msg
+    assert "'iRBD' has 3" in msg and "fix:" in msg and "evaluation.folds to 3" in msg
     with pytest.raises(InputError, match="'iRBD' has 3"):
         make_splits(p, "holdout", seeds=[0])
-    # 3 folds without a val part fits 3 iRBD subjects
-    assert len(make_splits(p, "cv", folds=3, seeds=[0], val_fraction=0.0)) == 3 * len(p)
+    # the suggestion works: 3 folds test one iRBD subject each, and leave one for val and one for train
+    s = make_splits(p, "cv", folds=3, seeds=[0, 1], val_fraction=0.2)
+    assert len(s) == 6 * len(p)
+    # 2 folds leave a single iRBD subject beside the test fold: no stratified val part possible
+    q = cohort({"HC": 3, "PD": 4, "iRBD": 4})
+    with pytest.raises(InputError, match="needs at least 4 subjects per class, but 'HC' has 3"):
+        make_splits(q, "cv", folds=2, seeds=[0], val_fraction=0.2)
+    assert len(make_splits(q, "cv", folds=2, seeds=[0], val_fraction=0.0)) == 2 * len(q)
 
 
 def test_bad_input_is_named() -> None:
@@ -139,3 +145,18 @@ def test_split_id_helpers() -> None:
     assert parse_split_id(split_id_for("holdout", 1)) == ("holdout", 1, None)
     with pytest.raises(ValueError):
         parse_split_id("fold3")
+
+
+@pytest.mark.parametrize("counts", [{"HC": 40, "PD": 40, "iRBD": 33}, {"HC": 8, "PD": 7, "iRBD": 6}])
+@pytest.mark.parametrize("folds", [3, 5])
+def test_properties_hold_across_cohort_sizes(counts: dict[str, int], folds: int) -> None:
+    p = cohort(counts)
+    s = make_splits(p, "cv", folds=folds, seeds=[0, 1, 2], val_fraction=0.2)
+    assert_disjoint_parts(s, len(p))
+    assert_stratified(s, p, {"test": 1 / folds})  # within one subject per class and fold
+    for seed in range(3):
+        test = s[s["split_id"].str.startswith(f"cv-s{seed}-") & (s["part"] == "test")]
+        assert sorted(test["participant_id"]) == sorted(p["participant_id"])
+    h = make_splits(p, "holdout", seeds=[0, 1, 2])
+    assert_disjoint_parts(h, len(p))
+    assert_stratified(h, p, {"train": 0.5, "val": 0.25, "test": 0.25})

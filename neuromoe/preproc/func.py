@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -22,6 +22,9 @@ import pandas as pd
 from scipy import ndimage, signal, stats
 
 from neuromoe.errors import StageError
+
+if TYPE_CHECKING:  # SimpleITK costs ~1 s to import; only run_func and priors_to_native need it, lazily
+    import SimpleITK as sitk
 
 STAGE = "func"
 MOTION_COLUMNS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
@@ -226,10 +229,10 @@ def regress_nuisance(data: np.ndarray, regressors: np.ndarray | None = None, det
                      keep_mean: bool = True) -> np.ndarray:
     """Residuals of voxel time series after OLS on nuisance regressors, (V, T) -> (V, T) float32.
 
-    The design is [intercept, linear trend (if ``detrend``), regressors (T, K), each column centred]. With
-    ``keep_mean`` each voxel's temporal mean is added back, so the cleaned series still looks like a BOLD image
-    (masks and QC of the mean stay meaningful); fALFF/ReHo are unaffected by the constant. All voxels are
-    solved at once through one pseudo-inverse of the (T, K+2) design.
+    The design is [intercept, linear trend (if ``detrend``), regressors (T, K), each column centred].
+    With ``keep_mean`` each voxel's temporal mean is added back, so the cleaned series still looks like a
+    BOLD image (masks and QC of the mean stay meaningful); fALFF/ReHo are unaffected by the constant. All
+    voxels are solved at once through one pseudo-inverse of the (T, K+2) design.
     """
     y = np.asarray(data, dtype=np.float64)
     if y.ndim != 2:
@@ -321,11 +324,9 @@ def alff(data: np.ndarray, tr: float, band: Sequence[float] = DEFAULT_BAND_HZ) -
     return (2.0 / n_t * amp[:, inband].mean(axis=1)).astype(np.float32)
 
 
-_NEIGHBOUR_OFFSETS = {
-    27: [(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)],
-    19: [(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1) if abs(i) + abs(j) + abs(k) <= 2],
-    7: [(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1) if abs(i) + abs(j) + abs(k) <= 1],
-}
+_CUBE = [(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)]
+# 27: faces, edges and corners; 19: faces and edges; 7: faces (offsets with at most 3 / 2 / 1 non-zero).
+_NEIGHBOUR_OFFSETS = {n: [o for o in _CUBE if sum(map(abs, o)) <= d] for n, d in ((27, 3), (19, 2), (7, 1))}
 
 
 def _neighbour_sum(a: np.ndarray, neighbourhood: int) -> np.ndarray:
@@ -398,7 +399,8 @@ def reho(data: np.ndarray, mask: np.ndarray, neighbourhood: int = 27) -> np.ndar
 
 
 def null_reho(mask: np.ndarray, neighbourhood: int = 27) -> np.ndarray:
-    """Expected ReHo under independence, E[W] = 1/K per voxel (K in-mask neighbours incl. itself), (X, Y, Z)."""
+    """Expected ReHo under independence, E[W] = 1/K per voxel, (X, Y, Z); K counts in-mask neighbours and
+    the voxel itself (0 outside the mask and where K = 1, as in ``reho``)."""
     m = np.asarray(mask, dtype=bool)
     k = _neighbour_sum(m.astype(np.float32), neighbourhood)
     out = np.zeros(m.shape, dtype=np.float32)
@@ -436,15 +438,16 @@ def template_tissue_priors() -> tuple[nib.Nifti1Image, dict[str, np.ndarray]]:
     return template, {"wm": np.clip(wm, 0.0, 1.0), "csf": csf}
 
 
-def priors_to_native(reference: nib.Nifti1Image, mni_to_native: Any,
+def priors_to_native(reference: nib.Nifti1Image, mni_to_native: sitk.Transform | None,
                      priors: Mapping[str, np.ndarray], template: nib.Nifti1Image,
                      threads: int = 1) -> dict[str, np.ndarray]:
     """Template probability maps (on ``template``'s grid) brought onto ``reference``'s grid, (X, Y, Z) each.
 
     Only the forward transform ``mni_to_native`` (ITK: MNI points -> native points, the one that puts native
-    maps into MNI) is used, so a non-invertible (B-spline) T1w -> MNI works as well as an affine one: every
-    template voxel is sent to the native voxel it lands in (nearest-neighbour pull of a native index image onto
-    the template grid), and each native voxel gets the mean prior of the template voxels that land in it.
+    maps into MNI; None: identity, the two grids share a world) is used, so a non-invertible (B-spline)
+    T1w -> MNI works as well as an affine one: every template voxel is sent to the native voxel it lands in
+    (nearest-neighbour pull of a native index image onto the template grid), and each native voxel gets the
+    mean prior of the template voxels that land in it.
     With the 2 mm template and 3-4 mm BOLD, 3-8 template voxels land in each native voxel; native voxels
     nobody lands in (finer than the template) get 0.
     """
@@ -474,9 +477,9 @@ def tissue_mask(prob: np.ndarray, brain: np.ndarray, threshold: float,
                 min_voxels: int = MIN_TISSUE_VOXELS) -> np.ndarray:
     """Eroded tissue mask (X, Y, Z) bool: prior >= ``threshold`` inside ``brain``, eroded by one voxel.
 
-    Erosion keeps the mean signal away from partial volume with the neighbouring tissue; it is skipped when it
-    would leave fewer than ``min_voxels`` (small ventricles at 4 mm), and when even the threshold leaves too few
-    the ``min_voxels`` voxels of highest prior are used. Returns an empty mask only if ``brain`` is empty.
+    Erosion keeps the mean signal away from partial volume with the neighbouring tissue; it is skipped when
+    it would leave fewer than ``min_voxels`` (small ventricles at 4 mm), and when even the threshold leaves
+    too few, the ``min_voxels`` voxels of highest prior are used. Empty only if no brain voxel has a prior.
     """
     cand = (prob >= threshold) & brain
     eroded = ndimage.binary_erosion(cand)
@@ -506,7 +509,8 @@ def _func_config(config: Mapping[str, Any]) -> tuple[int, tuple[float, float], l
     dummies = int(cfg.get("dummy_scans", 4))
     band = tuple(float(b) for b in cfg.get("band_hz", DEFAULT_BAND_HZ))
     if len(band) != 2 or not 0 < band[0] < band[1]:
-        raise ValueError(f"preprocessing.func.band_hz must be [low, high] with 0 < low < high, got {list(band)}")
+        raise ValueError(f"preprocessing.func.band_hz must be [low, high] with 0 < low < high, "
+                         f"got {list(band)}")
     nuisance = [str(n) for n in cfg.get("nuisance", list(NUISANCE_CHOICES))]
     bad = sorted(set(nuisance) - set(NUISANCE_CHOICES))
     if bad:
@@ -518,26 +522,26 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
              threads: int = 1) -> Mapping[str, str]:
     """The func stage for one subject; writes every ``func_*`` and ``qc_func_*`` output (see neuromoe.paths).
 
-    inputs: ``bold`` (4D NIfTI), ``bold_json`` (sidecar with RepetitionTime, s), ``anat_brain`` (skull-stripped
-    T1w), optional ``anat_mask`` (its brain mask; default anat_brain > 0), ``anat_xfm`` (ITK .txt, T1w -> MNI in
-    "image" mode, i.e. mapping MNI points to T1w points). config: ``{"preprocessing": {"func": {"dummy_scans",
-    "band_hz", "nuisance"}}}``.
+    inputs: ``bold`` (4D NIfTI), ``bold_json`` (sidecar with RepetitionTime, s), ``anat_brain``
+    (skull-stripped T1w), optional ``anat_mask`` (its brain mask; default anat_brain > 0), ``anat_xfm``
+    (ITK .txt, T1w -> MNI in "image" mode, i.e. mapping MNI points to T1w points).
+    config: ``{"preprocessing": {"func": {"dummy_scans", "band_hz", "nuisance"}}}``.
 
     Steps:
       1. TR from the sidecar; drop ``dummy_scans`` (StageError if < 1/f_low seconds remain).
       2. Rigid realignment of every volume to the middle one (correlation; mcflirt's default reference).
-      3. Brain mask of the mean realigned BOLD (nilearn ``compute_epi_mask``), minus voxels that left the field
-         of view in any volume (their series would contain zeros).
-      4. Mean BOLD -> T1w brain, rigid, mutual information, metric masks dilated by ~1 BOLD voxel so the brain
-         edge counts (``func_xfm``: T1w points -> BOLD points); composed with ``anat_xfm`` it maps MNI points to
-         BOLD points.
-      5. WM and CSF masks in BOLD space from the MNI template's priors (not from an intensity segmentation of the
-         mean BOLD, whose EPI contrast separates tissues poorly), pulled through that forward MNI -> BOLD
-         transform (see ``priors_to_native``), thresholded and eroded (``tissue_mask``).
+      3. Brain mask of the mean realigned BOLD (nilearn ``compute_epi_mask``), minus voxels that left the
+         field of view in any volume (their series would contain zeros).
+      4. Mean BOLD -> T1w brain, rigid, mutual information, metric masks dilated by ~1 BOLD voxel so the
+         brain edge counts (``func_xfm``: T1w points -> BOLD points); composed with ``anat_xfm`` it maps MNI
+         points to BOLD points.
+      5. WM and CSF masks in BOLD space from the MNI template's priors (not from an intensity segmentation
+         of the mean BOLD, whose EPI contrast separates tissues poorly), pulled through that forward
+         MNI -> BOLD transform (see ``priors_to_native``), thresholded and eroded (``tissue_mask``).
       6. Confounds TSV: 6 motion parameters, FD, DVARS, std_dvars, mean WM and CSF signals (of the realigned
          series), fMRIPrep column names.
-      7. OLS nuisance regression (intercept, linear trend, the configured ``nuisance`` of motion/wm/csf) of the
-         in-mask series; the mean is kept. This is ``func_preproc`` (0 outside the brain mask).
+      7. OLS nuisance regression (intercept, linear trend, the configured ``nuisance`` of motion/wm/csf) of
+         the in-mask series; the mean is kept. This is ``func_preproc`` (0 outside the brain mask).
       8. fALFF of the cleaned series; ReHo (27 neighbours) of the cleaned series band-passed to ``band_hz``.
          Native maps on the BOLD grid, and on the MNI 2 mm template grid (99 x 117 x 95) through the composed
          transform in one linear interpolation.
@@ -556,6 +560,14 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     log = logging.getLogger("neuromoe.func")
     sub = _sub(subject)
     t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    last = [t_start]
+
+    def lap(step: str) -> None:
+        """Seconds spent in ``step`` (logged at the end: where a subject's time goes)."""
+        now = time.perf_counter()
+        timings[step], last[0] = now - last[0], now
+
     n_dummy, band, nuisance = _func_config(config)
 
     # 1. inputs
@@ -564,14 +576,20 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     if not np.isfinite(np.asarray(raw.dataobj)).all():
         raise StageError("the BOLD series contains NaN or infinite values", subject=sub, stage=STAGE,
                          path=inputs["bold"], fix="check the scanner export / conversion to NIfTI")
+    header_tr = float(raw.header.get_zooms()[3])
+    if header_tr > 0 and abs(header_tr - tr) > 1e-3 * tr:  # the sidecar wins (BIDS); say so
+        log.warning("%s: TR %.4g s in the NIfTI header differs from RepetitionTime %.4g s in %s; using the "
+                    "sidecar", sub, header_tr, tr, inputs["bold_json"])
     img = drop_dummy_scans(raw, n_dummy, tr, f_low=band[0], subject=subject)
     affine = img.affine
+    lap("inputs")
 
     # 2. realignment
     corrected, motion = realign_series(img, metric="corr", subject=sub, threads=threads)
     data = np.asarray(corrected.dataobj, dtype=np.float32)  # (X, Y, Z, T)
     n_t = data.shape[3]
     log.info("%s: realigned %d volumes in %.1f s", sub, n_t, motion.attrs.get("seconds", float("nan")))
+    lap("realign")
 
     # 3. brain mask
     mean_bold = data.mean(axis=3)
@@ -581,6 +599,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     if mask.sum() < 100:
         raise StageError(f"the BOLD brain mask is (nearly) empty ({int(mask.sum())} voxels)", subject=sub,
                          stage=STAGE, path=inputs["bold"], fix="check that the BOLD volumes contain a head")
+    lap("mask")
 
     # 4. BOLD -> T1w, and MNI -> BOLD
     t1 = load_image(inputs["anat_brain"], subject=subject, ndim=3)
@@ -589,8 +608,9 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     else:
         t1_mask = new_image(np.asarray(t1.dataobj) > 0, t1.affine, dtype=np.uint8)
     # Both metric masks are dilated by about one BOLD voxel so that the brain's edge, the strongest feature
-    # shared by a T1w brain and a low-resolution EPI, is sampled; the mean BOLD is not cut by the (conservative)
-    # EPI mask, whose edge would not match the T1w brain's and biased the fit by ~3 mm on test data.
+    # shared by a T1w brain and a low-resolution EPI, is sampled; the mean BOLD is not cut by the
+    # (conservative) EPI mask, whose edge would not match the T1w brain's and biased the fit by ~3 mm on test
+    # data.
     bold_mm = float(np.mean(np.abs(img.header.get_zooms()[:3])))
     t1_zoom = float(min(np.abs(t1.header.get_zooms()[:3])))
     fixed_mask = ndimage.binary_dilation(np.asarray(t1_mask.dataobj) > 0,
@@ -602,6 +622,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     reg.write_transform(bold_to_t1, outputs["func_xfm"])
     t1_to_mni = reg.read_transform(inputs["anat_xfm"])
     mni_to_bold = reg.compose(t1_to_mni, bold_to_t1)  # MNI points -> T1w points -> BOLD points
+    lap("register")
 
     # 5. WM / CSF masks in BOLD space
     template, priors = template_tissue_priors()
@@ -613,6 +634,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
                              path=inputs["bold"],
                              fix="check the BOLD -> T1w -> MNI registration (QC figures of the anat stage)")
     log.info("%s: WM mask %d voxels, CSF mask %d voxels", sub, tissue["wm"].sum(), tissue["csf"].sum())
+    lap("tissue")
 
     # 6. confounds
     series = data[mask]  # (V, T)
@@ -621,6 +643,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     wm_sig, csf_sig = data[tissue["wm"]].mean(axis=0), data[tissue["csf"]].mean(axis=0)
     confounds = confounds_table(motion, fd, dv, wm_sig, csf_sig, std_dvars=std_dv)
     write_confounds(confounds, outputs["func_confounds"])
+    lap("confounds")
 
     # 7. nuisance regression
     cols = {"motion": MOTION_COLUMNS, "wm": ["white_matter"], "csf": ["csf"]}
@@ -634,6 +657,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     preproc_img.header.set_zooms(preproc_img.header.get_zooms()[:3] + (tr,))
     save_map(preproc_img, outputs["func_preproc"])
     save_mask(mask, outputs["func_mask"], affine=affine)
+    lap("regress")
 
     # 8. maps, native and MNI
     falff_vol = np.zeros(mask.shape, dtype=np.float32)
@@ -647,11 +671,14 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
         save_map(m, outputs[f"func_{name.lower()}"])
         save_map(reg.resample(m, template, mni_to_bold, interp="linear", threads=threads),
                  outputs[f"func_{name.lower()}_mni"])
+    lap("maps")
 
     # 9. QC
     from neuromoe.preproc import qc
 
     qc.plot_map_slices(maps, outputs["qc_func_maps"], title=f"{sub} fALFF / ReHo (native)")
     qc.plot_motion(confounds, outputs["qc_func_motion"], title=f"{sub} BOLD motion")
-    log.info("%s: func stage done in %.1f s", sub, time.perf_counter() - t_start)
+    lap("qc")
+    log.info("%s: func stage done in %.1f s (%s)", sub, time.perf_counter() - t_start,
+             ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return outputs

@@ -12,6 +12,9 @@ SPLIT_IDS = (
     else [split_id_for("holdout", s) for s in EV["seeds"]]
 )
 VARIANTS = list(EV["variants"]) + [f"lambda_{lam:g}" for lam in EV["lambda_sweep"]]
+# `snakemake predict --config bids_dir=NEW output_dir=NEW_OUT predict_model=RUN_DIR` predicts a new dataset
+# with a run trained elsewhere; by default, the full model of the first split of this workflow.
+PREDICT_MODEL = config.get("predict_model") or f"{MODEL}/runs/full/{SPLIT_IDS[0]}"
 RUN_FILES = ["model.safetensors", "model.json", "metrics.json", "predictions.tsv", "history.csv"]
 BASELINE_RUNS = (
     expand(f"{MODEL}/baseline/{{split}}/metrics.json", split=SPLIT_IDS)
@@ -97,20 +100,20 @@ rule evaluate:
         table=report(f"{EVAL}/ablation.md", category="3. Evaluation", caption="../report/ablation.rst"),
         tsv=f"{EVAL}/ablation.tsv",
         per_run=f"{EVAL}/per_run.tsv",
-        predictions=f"{EVAL}/predictions.tsv",
+        predictions=f"{EVAL}/subject_predictions.tsv",
         ablation_png=report(
             f"{EVAL}/ablation_balanced_accuracy.png",
             category="3. Evaluation",
             caption="../report/ablation_figure.rst",
         ),
-        confusion=report(f"{EVAL}/confusion.png", category="3. Evaluation", caption="../report/confusion.rst"),
-        roc=report(f"{EVAL}/roc.png", category="3. Evaluation", caption="../report/roc.rst"),
+        confusion=report(f"{EVAL}/confusion_full.png", category="3. Evaluation", caption="../report/confusion.rst"),
+        roc=report(f"{EVAL}/roc_full.png", category="3. Evaluation", caption="../report/roc.rst"),
         calibration=report(
-            f"{EVAL}/calibration.png", category="3. Evaluation", caption="../report/calibration.rst"
+            f"{EVAL}/calibration_full.png", category="3. Evaluation", caption="../report/calibration.rst"
         ),
-        gates=report(f"{EVAL}/gates.png", category="3. Evaluation", caption="../report/gates.rst"),
+        gates=report(f"{EVAL}/gates_full.png", category="3. Evaluation", caption="../report/gates.rst"),
         curves=report(
-            f"{EVAL}/training_curves.png", category="3. Evaluation", caption="../report/curves.rst"
+            f"{EVAL}/training_curves_full.png", category="3. Evaluation", caption="../report/curves.rst"
         ),
     params:
         run_dirs=lambda wc, input: [str(Path(p).parent) for p in input.runs + input.baseline],
@@ -151,3 +154,25 @@ rule explain:
         "../../envs/torch.yaml"
     script:
         f"{SCRIPTS}/explain.py"
+
+
+rule predict:
+    input:
+        model=lambda wc: f"{PREDICT_MODEL}/model.safetensors",
+        cohort=COHORT_FILES,
+    output:
+        f"{OUT}/predict/predictions.tsv",
+    params:
+        cache_dir=COHORT,
+        model_dir=lambda wc: PREDICT_MODEL,
+        out_dir=f"{OUT}/predict",
+    log:
+        f"{LOGS}/predict.log",
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=30,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        f"{SCRIPTS}/predict.py"

@@ -8,6 +8,7 @@ def main(s):
 
     ev = s.params.cfg["evaluation"]
     index = pd.read_csv(s.input.index, sep="\t", dtype={"participant_id": str})
+    index = index[index["label"] >= 0]  # unlabelled subjects are for prediction only
     splits = make_splits(index, ev["protocol"], ev["folds"], ev["seeds"], ev["val_fraction"])
     write_splits(splits, s.output[0])
 
