@@ -57,10 +57,12 @@ def new_image(data: np.ndarray, affine: np.ndarray, like: nib.Nifti1Image | None
     reset so the stored values are the array values.
     """
     arr = np.asarray(data).astype(dtype, copy=False)
-    header = like.header.copy() if like is not None else None
+    # Only a NIfTI-1 header carries over as is (NIfTI-2, MGH, ... have other fields).
+    nifti1 = like is not None and type(like.header) is nib.Nifti1Header
+    header = like.header.copy() if nifti1 else None
     img = nib.Nifti1Image(arr, np.asarray(affine, dtype=float), header=header)
-    scode = int(like.header["sform_code"]) if like is not None else 0
-    qcode = int(like.header["qform_code"]) if like is not None else 0
+    scode = int(like.header["sform_code"]) if nifti1 else 0
+    qcode = int(like.header["qform_code"]) if nifti1 else 0
     img.set_sform(affine, code=scode or 1)  # 1 = scanner; 0 would make readers ignore the affine
     img.set_qform(affine, code=qcode or 1)
     img.set_data_dtype(arr.dtype)

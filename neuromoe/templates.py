@@ -29,7 +29,8 @@ from scipy import ndimage as ndi
 from neuromoe import MNI_SPACE
 
 __all__ = ["MNI_SPACE", "ROIS", "Roi", "brain_mask", "csf_probability", "effect_rois", "gm_mask",
-           "gm_probability", "mni_t1", "roi_mask", "roi_weight", "wm_mask", "wm_probability"]
+           "gm_probability", "mni_t1", "roi_mask", "roi_weight", "sphere_weight", "tissue_on_grid", "wm_mask",
+           "wm_probability"]
 
 TEMPLATE_VOXEL_MM = 2.0
 
@@ -154,24 +155,32 @@ def _grid_mm(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.einsum("ij,j...->...i", a[:3, :3], ijk) + a[:3, 3]
 
 
-def roi_weight(name: str, affine: np.ndarray, shape: tuple[int, ...], taper_mm: float = 4.0,
-               world_to_mni: np.ndarray | None = None) -> np.ndarray:
-    """Soft bilateral sphere of region ``name`` on a grid, (X, Y, Z) float32 in [0, 1].
+def sphere_weight(centres_mm: np.ndarray, radius_mm: float, affine: np.ndarray, shape: tuple[int, ...],
+                  taper_mm: float = 4.0, world_to_mni: np.ndarray | None = None) -> np.ndarray:
+    """Soft union of spheres (centres (K, 3) in MNI mm) on a grid, (X, Y, Z) float32 in [0, 1].
 
-    1 within ``radius - taper/2`` mm of either centre, 0 beyond ``radius + taper/2``, linear in between
-    (a soft edge, so a region planted on one grid does not alias when resampled to another). No tissue
-    restriction. ``affine`` maps voxels to world mm; ``world_to_mni`` (4x4) maps that world to MNI mm
-    (identity when the grid is already in MNI space).
+    1 within ``radius - taper/2`` mm of a centre, 0 beyond ``radius + taper/2``, linear in between (a soft
+    edge, so a region planted on one grid does not alias when resampled to another); ``taper_mm=0``
+    gives the hard sphere. ``affine`` maps voxels to world mm; ``world_to_mni`` (4x4) maps that world to
+    MNI mm (identity when the grid is already in MNI space).
     """
-    roi = _get(name)
     xyz = _grid_mm(affine, shape)
     if world_to_mni is not None:
         t = np.asarray(world_to_mni, dtype=np.float32)
         xyz = xyz @ t[:3, :3].T + t[:3, 3]
-    d = np.min([np.linalg.norm(xyz - c.astype(np.float32), axis=-1) for c in roi.centres_mm], axis=0)
+    centres = np.atleast_2d(np.asarray(centres_mm, dtype=np.float32))
+    d = np.min([np.linalg.norm(xyz - c, axis=-1) for c in centres], axis=0)
     if taper_mm <= 0:
-        return (d <= roi.radius_mm).astype(np.float32)
-    return np.clip((roi.radius_mm + taper_mm / 2 - d) / taper_mm, 0, 1).astype(np.float32)
+        return (d <= radius_mm).astype(np.float32)
+    return np.clip((radius_mm + taper_mm / 2 - d) / taper_mm, 0, 1).astype(np.float32)
+
+
+def roi_weight(name: str, affine: np.ndarray, shape: tuple[int, ...], taper_mm: float = 4.0,
+               world_to_mni: np.ndarray | None = None) -> np.ndarray:
+    """Soft bilateral sphere of region ``name`` on a grid, (X, Y, Z) float32 in [0, 1], no tissue
+    restriction (see :func:`sphere_weight`)."""
+    roi = _get(name)
+    return sphere_weight(roi.centres_mm, roi.radius_mm, affine, shape, taper_mm, world_to_mni)
 
 
 def _get(name: str) -> Roi:
@@ -180,11 +189,22 @@ def _get(name: str) -> Roi:
     return ROIS[name]
 
 
+def tissue_on_grid(tissue: str, like_img: nib.Nifti1Image, world_to_mni: np.ndarray | None = None) -> np.ndarray:
+    """Template tissue probability (``gm``, ``wm`` or ``csf``) on the grid of ``like_img``, (X, Y, Z) float32.
+
+    Sampled at the voxel centres after blurring the 2 mm map to the grid's voxel size (so a 5 mm voxel
+    gets the mean probability over its volume, not one 2 mm sample). ``world_to_mni`` as in
+    :func:`roi_mask` (for a native grid of a synthetic subject: the inverse of its truth pose).
+    """
+    return _tissue_on_grid(tissue, like_img.affine, like_img.shape[:3], world_to_mni)
+
+
 def _tissue_on_grid(tissue: str, affine: np.ndarray, shape: tuple[int, ...],
                     world_to_mni: np.ndarray | None) -> np.ndarray:
-    """Tissue probability sampled at the voxel centres of a grid, after blurring the 2 mm map to the grid's
-    voxel size (so a 5 mm voxel gets the mean probability over its volume, not one 2 mm sample)."""
-    src = (gm_probability() if tissue == "gm" else wm_probability())
+    loaders = {"gm": gm_probability, "wm": wm_probability, "csf": csf_probability}
+    if tissue not in loaders:
+        raise ValueError(f"unknown tissue {tissue!r}; known: gm, wm, csf")
+    src = loaders[tissue]()
     prob = src.get_fdata(dtype=np.float32)
     vox = float(np.mean(np.linalg.norm(affine[:3, :3], axis=0)))
     if vox > TEMPLATE_VOXEL_MM * 1.2:

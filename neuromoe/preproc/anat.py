@@ -161,9 +161,11 @@ def brain_extraction(t1: nib.Nifti1Image, subject: str | None = None, *, n4: boo
     # outside it drop out of the metric, which then rewards pushing more of them out; sample only the
     # part of the template that starts inside the field of view.
     rim &= _inside_fov(tpl, t1, start, margin_mm=4.0)
+    if rim.sum() < 0.25 * (np.asarray(tpl_mask.dataobj) > 0).sum():
+        raise StageError("the field of view covers less than a quarter of the brain.", subject=sub,
+                         stage=STAGE, fix="give a T1w covering the whole brain (check the header).")
     rim_img = new_image(rim, tpl.affine, dtype=np.uint8)
-    tf = reg.register(tpl, corrected_img, kind="affine", metric="mi",
-                      fixed_mask=rim_img, initial=start, threads=threads)
+    tf = _register(tpl, corrected_img, "affine", rim_img, start, sub, threads)
     tf = reg.flatten_linear(tf)
     _check_affine(tf, sub)
     times["register_template"] = time.perf_counter() - t
@@ -194,7 +196,7 @@ def brain_extraction(t1: nib.Nifti1Image, subject: str | None = None, *, n4: boo
 def head_mask(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Boolean (X, Y, Z) mask of the head: everything inside the scalp, background excluded."""
     smooth = ndimage.gaussian_filter(data, 1.0)
-    thr = 0.5 * _otsu(smooth[smooth > 0]) if np.any(smooth > 0) else 0.0
+    thr = 0.5 * otsu_threshold(smooth[smooth > 0]) if np.any(smooth > 0) else 0.0
     fg = smooth > thr
     fg = _largest_component(ndimage.binary_opening(fg, iterations=1)) if fg.any() else fg
     # Pad so the closing's erosion does not eat slices where the head touches the field of view.
@@ -215,7 +217,8 @@ def n4_correct(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, threads: 
     at full resolution; the mean intensity inside ``mask`` is kept."""
     img = new_image(np.maximum(data, 0), affine)
     im = to_sitk(img)
-    m = to_sitk(new_image(mask, affine, dtype=np.uint8), dtype=np.uint8)
+    # N4 works on log intensities: zero voxels (clipped, padded) inside the mask must stay out of the fit.
+    m = to_sitk(new_image(mask & (data > 0), affine, dtype=np.uint8), dtype=np.uint8)
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
     factors = [max(1, int(round(target_mm / z))) for z in zooms]
     with reg.itk_threads(threads):
@@ -257,7 +260,7 @@ def refine_mask(image: np.ndarray, prior: np.ndarray, head: np.ndarray, zooms: n
     ln = _density(image[near], bins)
     idx = np.clip(np.digitize(image, bins) - 1, 0, len(bins) - 2)
     post = p * lb[idx] / (p * lb[idx] + (1 - p) * ln[idx])
-    return _clean((post > 0.5) & head, zooms)
+    return _clean((post > 0.5) & head, zooms) & head
 
 
 def _density(values: np.ndarray, bins: np.ndarray) -> np.ndarray:
@@ -284,7 +287,7 @@ def register_to_mni(brain_img: nib.Nifti1Image, mask_img: nib.Nifti1Image, kind:
                     threads: int | None = None) -> tuple[sitk.Transform, nib.Nifti1Image, nib.Nifti1Image]:
     """Register an extracted T1w brain (native grid) to the MNI template brain.
 
-    kind: ``affine`` (12 dof) or ``nonlinear`` (affine + cubic B-spline, 30 mm control points).
+    kind: ``affine`` (12 dof) or ``nonlinear`` (affine + cubic B-spline, 40 mm control points).
     ``initial``: a linear MNI -> T1w transform to start from (e.g. ``BrainExtraction.template_to_t1w``);
     otherwise the brains' centres of mass are aligned.
     Returns (transform, brain_mni, mask_mni): the transform maps MNI points (LPS mm) to T1w points (ITK,
@@ -303,12 +306,10 @@ def register_to_mni(brain_img: nib.Nifti1Image, mask_img: nib.Nifti1Image, kind:
     tpl_brain = new_image(np.asarray(tpl.dataobj) * (np.asarray(tpl_mask.dataobj) > 0), tpl.affine)
     rim = _dilate_mm(np.asarray(tpl_mask.dataobj) > 0, 4.0, tpl.header.get_zooms()[:3])
     moving = new_image(np.where(mask, np.asarray(brain_img.dataobj, dtype=np.float32), 0), brain_img.affine)
-    tf = reg.register(tpl_brain, moving, kind=kind, metric="mi",
-                      fixed_mask=new_image(rim, tpl.affine, dtype=np.uint8),
-                      initial=initial, init="moments", threads=threads)
+    tf = _register(tpl_brain, moving, kind, new_image(rim, tpl.affine, dtype=np.uint8), initial, sub, threads)
     if kind == "affine":
         tf = reg.flatten_linear(tf)
-        _check_affine(tf, sub)
+    _check_affine(tf if kind == "affine" else tf.GetNthTransform(0), sub)  # the B-spline's affine part
     brain_mni = reg.resample(brain_img, tpl, tf, interp="linear", threads=threads)
     soft = reg.resample(new_image(mask, mask_img.affine), tpl, tf, interp="linear", threads=threads)
     mask_mni = new_image(np.asarray(soft.dataobj) > 0.5, tpl.affine, dtype=np.uint8)
@@ -358,6 +359,18 @@ def run_anat(t1_path: str | Path, outputs: Mapping[str, str], subject: str, conf
 
 
 # ---------------------------------------------------------------- helpers
+
+def _register(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, kind: str, fixed_mask: nib.Nifti1Image,
+              initial: sitk.Transform | None, sub: str | None, threads: int | None) -> sitk.Transform:
+    """MI registration template -> T1w; ITK's failures (no overlap, ...) become a StageError."""
+    try:
+        return reg.register(fixed, moving, kind=kind, metric="mi", fixed_mask=fixed_mask, initial=initial,
+                            init="moments", threads=threads)
+    except RuntimeError as exc:  # SimpleITK raises RuntimeError with ITK's message
+        why = str(exc).strip().splitlines()[-1]
+        raise StageError(f"registration to the MNI template failed: {why}", subject=sub, stage=STAGE,
+                         fix="check the T1w header orientation and that it shows a whole head.") from exc
+
 
 def _localise(head: np.ndarray, affine: np.ndarray, tpl_mask: nib.Nifti1Image) -> sitk.Transform:
     """Translation (MNI -> T1w, ITK) putting the template brain just under the top of the head.
@@ -409,7 +422,7 @@ def _mni_header(img: nib.Nifti1Image) -> nib.Nifti1Image:
     return img
 
 
-def _otsu(values: np.ndarray, nbins: int = 256) -> float:
+def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
     """Otsu's threshold of a 1D sample (maximises the between-class variance)."""
     h, edges = np.histogram(values, bins=nbins)
     mids = 0.5 * (edges[1:] + edges[:-1])

@@ -344,22 +344,27 @@ def run_dwi(inputs: dict[str, str], outputs: dict[str, str], subject: str, confi
         save_map(out, outputs[f"dwi_{m.lower()}_mni"])
 
     # 6. QC
-    _qc(outputs, subject, maps, motion)
+    _qc(outputs, subject, maps, new_image(mask, img.affine, dtype=np.uint8), motion)
     log.info("%s: dwi stage done; mask %d voxels, median FA %.2f, median MD %.2e mm^2/s", sub, mask.sum(),
              float(np.median(fit["FA"][mask])), float(np.median(fit["MD"][mask])))
     return outputs
 
 
 def _mni_grid() -> nib.Nifti1Image:
-    """The 2 mm MNI152 2009a template nilearn ships (99 x 117 x 95); only its grid is used here."""
-    from nilearn.datasets import load_mni152_template
+    """The 2 mm MNI152 2009a template (99 x 117 x 95, from neuromoe.templates); only its grid is used."""
+    from neuromoe.templates import mni_t1
 
-    return load_mni152_template(resolution=2)
+    return mni_t1()
 
 
-def _qc(outputs: dict[str, str], subject: str, maps: dict[str, nib.Nifti1Image], motion: pd.DataFrame) -> None:
+def _qc(outputs: dict[str, str], subject: str, maps: dict[str, nib.Nifti1Image], mask: nib.Nifti1Image,
+        motion: pd.DataFrame) -> None:
+    """FA/MD slices (native) and the motion traces with framewise displacement (Power 2012: translations
+    plus rotations as arc length on a 50 mm sphere)."""
     from neuromoe.preproc import qc
 
+    arr = motion.to_numpy()
+    fd = np.r_[0.0, np.abs(np.diff(arr[:, :3], axis=0)).sum(1) + 50.0 * np.abs(np.diff(arr[:, 3:], axis=0)).sum(1)]
     qc.plot_map_slices({"FA": maps["FA"], "MD": maps["MD"]}, outputs["qc_dwi_fa"],
-                       title=f"{_sub(subject)} DTI (native)")
-    qc.plot_motion(motion, outputs["qc_dwi_motion"], title=f"{_sub(subject)} DWI motion")
+                       title=f"{_sub(subject)} DTI (native)", mask=mask)
+    qc.plot_motion(motion, outputs["qc_dwi_motion"], title=f"{_sub(subject)} DWI motion", fd=fd)

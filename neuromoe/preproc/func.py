@@ -676,8 +676,10 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     # 9. QC
     from neuromoe.preproc import qc
 
-    qc.plot_map_slices(maps, outputs["qc_func_maps"], title=f"{sub} fALFF / ReHo (native)")
-    qc.plot_motion(confounds, outputs["qc_func_motion"], title=f"{sub} BOLD motion")
+    qc.plot_map_slices(maps, outputs["qc_func_maps"], title=f"{sub} fALFF / ReHo (native)",
+                       mask=new_image(mask, affine, dtype=np.uint8))
+    qc.plot_motion(confounds[MOTION_COLUMNS], outputs["qc_func_motion"], title=f"{sub} BOLD motion",
+                   fd=confounds["framewise_displacement"].to_numpy())
     lap("qc")
     log.info("%s: func stage done in %.1f s (%s)", sub, time.perf_counter() - t_start,
              ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))

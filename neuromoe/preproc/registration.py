@@ -235,20 +235,25 @@ def register(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, kind: str = "affin
         coarse = [i for i, s in enumerate(shrink) if s >= 2] or [0]
         rigid_levels = shrink if kind == "rigid" else [shrink[i] for i in coarse]
         rigid_smooth = smooth if kind == "rigid" else [smooth[i] for i in coarse]
+        centre = _centre(f_im, f_mask)
         if _is_rigid(start):
             rig = sitk.Euler3DTransform()
-            a = flatten_linear(start)
-            rig.SetCenter(_centre(f_im, f_mask))
-            _set_linear(rig, a)
-            rig = _run(f_im, m_im, rig, metric, f_mask, m_mask, rigid_levels, rigid_smooth,
-                       iterations, samples, seed, moving_initial=None)
-            linear: sitk.Transform = rig
-        else:  # an affine start is kept: refine it directly
+            rig.SetCenter(centre)
+            _set_linear(rig, flatten_linear(start))
+            linear: sitk.Transform = _run(f_im, m_im, rig, metric, f_mask, m_mask, rigid_levels, rigid_smooth,
+                                          iterations, samples, seed, moving_initial=None)
+        elif kind == "rigid":  # a non-rigid start: optimise a rigid correction applied before it
+            rig = sitk.Euler3DTransform()
+            rig.SetCenter(centre)
+            rig = _run(f_im, m_im, rig, metric, f_mask, m_mask, rigid_levels, rigid_smooth, iterations,
+                       samples, seed, moving_initial=start)
+            linear = compose(rig, start)
+        else:  # an affine start (e.g. from an earlier registration) is refined directly by the affine stage
             linear = start
         if kind == "rigid":
             return linear
         aff = sitk.AffineTransform(3)
-        aff.SetCenter(_centre(f_im, f_mask))
+        aff.SetCenter(centre)
         _set_linear(aff, flatten_linear(linear))
         aff = _run(f_im, m_im, aff, metric, f_mask, m_mask, shrink, smooth, iterations, samples, seed,
                    moving_initial=None)
@@ -336,6 +341,9 @@ def _is_rigid(tf: sitk.Transform, tol: float = 1e-4) -> bool:
 def _set_linear(tf: sitk.Transform, a: sitk.AffineTransform) -> None:
     """Give ``tf`` (Euler3D or Affine, centre already set) the mapping of ``a``, keeping its centre."""
     m = np.asarray(a.GetMatrix()).reshape(3, 3)
+    if isinstance(tf, sitk.Euler3DTransform):  # ITK demands orthonormal to ~1e-10: project onto SO(3)
+        u, _, vt = np.linalg.svd(m)
+        m = u @ vt
     t = np.asarray(a.GetTranslation())
     c = np.asarray(tf.GetCenter())
     # x -> m (x - c) + c + t'  must equal  m x + t  =>  t' = t + m c - c
