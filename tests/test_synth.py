@@ -98,7 +98,7 @@ def test_regions_cover_their_tissue_on_the_model_grid():
             assert min((x_mm[m] > 0).mean(), (x_mm[m] < 0).mean()) > 0.33, roi.name
             n = tpl.roi_mask(roi.name, coarse).sum()
             assert n >= 30, f"{roi.name}: {n} voxels on the 32^3 model grid; it would not survive resampling"
-            prob = tpl.tissue_on_grid(roi.tissue, t1)[m]
+            prob = tpl.tissue_on_grid(roi.tissue, t1, within=m)[m]
             assert prob.mean() > 0.7, f"{roi.name}: mean {roi.tissue} probability {prob.mean():.2f}"
     with pytest.raises(KeyError):
         tpl.roi_mask("hippocampus", t1)
@@ -324,7 +324,7 @@ def _t1_ratio(root: Path, s: str, roi: tpl.Roi, w2m: np.ndarray) -> float:
     data = img.get_fdata(dtype=np.float32)
     region = tpl.roi_mask(roi.name, img, world_to_mni=w2m)
     near = tpl.sphere_weight(roi.centres_mm, 30.0, img.affine, img.shape, 0.0, w2m) > 0
-    wm = near & (tpl.tissue_on_grid("wm", img, w2m) > 0.9)
+    wm = tpl.tissue_on_grid("wm", img, w2m, within=near) > 0.9
     return float(data[region].mean() / np.median(data[wm]))
 
 

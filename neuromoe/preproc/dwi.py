@@ -199,7 +199,11 @@ def _dipy_nlls(signal: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import TensorModel
 
-    gtab = gradient_table(bvals, bvecs=bvecs.T, b0_threshold=float(bvals.min()))
+    # dipy insists on unit vectors for every volume above its b0_threshold: put every zero-vector volume
+    # (b=0, or a nominal b=5) below it. Its design matrix uses the actual b-values either way.
+    zero = np.linalg.norm(bvecs, axis=0) < 1e-8
+    threshold = float(bvals[zero].max()) if zero.any() else float(bvals.min())
+    gtab = gradient_table(bvals, bvecs=bvecs.T, b0_threshold=threshold)
     fit = TensorModel(gtab, fit_method="NLLS", return_S0_hat=True).fit(signal)
     return np.clip(fit.evals, 0.0, None), fit.evecs, np.asarray(fit.S0_hat)
 
