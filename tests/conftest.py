@@ -24,3 +24,55 @@ def synth_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Two processes: on a 2-core CI machine this halves the wait; the bytes are the same as with one.
     return make_cohort(tmp_path_factory.mktemp("synth") / "bids", SYNTH_COHORT_SUBJECTS, seed=SYNTH_COHORT_SEED,
                        n_jobs=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One real end-to-end run of the workflow on a small, coarse cohort, shared by the workflow tests
+# ---------------------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+E2E_SUBJECTS = 9  # 3 per group: the fewest a stratified 3-fold CV with a validation part accepts
+E2E_CONFIG = {
+    "synthetic": {"generate": False},
+    "cache": {"grid": [16, 16, 16]},
+    "model": {"dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2, "clin_hidden": [16, 8], "expert_hidden": 16,
+              "gate_hidden": 8},
+    "train": {"epochs": 3, "batch_size": 4, "warmup_epochs": 1, "patience": 5},
+    "evaluation": {"protocol": "cv", "folds": 3, "seeds": [0], "variants": ["full", "no_gate", "only_clin"],
+                   "lambda_sweep": [], "baseline": "logreg"},
+}
+
+
+def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
+    import shutil
+    import sys
+
+    exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
+    return [exe, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / "config.yaml"), *args]
+
+
+def coarse_params():
+    """Coarser, shorter images than the demo: the same generator, a fraction of the preprocessing time."""
+    from neuromoe.synth import SynthParams
+
+    return SynthParams(t1_voxel_mm=2.5, dwi_voxel_mm=4.0, bold_voxel_mm=5.0, n_directions=12, n_bold=60)
+
+
+@pytest.fixture(scope="session")
+def workflow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run the whole workflow (all rules, to the report) once; returns the working directory."""
+    import subprocess
+
+    import yaml
+
+    from neuromoe.synth import make_cohort
+
+    work = tmp_path_factory.mktemp("e2e")
+    make_cohort(work / "bids", E2E_SUBJECTS, seed=11, params=coarse_params(), n_jobs=2)
+    cfg = {"bids_dir": str(work / "bids"), "output_dir": str(work / "results"), **E2E_CONFIG}
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run = subprocess.run(snakemake_cmd(work, "--cores", "2", "--show-failed-logs"), capture_output=True, text=True,
+                         timeout=1500)
+    (work / "snakemake.log").write_text(run.stdout + run.stderr)
+    assert run.returncode == 0, f"workflow failed:\n{(run.stdout + run.stderr)[-6000:]}"
+    return work

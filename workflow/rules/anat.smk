@@ -18,17 +18,19 @@ rule anat:
             subcategory="sub-{subject}",
             caption="../report/qc_anat_reg.rst",
         ),
-    params:
-        cfg=stage_config("preprocessing.backend", "preprocessing.anat", "preprocessing.fsl"),
     log:
         f"{LOGS}/anat/sub-{{subject}}.log",
     benchmark:
         f"{BENCH}/anat/sub-{{subject}}.tsv"
+    conda:
+        PREPROC_ENV
     threads: 1
     resources:
         mem_mb=3000,
         runtime=30,
-    conda:
-        PREPROC_ENV
+    params:
+        cfg=stage_config(
+            "preprocessing.backend", "preprocessing.anat", "preprocessing.fsl"
+        ),
     script:
         f"{SCRIPTS}/anat.py"

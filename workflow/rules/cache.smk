@@ -28,20 +28,20 @@ rule cache_subject:
         unpack(cache_subject_inputs),
     output:
         record=f"{CACHE}/subjects/sub-{{subject}}/sub-{{subject}}_desc-cache.json",
-    params:
-        cfg=stage_config("cache", "model.patch_size"),
-        present=lambda wc: {m: DATASET.subjects[wc.subject].has(m) for m in MODALITIES},
-        maps=lambda wc: subject_maps(OUT, wc.subject, config),
     log:
         f"{LOGS}/cache_subject/sub-{{subject}}.log",
     benchmark:
         f"{BENCH}/cache_subject/sub-{{subject}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
     threads: 1
     resources:
         mem_mb=1500,
         runtime=10,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        cfg=stage_config("cache", "model.patch_size"),
+        present=lambda wc: {m: DATASET.subjects[wc.subject].has(m) for m in MODALITIES},
+        maps=lambda wc: subject_maps(OUT, wc.subject, config),
     script:
         f"{SCRIPTS}/cache_subject.py"
 
@@ -52,18 +52,18 @@ rule cache_cohort:
         participants=f"{BIDS}/participants.tsv",
     output:
         COHORT_FILES,
-    params:
-        cfg=stage_config("cache", "model.patch_size", "participants"),
-        out_dir=COHORT,
     log:
         f"{LOGS}/cache_cohort.log",
     benchmark:
         f"{BENCH}/cache_cohort.tsv"
+    conda:
+        "../../envs/torch.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=20,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        cfg=stage_config("cache", "model.patch_size", "participants"),
+        out_dir=COHORT,
     script:
         f"{SCRIPTS}/cache_cohort.py"

@@ -12,12 +12,13 @@ from neuromoe.bids import MODALITIES, validate_dataset
 from neuromoe.config import validate_config
 from neuromoe.errors import NeuroMoEError
 
-
 try:
     validate_config(config)  # readable, every problem at once, semantic checks
 except NeuroMoEError as exc:
     raise WorkflowError(str(exc))
-validate(config, "../schemas/config.schema.yaml")  # snakemake's own check (and defaults)
+validate(
+    config, "../schemas/config.schema.yaml"
+)  # snakemake's own check (and defaults)
 
 OUT = config["output_dir"]
 BIDS = config["bids_dir"]
@@ -86,7 +87,10 @@ def stage_config(*sections):
 def preproc_targets():
     t = []
     for s in SUBJECTS:
-        t += [deriv(k, s) for k in ("anat_brain_mni", "anat_mask_mni", "qc_anat_mask", "qc_anat_reg")]
+        t += [
+            deriv(k, s)
+            for k in ("anat_brain_mni", "anat_mask_mni", "qc_anat_mask", "qc_anat_reg")
+        ]
         if DATASET.subjects[s].has("dwi"):
             t += [deriv(f"dwi_{m.lower()}_mni", s) for m in ("FA", "MD", "AD", "RD")]
             t += [deriv(k, s) for k in ("qc_dwi_fa", "qc_dwi_motion")]
@@ -100,7 +104,10 @@ def all_targets():
     return (
         [f"{OUT}/derivatives/neuromoe/dataset_description.json"]
         + preproc_targets()
-        + [f"{OUT}/evaluation/ablation.md", f"{OUT}/evaluation/explain/group_saliency.png"]
+        + [
+            f"{OUT}/evaluation/ablation.md",
+            f"{OUT}/evaluation/explain/group_saliency.png",
+        ]
     )
 
 

@@ -23,17 +23,19 @@ rule dwi:
             subcategory="sub-{subject}",
             caption="../report/qc_dwi_motion.rst",
         ),
-    params:
-        cfg=stage_config("preprocessing.backend", "preprocessing.dwi", "preprocessing.fsl"),
     log:
         f"{LOGS}/dwi/sub-{{subject}}.log",
     benchmark:
         f"{BENCH}/dwi/sub-{{subject}}.tsv"
+    conda:
+        PREPROC_ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        PREPROC_ENV
+    params:
+        cfg=stage_config(
+            "preprocessing.backend", "preprocessing.dwi", "preprocessing.fsl"
+        ),
     script:
         f"{SCRIPTS}/dwi.py"

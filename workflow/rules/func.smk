@@ -22,17 +22,19 @@ rule func:
             subcategory="sub-{subject}",
             caption="../report/qc_func_motion.rst",
         ),
-    params:
-        cfg=stage_config("preprocessing.backend", "preprocessing.func", "preprocessing.fsl"),
     log:
         f"{LOGS}/func/sub-{{subject}}.log",
     benchmark:
         f"{BENCH}/func/sub-{{subject}}.tsv"
+    conda:
+        PREPROC_ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        PREPROC_ENV
+    params:
+        cfg=stage_config(
+            "preprocessing.backend", "preprocessing.func", "preprocessing.fsl"
+        ),
     script:
         f"{SCRIPTS}/func.py"

@@ -15,7 +15,13 @@ VARIANTS = list(EV["variants"]) + [f"lambda_{lam:g}" for lam in EV["lambda_sweep
 # `snakemake predict --config bids_dir=NEW output_dir=NEW_OUT predict_model=RUN_DIR` predicts a new dataset
 # with a run trained elsewhere; by default, the full model of the first split of this workflow.
 PREDICT_MODEL = config.get("predict_model") or f"{MODEL}/runs/full/{SPLIT_IDS[0]}"
-RUN_FILES = ["model.safetensors", "model.json", "metrics.json", "predictions.tsv", "history.csv"]
+RUN_FILES = [
+    "model.safetensors",
+    "model.json",
+    "metrics.json",
+    "predictions.tsv",
+    "history.csv",
+]
 BASELINE_RUNS = (
     expand(f"{MODEL}/baseline/{{split}}/metrics.json", split=SPLIT_IDS)
     if EV["baseline"] != "none"
@@ -33,13 +39,18 @@ rule splits:
         index=f"{COHORT}/index.tsv",
     output:
         f"{MODEL}/splits.tsv",
-    params:
-        cfg=stage_config("evaluation.protocol", "evaluation.folds", "evaluation.seeds", "evaluation.val_fraction"),
     log:
         f"{LOGS}/splits.log",
     localrule: True
     conda:
         "../../envs/torch.yaml"
+    params:
+        cfg=stage_config(
+            "evaluation.protocol",
+            "evaluation.folds",
+            "evaluation.seeds",
+            "evaluation.val_fraction",
+        ),
     script:
         f"{SCRIPTS}/splits.py"
 
@@ -50,13 +61,12 @@ rule train:
         splits=f"{MODEL}/splits.tsv",
     output:
         [f"{MODEL}/runs/{{variant}}/{{split}}/{f}" for f in RUN_FILES],
-    params:
-        cfg=stage_config("participants", "cache", "model", "train"),
-        cache_dir=COHORT,
     log:
         f"{LOGS}/train/{{variant}}/{{split}}.log",
     benchmark:
         f"{BENCH}/train/{{variant}}/{{split}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
     # One intra-op thread: the demo model is tiny and 1 thread is ~7x faster per step than 2 on a
     # shared 2-core box; parallelism comes from running jobs side by side.
     threads: 1
@@ -64,8 +74,9 @@ rule train:
         mem_mb=4000,
         runtime=120,
         gpu=1 if config["train"]["device"] == "cuda" else 0,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        cfg=stage_config("participants", "cache", "model", "train"),
+        cache_dir=COHORT,
     script:
         f"{SCRIPTS}/train.py"
 
@@ -77,27 +88,35 @@ rule baseline:
     output:
         f"{MODEL}/baseline/{{split}}/metrics.json",
         f"{MODEL}/baseline/{{split}}/predictions.tsv",
-    params:
-        cfg=stage_config("participants", "cache"),
-        cache_dir=COHORT,
     log:
         f"{LOGS}/baseline/{{split}}.log",
+    conda:
+        "../../envs/torch.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        cfg=stage_config("participants", "cache"),
+        cache_dir=COHORT,
     script:
         f"{SCRIPTS}/baseline.py"
 
 
 rule evaluate:
     input:
-        runs=expand(f"{MODEL}/runs/{{variant}}/{{split}}/metrics.json", variant=VARIANTS, split=SPLIT_IDS),
+        runs=expand(
+            f"{MODEL}/runs/{{variant}}/{{split}}/metrics.json",
+            variant=VARIANTS,
+            split=SPLIT_IDS,
+        ),
         baseline=BASELINE_RUNS,
     output:
-        table=report(f"{EVAL}/ablation.md", category="3. Evaluation", caption="../report/ablation.rst"),
+        table=report(
+            f"{EVAL}/ablation.md",
+            category="3. Evaluation",
+            caption="../report/ablation.rst",
+        ),
         tsv=f"{EVAL}/ablation.tsv",
         per_run=f"{EVAL}/per_run.tsv",
         predictions=f"{EVAL}/subject_predictions.tsv",
@@ -106,26 +125,44 @@ rule evaluate:
             category="3. Evaluation",
             caption="../report/ablation_figure.rst",
         ),
-        confusion=report(f"{EVAL}/confusion_full.png", category="3. Evaluation", caption="../report/confusion.rst"),
-        roc=report(f"{EVAL}/roc_full.png", category="3. Evaluation", caption="../report/roc.rst"),
+        confusion=report(
+            f"{EVAL}/confusion_full.png",
+            category="3. Evaluation",
+            caption="../report/confusion.rst",
+        ),
+        roc=report(
+            f"{EVAL}/roc_full.png",
+            category="3. Evaluation",
+            caption="../report/roc.rst",
+        ),
         calibration=report(
-            f"{EVAL}/calibration_full.png", category="3. Evaluation", caption="../report/calibration.rst"
+            f"{EVAL}/calibration_full.png",
+            category="3. Evaluation",
+            caption="../report/calibration.rst",
         ),
-        gates=report(f"{EVAL}/gates_full.png", category="3. Evaluation", caption="../report/gates.rst"),
+        gates=report(
+            f"{EVAL}/gates_full.png",
+            category="3. Evaluation",
+            caption="../report/gates.rst",
+        ),
         curves=report(
-            f"{EVAL}/training_curves_full.png", category="3. Evaluation", caption="../report/curves.rst"
+            f"{EVAL}/training_curves_full.png",
+            category="3. Evaluation",
+            caption="../report/curves.rst",
         ),
-    params:
-        run_dirs=lambda wc, input: [str(Path(p).parent) for p in input.runs + input.baseline],
-        out_dir=EVAL,
     log:
         f"{LOGS}/evaluate.log",
+    conda:
+        "../../envs/torch.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        run_dirs=lambda wc, input: [
+            str(Path(p).parent) for p in input.runs + input.baseline
+        ],
+        out_dir=EVAL,
     script:
         f"{SCRIPTS}/evaluate.py"
 
@@ -141,17 +178,17 @@ rule explain:
             caption="../report/saliency.rst",
         ),
         gates=f"{EVAL}/explain/gates.tsv",
-    params:
-        cache_dir=COHORT,
-        out_dir=f"{EVAL}/explain",
     log:
         f"{LOGS}/explain.log",
+    conda:
+        "../../envs/torch.yaml"
     threads: 1
     resources:
         mem_mb=3000,
         runtime=20,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        cache_dir=COHORT,
+        out_dir=f"{EVAL}/explain",
     script:
         f"{SCRIPTS}/explain.py"
 
@@ -162,17 +199,17 @@ rule predict:
         cohort=COHORT_FILES,
     output:
         f"{OUT}/predict/predictions.tsv",
-    params:
-        cache_dir=COHORT,
-        model_dir=lambda wc: PREDICT_MODEL,
-        out_dir=f"{OUT}/predict",
     log:
         f"{LOGS}/predict.log",
+    conda:
+        "../../envs/torch.yaml"
     threads: 1
     resources:
         mem_mb=3000,
         runtime=30,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        cache_dir=COHORT,
+        model_dir=lambda wc: PREDICT_MODEL,
+        out_dir=f"{OUT}/predict",
     script:
         f"{SCRIPTS}/predict.py"

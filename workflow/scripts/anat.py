@@ -1,4 +1,4 @@
-from neuromoe.smk import inputs, outputs, run
+from neuromoe.smk import outputs, run
 
 
 def main(s):

@@ -1,0 +1,121 @@
+"""The workflow end to end on a small coarse cohort: every stage's outputs under BIDS-derivatives names,
+logs and benchmarks per job, a no-op unchanged rerun, a report with every figure, prediction that
+reproduces the evaluation, lint, and readable start-up errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import E2E_CONFIG, E2E_SUBJECTS, REPO, snakemake_cmd
+
+from neuromoe import paths
+
+pytestmark = pytest.mark.slow
+SUBJECTS = [f"{i:02d}" for i in range(1, E2E_SUBJECTS + 1)]
+
+
+def run(cmd: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_every_stage_writes_bids_derivatives(workflow_run: Path) -> None:
+    out = workflow_run / "results"
+    desc = json.loads((out / "derivatives/neuromoe/dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    for s in SUBJECTS:
+        for key in paths.OUTPUTS:
+            assert Path(paths.derivative(out, s, key)).is_file(), f"sub-{s}: {key} missing"
+    index = pd.read_csv(out / "cache/cohort/index.tsv", sep="\t", dtype={"participant_id": str})
+    assert len(index) == E2E_SUBJECTS and index[["has_anat", "has_dwi", "has_func"]].all().all()
+
+
+def test_logs_and_benchmarks_for_every_job(workflow_run: Path) -> None:
+    out = workflow_run / "results"
+    for stage in ("anat", "dwi", "func", "cache_subject"):
+        for s in SUBJECTS:
+            bench = out / "benchmarks" / stage / f"sub-{s}.tsv"
+            assert bench.is_file(), bench
+            row = pd.read_csv(bench, sep="\t").iloc[0]
+            assert row["s"] > 0 and row["max_rss"] > 0
+            assert (out / "logs" / stage / f"sub-{s}.log").is_file()
+    assert list((out / "benchmarks" / "train").rglob("*.tsv")), "training jobs have benchmarks"
+
+
+def test_unchanged_rerun_is_a_noop(workflow_run: Path) -> None:
+    res = run(snakemake_cmd(workflow_run, "-n", "--cores", "1"))
+    assert res.returncode == 0, res.stderr
+    assert "Nothing to be done" in res.stdout + res.stderr
+
+
+def test_evaluation_tables_have_every_variant(workflow_run: Path) -> None:
+    table = pd.read_csv(workflow_run / "results/evaluation/ablation.tsv", sep="\t")
+    expected = set(E2E_CONFIG["evaluation"]["variants"]) | {"baseline"}
+    assert expected <= set(table["variant"])
+    assert (workflow_run / "results/evaluation/ablation.md").read_text().count("|") > 10
+
+
+def test_report_holds_every_figure(workflow_run: Path) -> None:
+    report = workflow_run / "report.html"
+    res = run(snakemake_cmd(workflow_run, "--cores", "1", "--report", str(report)), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    html = report.read_text(errors="replace")
+    wanted = ["ablation_balanced_accuracy.png", "confusion_full.png", "roc_full.png", "calibration_full.png",
+              "gates_full.png", "training_curves_full.png", "group_saliency.png", "ablation.md"]
+    wanted += [Path(paths.derivative("x", SUBJECTS[0], k)).name for k in paths.OUTPUTS if k.startswith("qc_")]
+    missing = [w for w in wanted if w not in html]
+    assert not missing, f"report lacks {missing}"
+
+
+def test_predict_reproduces_the_evaluation(workflow_run: Path, tmp_path: Path) -> None:
+    out = workflow_run / "results"
+    run_dir = out / "model/runs/full/cv-s0-f0"
+    res = run(["neuromoe", "predict", "--model", str(run_dir), "--cache", str(out / "cache/cohort"),
+               "--out-dir", str(tmp_path), "--no-explain"])
+    assert res.returncode == 0, res.stderr
+    mine = pd.read_csv(tmp_path / "predictions.tsv", sep="\t", dtype={"participant_id": str})
+    theirs = pd.read_csv(run_dir / "predictions.tsv", sep="\t", dtype={"participant_id": str})
+    test = theirs[theirs["part"] == "test"].merge(mine, on="participant_id", suffixes=("_eval", "_pred"))
+    assert len(test) >= 3
+    for c in [c for c in theirs.columns if c.startswith("prob_") or c.startswith("gate_")]:
+        assert (test[f"{c}_eval"] - test[f"{c}_pred"]).abs().max() < 1e-5, c
+    assert not mine["flagged"].any()
+
+
+def test_lint(workflow_run: Path) -> None:
+    res = run(snakemake_cmd(workflow_run, "--lint", "--cores", "1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_bad_input_stops_at_startup_with_a_readable_message(synth_cohort: Path, tmp_path: Path) -> None:
+    bids = tmp_path / "bids"
+    shutil.copytree(synth_cohort, bids, ignore=shutil.ignore_patterns("derivatives"))
+    (bids / "sub-04/dwi/sub-04_dwi.bvec").unlink()
+    cfg = {"bids_dir": str(bids), "output_dir": str(tmp_path / "results"), **E2E_CONFIG}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = run(snakemake_cmd(tmp_path, "-n", "--cores", "1"))
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "[sub-04]" in text and "sub-04_dwi.bvec" in text and "fix:" in text
+    assert not (tmp_path / "results").exists(), "nothing may run before the input is valid"
+
+
+def test_config_error_names_the_key(synth_cohort: Path, tmp_path: Path) -> None:
+    cfg = {"bids_dir": str(synth_cohort), "output_dir": str(tmp_path / "r"), **E2E_CONFIG,
+           "cache": {"grid": [18, 16, 16]}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = run(snakemake_cmd(tmp_path, "-n", "--cores", "1"))
+    assert res.returncode != 0
+    assert "cache.grid" in res.stdout + res.stderr
+
+
+def test_repository_config_is_valid() -> None:
+    from neuromoe.config import load_config
+
+    cfg = load_config(REPO / "config.yaml")
+    assert cfg["preprocessing"]["backend"] == "python"
