@@ -784,8 +784,8 @@ def _maps_to_mni(maps: Mapping[str, Path], native_to_t1: Path, t1_path: Path, an
     from neuromoe.imageio import new_image
     from neuromoe.preproc import registration as reg
 
-    tpl_path, _, tpl = _template_files(work)
-    t1 = nib.load(str(t1_path))
+    tpl_path, _, template = _template_files(work)
+    tpl, t1 = nib.load(str(tpl_path)), nib.load(str(t1_path))  # the headers FLIRT reads
     tf = reg.read_transform(anat_xfm)
     out: dict[str, nib.Nifti1Image] = {}
     if tf.IsLinear():
@@ -795,14 +795,14 @@ def _maps_to_mni(maps: Mapping[str, Path], native_to_t1: Path, t1_path: Path, an
             dst = work / f"{name}_mni.nii.gz"
             run_interface(applyxfm_interface(path, tpl_path, combined, dst), work, subject=subject, stage=stage,
                           step=f"{name} -> MNI (flirt -applyxfm)")
-            out[name] = new_image(np.asarray(_load(_expect(dst, name, subject, stage)).dataobj), tpl.affine)
+            out[name] = new_image(np.asarray(_load(_expect(dst, name, subject, stage)).dataobj), template.affine)
     else:
         warp = itk_to_fnirt_warp(tf, t1, tpl, work / "t1w_to_mni_warp.nii.gz")
         for name, path in maps.items():
             dst = work / f"{name}_mni.nii.gz"
             run_interface(applywarp_interface(path, tpl_path, warp, dst, premat=native_to_t1, relative=True), work,
                           subject=subject, stage=stage, step=f"{name} -> MNI (applywarp)")
-            out[name] = new_image(np.asarray(_load(_expect(dst, name, subject, stage)).dataobj), tpl.affine)
+            out[name] = new_image(np.asarray(_load(_expect(dst, name, subject, stage)).dataobj), template.affine)
     return out
 
 
@@ -851,7 +851,8 @@ def run_anat_fsl(t1_path: str | Path, outputs: Mapping[str, str], subject: str, 
         flirted = work / "t1w_brain_mni_flirt.nii.gz"
         run_interface(flirt_interface(brain_file, tpl_path, flirted, mat, dof=12), work, subject=subject,
                       stage="anat", step="flirt T1w -> MNI (12 dof)")
-        linear = flirt_to_itk(read_flirt(_expect(mat, "flirt", subject, "anat")), brain, tpl)
+        tpl_file_img = nib.load(str(tpl_path))  # the header FLIRT reads
+        linear = flirt_to_itk(read_flirt(_expect(mat, "flirt", subject, "anat")), brain, tpl_file_img)
         anat._check_affine(linear, sub)
         mask_file = _save_float(mask.astype(np.float32), brain.affine, work / "t1w_mask_float.nii.gz")
         soft_mni, brain_mni_file = work / "t1w_mask_mni_soft.nii.gz", work / "t1w_brain_mni.nii.gz"
@@ -865,8 +866,8 @@ def run_anat_fsl(t1_path: str | Path, outputs: Mapping[str, str], subject: str, 
             for src, dst in ((brain_file, brain_mni_file), (mask_file, soft_mni)):
                 run_interface(applywarp_interface(src, tpl_path, _expect(coef, "fnirt", subject, "anat"), dst), work,
                               subject=subject, stage="anat", step=f"applywarp {src.name} -> MNI")
-            field = readFnirt(str(coef), src=_fsl_image(brain), ref=_fsl_image(tpl))
-            xfm = nonlinear_to_itk(field, linear, tpl)
+            field = readFnirt(str(coef), src=_fsl_image(brain), ref=_fsl_image(tpl_file_img))
+            xfm = nonlinear_to_itk(field, linear, tpl_file_img)
         else:
             brain_mni_file = flirted
             run_interface(applyxfm_interface(mask_file, tpl_path, mat, soft_mni), work, subject=subject, stage="anat",
@@ -995,8 +996,8 @@ def run_dwi_fsl(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: 
         dwi_to_t1 = work / "dwi_to_t1w.mat"
         run_interface(flirt_interface(b0_brain_file, t1_file, work / "b0_in_t1w.nii.gz", dwi_to_t1, dof=6), work,
                       subject=subject, stage=stage, step="flirt b=0 -> T1w (6 dof)")
-        xfm = flirt_to_itk(read_flirt(_expect(dwi_to_t1, "flirt", subject, stage)), b0_mean, nib.load(str(t1_file)),
-                           rigid=True)
+        xfm = flirt_to_itk(read_flirt(_expect(dwi_to_t1, "flirt", subject, stage)), nib.load(str(b0_brain_file)),
+                           nib.load(str(t1_file)), rigid=True)
         mni = _maps_to_mni(map_files, dwi_to_t1, t1_file, inputs["anat_xfm"], work, subject, stage)
 
     save_map(new_image(data_c, img.affine, like=img), outputs["dwi_preproc"])
@@ -1078,7 +1079,8 @@ def run_func_fsl(inputs: Mapping[str, str], outputs: Mapping[str, str], subject:
         run_interface(flirt_interface(work / "bold_brain.nii.gz", t1_file, work / "bold_in_t1w.nii.gz", bold_to_t1,
                                       dof=6), work, subject=subject, stage=stage, step="flirt mean BOLD -> T1w (6 dof)")
         mean_img = new_image(data.mean(axis=3), affine)
-        xfm = flirt_to_itk(read_flirt(_expect(bold_to_t1, "flirt", subject, stage)), mean_img,
+        xfm = flirt_to_itk(read_flirt(_expect(bold_to_t1, "flirt", subject, stage)),
+                           nib.load(str(work / "bold_brain.nii.gz")),
                            nib.load(str(t1_file)), rigid=True)
 
         # Python steps, as in func.run_func: tissue signals, confounds, regression, maps.

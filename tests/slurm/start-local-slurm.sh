@@ -62,6 +62,11 @@ for b in munged mungekey munge unmunge mariadbd mariadb-install-db mariadb-admin
   command -v "$b" >/dev/null || cannot "$b not found after installing ${PKGS[*]}"
 done
 
+# One start or stop at a time per state dir (two test sessions starting together would race on the daemons).
+mkdir -p "$(dirname "$STATE")"
+exec 9>"$STATE.lock"
+flock -w 900 9 || die "another start/stop of $STATE is still running (lock $STATE.lock)"
+
 # --- state dir --------------------------------------------------------------------------------------------
 mkdir -p "$STATE"/{etc,pids,log,munge,spool/ctld,spool/d,db}
 chmod 755 "$STATE" "$STATE"/etc "$STATE"/pids "$STATE"/log "$STATE"/spool
@@ -103,7 +108,7 @@ start() {
   local name=$1; shift
   if alive "$name"; then say "$name already running (pid $(cat "$STATE/pids/$name.pid"))"; return 0; fi
   readlink -f "$(command -v "$1")" >"$STATE/pids/$name.exe"
-  setsid "$@" </dev/null >>"$STATE/log/$name.out" 2>&1 &
+  setsid "$@" </dev/null >>"$STATE/log/$name.out" 2>&1 9>&- &   # 9>&-: daemons must not hold our lock
   echo $! >"$STATE/pids/$name.pid"
   STARTED_NOW+=("$name")
   sleep 0.5

@@ -7,6 +7,8 @@ set -uo pipefail
 
 STATE=${NEUROMOE_SLURM_STATE:-/tmp/neuromoe-slurm}
 [ -d "$STATE/pids" ] || { echo "local-slurm: nothing to stop ($STATE/pids does not exist)"; exit 0; }
+exec 9>"$STATE.lock"
+flock -w 900 9 || { echo "local-slurm: another start/stop of $STATE is still running" >&2; exit 1; }
 export SLURM_CONF=$STATE/etc/slurm.conf
 
 alive() {
@@ -44,6 +46,6 @@ rm -f "$STATE/pids/etc-link"
 if [ ${#stopped[@]} -gt 0 ]; then echo "local-slurm: stopped ${stopped[*]}"; else echo "local-slurm: nothing was running"; fi
 
 if [ "${1:-}" = "--purge" ]; then
-  rm -rf "$STATE"
+  rm -rf "$STATE" "$STATE.lock"
   echo "local-slurm: removed $STATE"
 fi

@@ -1,4 +1,5 @@
 # Start-up: config validation, the synthetic demo cohort, BIDS discovery and validation, targets.
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,21 @@ BENCH = f"{OUT}/benchmarks"
 SCRIPTS = "../scripts"
 BACKEND = config["preprocessing"]["backend"]
 PREPROC_ENV = "../../envs/fsl.yaml" if BACKEND == "fsl" else "../../envs/preproc.yaml"
+
+if BACKEND == "fsl":
+    from snakemake.settings.types import DeploymentMethod
+
+    # With --use-conda, envs/fsl.yaml brings FSL; otherwise it must be installed here already.
+    if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+        from neuromoe.preproc.fsl import FSL_FIX, fsl_problems
+
+        _problems = fsl_problems(os.environ, config)
+        if _problems:
+            raise WorkflowError(
+                "preprocessing.backend is fsl, but FSL cannot run here:\n- "
+                + "\n- ".join(_problems)
+                + f"\n  fix: {FSL_FIX}"
+            )
 
 
 if not Path(BIDS).exists() and config["synthetic"]["generate"]:
