@@ -269,6 +269,7 @@ def _lints(out: str) -> list[str]:
     return sorted(line.strip() for line in out.splitlines() if line.strip().startswith(("Lints for", "*")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["slurm", "local"])
 def test_profiles_lint_and_plan(name: str, plan_workdir: Path) -> None:
     """Each profile is accepted by ``snakemake --lint`` and a dry run (no cluster needed for either), and adds

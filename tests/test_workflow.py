@@ -119,3 +119,65 @@ def test_repository_config_is_valid() -> None:
 
     cfg = load_config(REPO / "config.yaml")
     assert cfg["preprocessing"]["backend"] == "python"
+
+
+def _plan(workdir: Path, *extra: str) -> dict[str, int]:
+    """Snakemake's own dry-run plan: rule -> number of jobs."""
+    res = run(snakemake_cmd(workdir, "-n", "--cores", "1", *extra))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    counts: dict[str, int] = {}
+    in_stats = False
+    for line in (res.stdout + res.stderr).splitlines():
+        if line.startswith("Job stats:"):
+            in_stats = True
+            continue
+        if in_stats:
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+                counts[parts[0]] = int(parts[1])
+            elif line.strip() == "" and counts:
+                break
+    return counts
+
+
+def test_adding_a_subject_reruns_only_that_subjects_preprocessing(workflow_run: Path, tmp_path: Path) -> None:
+    from conftest import coarse_params
+
+    from neuromoe.synth import make_cohort
+
+    bids = tmp_path / "bids"
+    shutil.copytree(workflow_run / "bids", bids, copy_function=shutil.copy2)  # keep mtimes: nothing changed
+    bigger = make_cohort(tmp_path / "bigger", E2E_SUBJECTS + 1, seed=11, params=coarse_params(), n_jobs=2)
+    new = f"sub-{E2E_SUBJECTS + 1:02d}"
+    shutil.copytree(bigger / new, bids / new)
+    shutil.copy2(bigger / "participants.tsv", bids / "participants.tsv")
+    cfg = yaml.safe_load((workflow_run / "config.yaml").read_text())
+    cfg["bids_dir"] = str(bids)
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    plan = _plan(workflow_run, "--configfile", str(cfg_path))
+    for rule in ("anat", "dwi", "func", "cache_subject"):
+        assert plan.get(rule) == 1, plan
+    assert plan.get("cache_cohort") == 1
+
+
+def test_a_stage_failure_names_the_subject_and_keeps_the_others(tmp_path: Path) -> None:
+    import nibabel as nib
+    from conftest import coarse_params
+
+    from neuromoe.synth import make_cohort
+
+    bids = make_cohort(tmp_path / "bids", 2, seed=5, params=coarse_params(), n_jobs=2)
+    bold = bids / "sub-02/func/sub-02_task-rest_bold.nii.gz"
+    img = nib.load(bold)
+    nib.save(nib.Nifti1Image(img.get_fdata()[..., :30].astype("int16"), img.affine, img.header), bold)
+    cfg = {"bids_dir": str(bids), "output_dir": str(tmp_path / "results"), **E2E_CONFIG}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = run(snakemake_cmd(tmp_path, "--cores", "2", "--keep-going", "--until", "func"), timeout=900)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "sub-02" in text and "volumes" in text  # the cause, named on the console
+    out = tmp_path / "results"
+    assert Path(paths.derivative(out, "01", "func_falff_mni")).is_file(), "sub-01 must be finished and kept"
+    assert not Path(paths.derivative(out, "02", "func_falff_mni")).exists()
+    assert Path(paths.derivative(out, "02", "anat_brain_mni")).is_file(), "sub-02's other stages are kept"

@@ -10,11 +10,13 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   echo "peers: not root with apt-get; tests needing ${groups[*]} will be skipped"; exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
+# dpkg -s also succeeds for removed packages whose config files remain: ask for "install ok installed".
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 updated=0
 for group in "${groups[@]}"; do
   read -r -a pkgs <<<"$group"
   missing=()
-  for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  for p in "${pkgs[@]}"; do installed "$p" || missing+=("$p"); done
   if [ ${#missing[@]} -eq 0 ]; then echo "peers: ${pkgs[*]} already installed"; continue; fi
   [ "$updated" = 1 ] || { timeout 600 apt-get update -qq >/dev/null 2>&1 || true; updated=1; }
   # Keep the packages' own services (munge, mariadb, slurm*) from starting where no policy says so already:

@@ -41,9 +41,16 @@ die() { echo "local-slurm: FAILED: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || cannot "needs root (starts system daemons)"
 command -v dpkg >/dev/null && command -v apt-get >/dev/null || cannot "needs Debian's dpkg/apt-get"
 
+# One start or stop at a time per state dir (two test sessions at once would race on apt and the daemons).
+mkdir -p "$(dirname "$STATE")"
+exec 9>"$STATE.lock"
+flock -w 900 9 || die "another start/stop of $STATE is still running (lock $STATE.lock)"
+
 # --- packages ---------------------------------------------------------------------------------------------
+# dpkg -s also succeeds for removed packages whose config files remain: ask for "install ok installed".
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 missing=()
-for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -61,11 +68,6 @@ for b in munged mungekey munge unmunge mariadbd mariadb-install-db mariadb-admin
   command -v "$b" >/dev/null || PATH=$PATH:/usr/sbin:/sbin
   command -v "$b" >/dev/null || cannot "$b not found after installing ${PKGS[*]}"
 done
-
-# One start or stop at a time per state dir (two test sessions starting together would race on the daemons).
-mkdir -p "$(dirname "$STATE")"
-exec 9>"$STATE.lock"
-flock -w 900 9 || die "another start/stop of $STATE is still running (lock $STATE.lock)"
 
 # --- state dir --------------------------------------------------------------------------------------------
 mkdir -p "$STATE"/{etc,pids,log,munge,spool/ctld,spool/d,db}
