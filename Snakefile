@@ -12,6 +12,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/dataset.smk"
 include: "workflow/rules/anat.smk"
 include: "workflow/rules/dwi.smk"
 include: "workflow/rules/func.smk"

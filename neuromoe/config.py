@@ -47,7 +47,7 @@ def _key(path: Any) -> str:
 def validate_config(cfg: dict, schema_path: Path = SCHEMA) -> dict:
     """Validate ``cfg`` in place (defaults filled); raise ConfigError listing every problem by key."""
     schema = yaml.safe_load(schema_path.read_text())
-    validator = _with_defaults(jsonschema.Draft7Validator)(schema)
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
     problems = []
     for e in errors:

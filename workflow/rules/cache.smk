@@ -3,8 +3,6 @@
 CACHE = f"{OUT}/cache"
 COHORT = f"{CACHE}/cohort"
 
-from neuromoe.cache import subject_maps
-
 COHORT_FILES = [f"{COHORT}/{m}.npy" for m in MODALITIES] + [
     f"{COHORT}/mask.npy",
     f"{COHORT}/index.tsv",
@@ -12,22 +10,12 @@ COHORT_FILES = [f"{COHORT}/{m}.npy" for m in MODALITIES] + [
 ]
 
 
-def cache_subject_inputs(wildcards):
-    """The MNI maps of the modalities this subject has (an absent one is recorded absent)."""
-    sub = DATASET.subjects[wildcards.subject]
-    return {
-        f"{m}_{i}": p
-        for m, maps in subject_maps(OUT, wildcards.subject, config).items()
-        if sub.has(m)
-        for i, p in enumerate(maps)
-    }
-
-
 rule cache_subject:
     input:
         unpack(cache_subject_inputs),
     output:
-        record=f"{CACHE}/subjects/sub-{{subject}}/sub-{{subject}}_desc-cache.json",
+        # a folder: an absent modality writes no tensor, so the file set varies by subject
+        directory(f"{CACHE}/subjects/sub-{{subject}}"),
     log:
         f"{LOGS}/cache_subject/sub-{{subject}}.log",
     benchmark:
@@ -41,14 +29,13 @@ rule cache_subject:
     params:
         cfg=stage_config("cache", "model.patch_size"),
         present=lambda wc: {m: DATASET.subjects[wc.subject].has(m) for m in MODALITIES},
-        maps=lambda wc: subject_maps(OUT, wc.subject, config),
     script:
         f"{SCRIPTS}/cache_subject.py"
 
 
 rule cache_cohort:
     input:
-        records=expand(rules.cache_subject.output.record, subject=SUBJECTS),
+        records=expand(f"{CACHE}/subjects/sub-{{subject}}", subject=SUBJECTS),
         participants=f"{BIDS}/participants.tsv",
     output:
         COHORT_FILES,
@@ -64,6 +51,5 @@ rule cache_cohort:
         runtime=20,
     params:
         cfg=stage_config("cache", "model.patch_size", "participants"),
-        out_dir=COHORT,
     script:
         f"{SCRIPTS}/cache_cohort.py"

@@ -100,6 +100,19 @@ def stage_config(*sections):
     return out
 
 
+def cache_subject_inputs(wildcards):
+    """The MNI maps of the modalities this subject has, named <modality>_<channel index>."""
+    from neuromoe.cache import subject_maps
+
+    sub = DATASET.subjects[wildcards.subject]
+    return {
+        f"{m}_{i}": p
+        for m, maps in subject_maps(OUT, wildcards.subject, config).items()
+        if sub.has(m)
+        for i, p in enumerate(maps)
+    }
+
+
 def preproc_targets():
     t = []
     for s in SUBJECTS:
@@ -125,13 +138,3 @@ def all_targets():
             f"{OUT}/evaluation/explain/group_saliency.png",
         ]
     )
-
-
-rule dataset_description:
-    output:
-        f"{OUT}/derivatives/neuromoe/dataset_description.json",
-    log:
-        f"{LOGS}/dataset_description.log",
-    localrule: True
-    script:
-        f"{SCRIPTS}/dataset_description.py"

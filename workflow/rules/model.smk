@@ -76,7 +76,6 @@ rule train:
         gpu=1 if config["train"]["device"] == "cuda" else 0,
     params:
         cfg=stage_config("participants", "cache", "model", "train"),
-        cache_dir=COHORT,
     script:
         f"{SCRIPTS}/train.py"
 
@@ -98,7 +97,6 @@ rule baseline:
         runtime=10,
     params:
         cfg=stage_config("participants", "cache"),
-        cache_dir=COHORT,
     script:
         f"{SCRIPTS}/baseline.py"
 
@@ -162,7 +160,6 @@ rule evaluate:
         run_dirs=lambda wc, input: [
             str(Path(p).parent) for p in input.runs + input.baseline
         ],
-        out_dir=EVAL,
     script:
         f"{SCRIPTS}/evaluate.py"
 
@@ -186,9 +183,6 @@ rule explain:
     resources:
         mem_mb=3000,
         runtime=20,
-    params:
-        cache_dir=COHORT,
-        out_dir=f"{EVAL}/explain",
     script:
         f"{SCRIPTS}/explain.py"
 
@@ -207,9 +201,5 @@ rule predict:
     resources:
         mem_mb=3000,
         runtime=30,
-    params:
-        cache_dir=COHORT,
-        model_dir=lambda wc: PREDICT_MODEL,
-        out_dir=f"{OUT}/predict",
     script:
         f"{SCRIPTS}/predict.py"

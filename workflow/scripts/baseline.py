@@ -6,7 +6,8 @@ from neuromoe.smk import run
 def main(s):
     from neuromoe.baseline import run_baseline
 
-    run_baseline(s.params.cache_dir, s.input.splits, s.wildcards.split, s.params.cfg, Path(s.output[0]).parent)
+    run_baseline(Path(s.input.cohort[0]).parent, s.input.splits, s.wildcards.split, s.params.cfg,
+                 Path(s.output[0]).parent)
 
 
 run(snakemake, main)

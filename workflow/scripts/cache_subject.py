@@ -2,15 +2,19 @@ from pathlib import Path
 
 from neuromoe.smk import run
 
+MODALITIES = ("anat", "dwi", "func")
+
 
 def main(s):
     from neuromoe.cache import cache_subject, subject_paths
 
     cfg, sub = s.params.cfg, s.wildcards.subject
-    files = subject_paths(Path(s.output.record).parent.parent, sub)
-    maps = {m: s.params.maps[m] if s.params.present[m] else None for m in s.params.maps}
-    cache_subject(maps, {m: files[m] for m in maps}, cfg["cache"]["grid"], cfg["cache"]["dtype"], sub,
-                  json_path=s.output.record, patch=cfg["model"]["patch_size"])
+    folder = Path(s.output[0])
+    files = subject_paths(folder.parent, sub)
+    # inputs are named <modality>_<channel index>; a modality the subject lacks has none (recorded absent)
+    maps = {m: [str(s.input[k]) for k in sorted(s.input.keys()) if k.startswith(f"{m}_")] or None for m in MODALITIES}
+    cache_subject(maps, {m: files[m] for m in MODALITIES}, cfg["cache"]["grid"], cfg["cache"]["dtype"], sub,
+                  json_path=files["record"], patch=cfg["model"]["patch_size"])
 
 
 run(snakemake, main)

@@ -6,7 +6,8 @@ from neuromoe.smk import run
 def main(s):
     from neuromoe.explain import explain_run
 
-    explain_run(Path(s.input.run).parent, s.params.cache_dir, s.params.out_dir, part="test", figure=True)
+    explain_run(Path(s.input.run).parent, Path(s.input.cohort[0]).parent, Path(s.output.gates).parent, part="test",
+                figure=True)
 
 
 run(snakemake, main)

@@ -1,10 +1,13 @@
+from pathlib import Path
+
 from neuromoe.smk import run
 
 
 def main(s):
     from neuromoe.predict import predict_cohort
 
-    predict_cohort(s.params.model_dir, s.params.cache_dir, s.params.out_dir, explain=True)
+    predict_cohort(Path(s.input.model).parent, Path(s.input.cohort[0]).parent, Path(s.output[0]).parent,
+                   explain=True)
 
 
 run(snakemake, main)

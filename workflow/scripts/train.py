@@ -6,8 +6,9 @@ from neuromoe.smk import run
 def main(s):
     from neuromoe.train import train_run
 
+    cache_dir = Path(s.input.cohort[0]).parent
     out_dir = Path(s.output[0]).parent
-    train_run(s.params.cache_dir, s.input.splits, s.wildcards.split, s.wildcards.variant, s.params.cfg, out_dir,
+    train_run(cache_dir, s.input.splits, s.wildcards.split, s.wildcards.variant, s.params.cfg, out_dir,
               threads=s.threads)
 
 

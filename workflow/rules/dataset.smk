@@ -1,0 +1,13 @@
+# The derivatives folder's own metadata.
+
+
+rule dataset_description:
+    output:
+        f"{OUT}/derivatives/neuromoe/dataset_description.json",
+    log:
+        f"{LOGS}/dataset_description.log",
+    localrule: True
+    conda:
+        "../../envs/preproc.yaml"
+    script:
+        f"{SCRIPTS}/dataset_description.py"
