@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 demo: install
-	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --show-failed-logs
+	$(SNAKEMAKE) --cores $(CORES) --rerun-incomplete --show-failed-logs
 	$(SNAKEMAKE) --cores 1 --report results/report.html
 	@echo "Report: $(abspath results/report.html)"
 
