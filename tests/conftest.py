@@ -76,3 +76,34 @@ def workflow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (work / "snakemake.log").write_text(run.stdout + run.stderr)
     assert run.returncode == 0, f"workflow failed:\n{(run.stdout + run.stderr)[-6000:]}"
     return work
+
+
+def write_workdir(dst: Path, bids: Path) -> Path:
+    """A workflow folder: config.yaml (the repository's, pointed at ``bids``, output in ./results)."""
+    import re
+
+    dst.mkdir(parents=True, exist_ok=True)
+    text = (REPO / "config.yaml").read_text()
+    text = re.sub(r"(?m)^bids_dir:.*$", f"bids_dir: {bids}", text)
+    text = re.sub(r"(?m)^output_dir:.*$", "output_dir: results", text)
+    text = re.sub(r"(?m)^(\s+generate:)\s*true", r"\1 false", text)
+    (dst / "config.yaml").write_text(text)
+    return dst
+
+
+def subset_cohort(src: Path, dst: Path, n: int) -> Path:
+    """The first ``n`` subjects of a BIDS cohort (folders and participants.tsv rows), copied to ``dst``."""
+    import shutil
+
+    import pandas as pd
+
+    keep = sorted(p.name for p in src.glob("sub-*"))[:n]
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "participants.tsv":
+            shutil.copy2(f, dst / f.name)
+    for s in keep:
+        shutil.copytree(src / s, dst / s)
+    df = pd.read_csv(src / "participants.tsv", sep="\t", dtype=str, keep_default_na=False)
+    df[df["participant_id"].isin(keep)].to_csv(dst / "participants.tsv", sep="\t", index=False)
+    return dst

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subset_cohort, write_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or shutil.which("snakemake")
@@ -71,31 +72,8 @@ def planned(workdir: Path, *args: str) -> dict[str, int]:
     return plan(workdir, *args)[0]
 
 
-def write_workdir(dst: Path, bids: Path) -> Path:
-    """A workflow folder: config.yaml (the repository's, pointed at ``bids``) and nothing else."""
-    dst.mkdir(parents=True, exist_ok=True)
-    text = (REPO / "config.yaml").read_text()
-    text = re.sub(r"(?m)^bids_dir:.*$", f"bids_dir: {bids}", text)
-    text = re.sub(r"(?m)^output_dir:.*$", "output_dir: results", text)
-    text = re.sub(r"(?m)^(\s+generate:)\s*true", r"\1 false", text)
-    (dst / "config.yaml").write_text(text)
-    return dst
 
 
-def subset_cohort(src: Path, dst: Path, n: int) -> Path:
-    """The first ``n`` subjects of a BIDS cohort (folders and participants.tsv rows), copied to ``dst``."""
-    import pandas as pd
-
-    keep = sorted(p.name for p in src.glob("sub-*"))[:n]
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file() and f.name != "participants.tsv":
-            shutil.copy2(f, dst / f.name)
-    for s in keep:
-        shutil.copytree(src / s, dst / s)
-    df = pd.read_csv(src / "participants.tsv", sep="\t", dtype=str, keep_default_na=False)
-    df[df["participant_id"].isin(keep)].to_csv(dst / "participants.tsv", sep="\t", index=False)
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from conftest import subset_cohort, write_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
@@ -71,30 +72,8 @@ def slurm_env() -> dict[str, str]:
         print(run_bounded(["bash", STOP], timeout=120).stdout)
 
 
-def write_workdir(dst: Path, bids: Path) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    text = (REPO / "config.yaml").read_text()
-    text = re.sub(r"(?m)^bids_dir:.*$", f"bids_dir: {bids}", text)
-    text = re.sub(r"(?m)^output_dir:.*$", "output_dir: results", text)
-    text = re.sub(r"(?m)^(\s+generate:)\s*true", r"\1 false", text)
-    (dst / "config.yaml").write_text(text)
-    return dst
 
 
-def subset_cohort(src: Path, dst: Path, n: int) -> Path:
-    """The first ``n`` subjects of a BIDS cohort (folders and participants.tsv rows), copied to ``dst``."""
-    import pandas as pd
-
-    keep = sorted(p.name for p in src.glob("sub-*"))[:n]
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file() and f.name != "participants.tsv":
-            shutil.copy2(f, dst / f.name)
-    for s in keep:
-        shutil.copytree(src / s, dst / s)
-    df = pd.read_csv(src / "participants.tsv", sep="\t", dtype=str, keep_default_na=False)
-    df[df["participant_id"].isin(keep)].to_csv(dst / "participants.tsv", sep="\t", index=False)
-    return dst
 
 
 def node_size(env: dict[str, str]) -> tuple[int, int]:
