@@ -16,7 +16,7 @@ from conftest import E2E_CONFIG, E2E_SUBJECTS, REPO, snakemake_cmd
 
 from neuromoe import paths
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the first test pays for the shared run
 SUBJECTS = [f"{i:02d}" for i in range(1, E2E_SUBJECTS + 1)]
 
 
