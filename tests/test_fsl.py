@@ -485,6 +485,19 @@ def _no_fsl_env() -> dict[str, str]:
     return env
 
 
+def _stub_fsl_env(fsldir: Path) -> dict[str, str]:
+    """An environment in which every FSL program exists (as a script that fails if run) and FSL is configured."""
+    bindir = fsldir / "bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    for tool in ("bet", "flirt", "fslmaths", "eddy_correct", "eddy", "dtifit", "fslroi", "mcflirt", "fnirt",
+                 "applywarp"):
+        script = bindir / tool
+        script.write_text("#!/bin/sh\necho 'stand-in: not for running' >&2\nexit 1\n")
+        script.chmod(0o755)
+    return dict(os.environ, FSLDIR=str(fsldir), FSLOUTPUTTYPE="NIFTI_GZ",
+                PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _plans_started(tmp_path_factory) -> Iterator[dict[str, subprocess.Popen] | None]:
     """Start the workflow's plans (below) when the module starts, so they run while the other tests do."""
@@ -495,7 +508,8 @@ def _plans_started(tmp_path_factory) -> Iterator[dict[str, subprocess.Popen] | N
     bids = _tiny_bids(root)
     cmds = {
         "python": ([SNAKEMAKE, "--summary"], _workdir(root, bids, "python"), dict(os.environ)),
-        "fsl": ([SNAKEMAKE, "--summary"], _workdir(root, bids, "fsl"), dict(os.environ)),
+        # planning only: stand-in executables satisfy the start-up check (none of them is run)
+        "fsl": ([SNAKEMAKE, "--summary"], _workdir(root, bids, "fsl"), _stub_fsl_env(root / "stub fsl")),
         "fsl_absent": ([SNAKEMAKE, "--dry-run", "--quiet"], root / "fsl", _no_fsl_env()),
     }
     procs = {k: subprocess.Popen([*cmd, "--snakefile", str(REPO / "Snakefile"), "--cores", "1"], cwd=wd, env=env,
