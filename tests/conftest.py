@@ -69,7 +69,8 @@ def workflow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     work = tmp_path_factory.mktemp("e2e")
     make_cohort(work / "bids", E2E_SUBJECTS, seed=11, params=coarse_params(), n_jobs=2)
-    cfg = {"bids_dir": str(work / "bids"), "output_dir": str(work / "results"), **E2E_CONFIG}
+    # relative to the working directory, so a copy of the whole folder is the same workflow state
+    cfg = {"bids_dir": "bids", "output_dir": "results", **E2E_CONFIG}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     run = subprocess.run(snakemake_cmd(work, "--cores", "2", "--show-failed-logs"), capture_output=True, text=True,
                          timeout=1500)

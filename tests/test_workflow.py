@@ -145,17 +145,13 @@ def test_adding_a_subject_reruns_only_that_subjects_preprocessing(workflow_run: 
 
     from neuromoe.synth import make_cohort
 
-    bids = tmp_path / "bids"
-    shutil.copytree(workflow_run / "bids", bids, copy_function=shutil.copy2)  # keep mtimes: nothing changed
+    work = tmp_path / "work"  # a copy of the finished workflow (outputs, mtimes, Snakemake's records)
+    shutil.copytree(workflow_run, work, copy_function=shutil.copy2, symlinks=True)
     bigger = make_cohort(tmp_path / "bigger", E2E_SUBJECTS + 1, seed=11, params=coarse_params(), n_jobs=2)
     new = f"sub-{E2E_SUBJECTS + 1:02d}"
-    shutil.copytree(bigger / new, bids / new)
-    shutil.copy2(bigger / "participants.tsv", bids / "participants.tsv")
-    cfg = yaml.safe_load((workflow_run / "config.yaml").read_text())
-    cfg["bids_dir"] = str(bids)
-    cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    plan = _plan(workflow_run, "--configfile", str(cfg_path))
+    shutil.copytree(bigger / new, work / "bids" / new)
+    shutil.copy2(bigger / "participants.tsv", work / "bids" / "participants.tsv")
+    plan = _plan(work)
     for rule in ("anat", "dwi", "func", "cache_subject"):
         assert plan.get(rule) == 1, plan
     assert plan.get("cache_cohort") == 1
