@@ -6,7 +6,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-sys.path.insert(0, workflow.basedir)  # the neuromoe package, also inside conda envs
+sys.path.insert(0, workflow.basedir)  # the neuromoe package for the Snakefile itself
 
 from neuromoe import paths
 from neuromoe.bids import MODALITIES, validate_dataset
