@@ -36,6 +36,7 @@ from sklearn.preprocessing import StandardScaler
 
 from neuromoe.errors import InputError
 from neuromoe.metrics import compute_metrics
+from neuromoe.splits import split_rows
 
 VARIANT = "baseline"
 REGIONS = (2, 2, 2)
@@ -138,24 +139,6 @@ def fit_predict(features: pd.DataFrame, y: np.ndarray, parts: Mapping[str, Seque
             prob[:, seen] = pipe.predict_proba(features.loc[rows].to_numpy())
         out[part] = prob
     return pipe, out
-
-
-def split_rows(index: pd.DataFrame, splits_tsv: str | Path, split_id: str) -> dict[str, list[int]]:
-    """Cache rows of each part (train, val, test) of ``split_id``; ids matched without ``sub-``."""
-    from neuromoe.splits import read_splits, split_parts
-
-    try:
-        parts = split_parts(read_splits(splits_tsv), split_id)
-    except KeyError as err:
-        raise InputError(str(err.args[0]), path=splits_tsv, fix="use a split id from the table") from err
-    row_of = dict(zip(index["participant_id"].astype(str).str.removeprefix("sub-"), index["row"].astype(int),
-                      strict=True))
-    unknown = [i for ids in parts.values() for i in ids if i not in row_of]
-    if unknown:
-        raise InputError(f"split {split_id} names subject(s) not in the cohort cache: "
-                         + ", ".join(f"sub-{i}" for i in unknown[:5]), path=splits_tsv,
-                         fix="rebuild the splits from the same participants as the cache")
-    return {p: sorted(row_of[i] for i in ids) for p, ids in parts.items()}
 
 
 def run_baseline(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, cfg: Mapping[str, Any],

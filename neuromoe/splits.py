@@ -259,3 +259,19 @@ def split_ids(splits: pd.DataFrame) -> list[str]:
         return seed, fold or 0
 
     return sorted(splits["split_id"].unique(), key=key)
+
+
+def split_rows(index: pd.DataFrame, splits_tsv: str | Path, split_id: str) -> dict[str, list[int]]:
+    """Cache rows of each part (train, val, test) of ``split_id``; ids matched without ``sub-``."""
+    try:
+        parts = split_parts(read_splits(splits_tsv), split_id)
+    except KeyError as err:
+        raise InputError(str(err.args[0]), path=splits_tsv, fix="use a split id from the table") from err
+    row_of = dict(zip(index["participant_id"].astype(str).str.removeprefix("sub-"), index["row"].astype(int),
+                      strict=True))
+    unknown = [i for ids in parts.values() for i in ids if i not in row_of]
+    if unknown:
+        raise InputError(f"split {split_id} names subject(s) not in the cohort cache: "
+                         + ", ".join(f"sub-{i}" for i in unknown[:5]), path=splits_tsv,
+                         fix="rebuild the splits from the same participants as the cache")
+    return {p: sorted(row_of[i] for i in ids) for p, ids in parts.items()}

@@ -263,25 +263,12 @@ def part_metrics(pred: Mapping[str, np.ndarray], weights: np.ndarray,
 # train_run
 # ---------------------------------------------------------------------------------------------
 def _split_rows(index: pd.DataFrame, splits_tsv: str | Path, split_id: str) -> dict[str, list[int]]:
-    """Cache rows of each part of ``split_id`` (ids matched without the ``sub-`` prefix)."""
-    from neuromoe.splits import read_splits, split_parts
+    """Cache rows of each part of ``split_id`` (``neuromoe.splits.split_rows``); train and val must be non-empty."""
+    from neuromoe.splits import split_rows
 
-    try:
-        parts = split_parts(read_splits(splits_tsv), split_id)
-    except KeyError as err:
-        raise InputError(str(err.args[0]), path=splits_tsv, fix="use a split id from the table") from err
-    ids = index["participant_id"].astype(str).str.removeprefix("sub-")
-    row_of = dict(zip(ids, index["row"], strict=True))
-    out: dict[str, list[int]] = {}
-    for part, ids in parts.items():
-        unknown = [i for i in ids if i not in row_of]
-        if unknown:
-            raise InputError(f"split {split_id} names subject(s) not in the cohort cache: "
-                             + ", ".join(f"sub-{i}" for i in unknown[:5]), path=splits_tsv,
-                             fix="rebuild the splits from the same participants as the cache")
-        out[part] = sorted(int(row_of[i]) for i in ids)
+    out = split_rows(index, splits_tsv, split_id)
     for part in ("train", "val"):
-        if not out[part]:
+        if not out.get(part):
             raise InputError(f"split {split_id} has no {part} subjects", path=splits_tsv,
                              fix="regenerate the splits (each needs train and val subjects)")
     return out
