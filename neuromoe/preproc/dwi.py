@@ -15,6 +15,7 @@ Motion correction is rigid (head motion); eddy-current distortions are not model
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -255,6 +256,28 @@ def _write_text(path: str, text: str) -> None:
     Path(path).write_text(text)
 
 
+def load_inputs(inputs: Mapping[str, str], subject: str, b0_threshold: float
+                ) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray]:
+    """The DWI (4D), bvals (N,) and bvecs (3, N), checked; the anat-stage inputs must exist (checked now, before
+    the slow part). Shared by the python and fsl backends."""
+    from neuromoe.bids import read_gradients
+    from neuromoe.imageio import load_image
+
+    sub = _sub(subject)
+    img = load_image(inputs["dwi"], subject=subject, ndim=4)
+    try:
+        bvals, bvecs = read_gradients(Path(inputs["bval"]), Path(inputs["bvec"]))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the gradient table ({exc})", subject=sub, path=inputs["bval"],
+                         fix="bval: one line of numbers; bvec: three lines of numbers") from exc
+    check_gradients(bvals, bvecs, img.shape[3], b0_threshold, subject, dict(inputs))
+    for key in ("anat_brain", "anat_mask", "anat_xfm"):
+        if not Path(inputs[key]).exists():
+            raise InputError("file not found (an output of the anat stage).", subject=sub, path=inputs[key],
+                             fix="run the anat stage for this subject first")
+    return img, bvals, bvecs
+
+
 def run_dwi(inputs: dict[str, str], outputs: dict[str, str], subject: str, config: dict,
             threads: int = 1) -> dict[str, str]:
     """The dwi stage for one subject; writes every ``dwi_*`` and ``qc_dwi_*`` output (see neuromoe.paths).
@@ -270,25 +293,13 @@ def run_dwi(inputs: dict[str, str], outputs: dict[str, str], subject: str, confi
     T1w brain (rigid, MI), compose with T1w -> MNI and resample the maps onto the MNI 2 mm grid in one
     interpolation; QC figures. Returns ``outputs``.
     """
-    from neuromoe.bids import read_gradients
     from neuromoe.imageio import load_image, new_image, save_map, save_mask
     from neuromoe.preproc import registration as reg
 
     sub = _sub(subject)
     b0_threshold, method = _config(config)
-    img = load_image(inputs["dwi"], subject=subject, ndim=4)
-    try:
-        bvals, bvecs = read_gradients(Path(inputs["bval"]), Path(inputs["bvec"]))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the gradient table ({exc})", subject=sub, path=inputs["bval"],
-                         fix="bval: one line of numbers; bvec: three lines of numbers") from exc
+    img, bvals, bvecs = load_inputs(inputs, subject, b0_threshold)
     n_vol = img.shape[3]
-    check_gradients(bvals, bvecs, n_vol, b0_threshold, subject, inputs)
-    # Anatomical inputs are needed only at the end: check them now rather than after the slow part.
-    for key in ("anat_brain", "anat_mask", "anat_xfm"):
-        if not Path(inputs[key]).exists():
-            raise InputError("file not found (an output of the anat stage).", subject=sub, path=inputs[key],
-                             fix="run the anat stage for this subject first")
     data = np.asarray(img.dataobj, dtype=np.float32)
     if not np.isfinite(data).all():
         raise StageError("the DWI contains NaN or infinite values", subject=sub, stage=STAGE,

@@ -906,8 +906,7 @@ def run_dwi_fsl(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: 
     config: reads ``preprocessing.dwi`` (b0_threshold, fit_method: WLS -> dtifit --wls, otherwise OLS; NLLS is
     not in dtifit and falls back to WLS) and ``preprocessing.fsl``.
     """
-    from neuromoe.bids import read_gradients
-    from neuromoe.imageio import load_image, new_image, save_map, save_mask
+    from neuromoe.imageio import new_image, save_map, save_mask
     from neuromoe.preproc import dwi as D
     from neuromoe.preproc import registration as reg
     from neuromoe.preproc.motion import rotate_bvecs
@@ -919,17 +918,7 @@ def run_dwi_fsl(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: 
     if method.upper() == "NLLS":
         log.warning("%s: dtifit has no NLLS fit; using its weighted least squares (--wls)", sub)
     _require(opts, stage, subject)
-    img = load_image(inputs["dwi"], subject=subject, ndim=4)
-    try:
-        bvals, bvecs = read_gradients(Path(inputs["bval"]), Path(inputs["bvec"]))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the gradient table ({exc})", subject=sub, path=inputs["bval"],
-                         fix="bval: one line of numbers; bvec: three lines of numbers") from exc
-    D.check_gradients(bvals, bvecs, img.shape[3], b0_threshold, subject, dict(inputs))
-    for key in ("anat_brain", "anat_mask", "anat_xfm"):
-        if not Path(inputs[key]).exists():
-            raise InputError("file not found (an output of the anat stage).", subject=sub, path=inputs[key],
-                             fix="run the anat stage for this subject first")
+    img, bvals, bvecs = D.load_inputs(inputs, subject, b0_threshold)
     b0_idx = np.flatnonzero(bvals <= b0_threshold)
     t0 = time.perf_counter()
     with _workdir(stage, subject) as work:
