@@ -119,6 +119,7 @@ class TrainConfig:
     seed: int = 0
     min_lr: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    flip_lr: float = 0.0  # probability of mirroring a training sample left-right (see ``augment``)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -133,6 +134,8 @@ class TrainConfig:
                              f"min_lr={tc.min_lr}")
         if tc.patience < 1 or tc.warmup_epochs < 0 or tc.num_workers < 0:
             raise ValueError(f"train.patience >= 1, warmup_epochs >= 0, num_workers >= 0; got {tc}")
+        if not 0.0 <= tc.flip_lr <= 1.0:
+            raise ValueError(f"train.flip_lr is a probability in [0, 1], got {tc.flip_lr}")
         if tc.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be auto, cpu or cuda, got {tc.device!r}")
         return tc
@@ -196,15 +199,46 @@ def _autocast(dev: torch.device) -> Any:
     return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
 
+def augment(images: dict[str, Tensor], flip_lr: float) -> dict[str, Tensor]:
+    """Mirror each sample left-right (grid axis D, MNI x -> -x) with probability ``flip_lr``.
+
+    All modalities of a sample are mirrored together. The draw comes from torch's global generator on
+    the CPU (seeded per epoch by ``train_run``), so a run is reproducible and resumable and a CUDA run
+    draws the same flips as a CPU run. Only meaningful on a grid symmetric about the mid-sagittal plane
+    (``check_flip_grid``) and for effects that are not lateralised; set ``train.flip_lr: 0`` otherwise.
+    """
+    if flip_lr <= 0 or not images:
+        return images
+    b = next(iter(images.values())).shape[0]
+    flip = (torch.rand(b) < flip_lr).view(b, 1, 1, 1, 1)
+    out = {}
+    for m, x in images.items():
+        f = flip.to(x.device, non_blocking=True)
+        out[m] = torch.where(f, x.flip(2), x)
+    return out
+
+
+def check_flip_grid(affine: Sequence[Sequence[float]], grid: Sequence[int]) -> None:
+    """ValueError unless the grid's first axis runs along x and is centred on x = 0 (so a flip of that
+    axis is the mirror x -> -x of the symmetric MNI template)."""
+    a = np.asarray(affine, dtype=float)
+    centre_x = a[0, 3] + a[0, 0] * (grid[0] - 1) / 2.0
+    if not (np.allclose(a[1:3, 0], 0) and np.allclose(a[0, 1:3], 0) and abs(centre_x) < 0.25 * abs(a[0, 0])):
+        raise ValueError(f"train.flip_lr > 0 needs a cache grid whose first axis is x, centred on x = 0 mm "
+                         f"(MNI mid-sagittal plane); this cache's grid is centred on x = {centre_x:.2f} mm. "
+                         "Set train.flip_lr: 0 or rebuild the cache with the workflow's MNI grid")
+
+
 def train_step(model: NeuroMoE, opt: torch.optim.Optimizer, batch: Mapping[str, Tensor],
                dev: torch.device, weights: Tensor | None, balance_lambda: float,
-               grad_clip: float = 0.0) -> dict[str, float]:
+               grad_clip: float = 0.0, flip_lr: float = 0.0) -> dict[str, float]:
     """One optimiser step on a collated batch (bf16 autocast on CUDA); the learning rate is the caller's.
 
     Returns {"loss", "wce", "balance"} (batch means), {"correct", "n"} (counts) as floats.
     """
     model.train()
     images, clin, present, y = _to_device(batch, model.cfg.experts, dev)
+    images = augment(images, flip_lr)
     with _autocast(dev):
         out = model(images, clin, present)
     loss, parts = moe_loss(out, y, weights, balance_lambda)
@@ -383,6 +417,8 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
         torch.set_num_threads(int(threads))
     data = prepare_data(cache_dir, splits_tsv, split_id, experts, cfg)
     classes = data.cohort.labels
+    if tc.flip_lr > 0:
+        check_flip_grid(data.cohort.manifest["affine"], data.cohort.grid)
     mcfg = ModelConfig.from_dict({**cfg.get("model", {}), "experts": experts, "use_gate": use_gate,
                                   "channels": {m: len(c) for m, c in data.cohort.channels.items()},
                                   "grid": data.cohort.grid, "n_clinical": len(data.preprocessor.columns),
@@ -446,7 +482,7 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
                 lr = lr_at(state["step"], tc.lr, warmup, total, tc.min_lr)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                r = train_step(model, opt, batch, dev, weights_dev, lam, tc.grad_clip)
+                r = train_step(model, opt, batch, dev, weights_dev, lam, tc.grad_clip, tc.flip_lr)
                 state["step"] += 1
                 for k in ("loss", "wce", "balance"):
                     sums[k] += r[k] * r["n"]

@@ -35,6 +35,8 @@ from neuromoe.train import (
     EpochSampler,
     StopRun,
     TrainConfig,
+    augment,
+    check_flip_grid,
     load_model,
     lr_at,
     train_run,
@@ -146,6 +148,32 @@ def test_train_config_checks() -> None:
     assert TrainConfig.from_dict({"lr": 0.5, "unrelated": 1}).lr == 0.5
     with pytest.raises(ValueError, match="train.batch_size"):
         TrainConfig.from_dict({"batch_size": 0})
+    with pytest.raises(ValueError, match="train.flip_lr"):
+        TrainConfig.from_dict({"flip_lr": 1.5})
+
+
+def test_flip_augmentation_mirrors_whole_subjects_left_right() -> None:
+    x = torch.arange(2 * 4 * 3 * 2 * 2, dtype=torch.float32).view(2, 4, 3, 2, 2)  # (B, C, D, H, W)
+    images = {"anat": x[:, :1], "dwi": x[:, 1:3]}
+    assert augment(images, 0.0) is images
+    both = augment(images, 1.0)
+    assert torch.equal(both["anat"][:, :, 0], x[:, :1, -1]) and torch.equal(both["dwi"], x[:, 1:3].flip(2))
+    torch.manual_seed(0)
+    big = {"anat": torch.randn(400, 1, 4, 2, 2), "func": torch.randn(400, 2, 4, 2, 2)}
+    torch.manual_seed(1)
+    out = augment(big, 0.5)
+    flipped = [torch.equal(out["anat"][i], big["anat"][i].flip(1)) for i in range(400)]
+    # The same subjects are mirrored in every modality, about half of them.
+    assert flipped == [torch.equal(out["func"][i], big["func"][i].flip(1)) for i in range(400)]
+    assert 150 < sum(flipped) < 250
+    torch.manual_seed(1)
+    assert torch.equal(augment(big, 0.5)["anat"], out["anat"])  # reproducible from the seed
+
+
+def test_flip_needs_a_grid_centred_on_the_midline() -> None:
+    check_flip_grid([[7.5, 0, 0, -86.25], [0, 7.5, 0, -103.25], [0, 0, 7.5, -81.25], [0, 0, 0, 1]], (24, 24, 24))
+    with pytest.raises(ValueError, match="flip_lr.*x = 3.75 mm"):
+        check_flip_grid([[7.5, 0, 0, -82.5], [0, 7.5, 0, 0], [0, 0, 7.5, 0], [0, 0, 0, 1]], (24, 24, 24))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +328,7 @@ def test_training_run_learns_and_writes_its_outputs(cohort: dict[str, Path], tmp
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(cohort: dict[str, Path], tmp_path: Path) -> None:
-    cfg = make_cfg(epochs=4)
+    cfg = make_cfg(epochs=4, flip_lr=0.5)  # augmentation draws are replayed on resume too
     run(cohort, tmp_path / "a", cfg=cfg)
     partial = run(cohort, tmp_path / "b", cfg=cfg, max_epochs_this_run=2)
     assert partial == {"finished": False, "epochs_run": 2, "split_id": "holdout-s0", "variant": "full"}
