@@ -206,8 +206,26 @@ def test_paper_defaults() -> None:
     cfg = ModelConfig()
     assert (cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.patch_size) == (256, 4, 8, 4.0, 4)
     assert cfg.clin_hidden == (128, 64) and cfg.expert_hidden == 128 and cfg.gate_hidden == 64
-    assert cfg.n_tokens == 4096
+    assert cfg.n_tokens == 4096 and cfg.pooling == "mean"
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    old = cfg.to_dict()
+    del old["pooling"]  # a model saved before the key existed loads with the paper's pooling
+    assert ModelConfig.from_dict(old) == cfg
+
+
+def test_max_pooling_passes_the_largest_token_and_mean_the_average() -> None:
+    torch.manual_seed(0)
+    mean_m = NeuroMoE(tiny())
+    max_m = NeuroMoE(tiny(pooling="max"))
+    max_m.load_state_dict(mean_m.state_dict())  # same weights; pooling has none
+    images, _ = inputs(tiny(), B=3)
+    enc_mean, enc_max = mean_m.encoders["dwi"].eval(), max_m.encoders["dwi"].eval()
+    tokens = []
+    enc_mean.ln_f.register_forward_hook(lambda mod, i, o: tokens.append(o))
+    with torch.no_grad():
+        h_mean, h_max = enc_mean(images["dwi"]), enc_max(images["dwi"])
+    torch.testing.assert_close(h_mean, tokens[0].mean(1))
+    torch.testing.assert_close(h_max, tokens[0].amax(1))
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -222,6 +240,7 @@ def test_paper_defaults() -> None:
     ({"n_clinical": 0}, "n_clinical is 0"),
     ({"grid": (8, 8)}, "grid must be 3 positive ints"),
     ({"clin_hidden": ()}, "clin_hidden"),
+    ({"pooling": "cls"}, r"pooling must be one of \('mean', 'max'\)"),
 ])
 def test_bad_config_raises_value_error_naming_the_value(kw, match) -> None:
     with pytest.raises(ValueError, match=match):
