@@ -14,6 +14,11 @@ ground truth in ``derivatives/synth-truth``):
 
 Results are printed and written as JSON (machine noted) under ``bench/results/``.
 
+The working folder: a copy of ``config.yaml`` with ``synthetic.subjects: 120`` (the recorded results; the
+demo's 60 work too), run up to the splits, which needs the cache (about 37 s CPU per subject)::
+
+    snakemake --cores 8 --configfile study.yaml splits
+
 Usage::
 
     python bench/fusion_study.py signal --workdir /path/to/finished/workflow
