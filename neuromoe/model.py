@@ -196,7 +196,7 @@ class VolumeEncoder(nn.Module):
 
     ``cfg.pooling``: ``mean`` (the paper's) averages the tokens, so a change confined to one or two of the
     N patches is diluted N-fold in the subject's vector; ``max`` takes each feature's largest token value,
-    so a focal change reaches the head undiluted (on the demo cohort, 120 subjects, it is what lets a
+    so a focal change reaches the head undiluted (on a 120-subject version of the demo cohort it is what lets a
     single-modality expert learn its regions at all: see README "Measured here").
     """
 
