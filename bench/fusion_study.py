@@ -14,10 +14,11 @@ ground truth in ``derivatives/synth-truth``):
 
 Results are printed and written as JSON (machine noted) under ``bench/results/``.
 
-The working folder: a copy of ``config.yaml`` with ``synthetic.subjects: 120`` (the recorded results; the
-demo's 60 work too), run up to the splits, which needs the cache (about 37 s CPU per subject)::
+The working folder: a fresh clone whose ``config.yaml`` says ``synthetic.subjects: 120`` (the recorded
+results; a finished demo folder, 60 subjects, works as it is), run up to the splits, which need the cache
+(about 37 s CPU per subject)::
 
-    snakemake --cores 8 --configfile study.yaml splits
+    snakemake --cores 8 splits
 
 Usage::
 
@@ -31,8 +32,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,13 +43,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def machine() -> dict:
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-            "cuda": torch.cuda.is_available(), "loadavg_1min": os.getloadavg()[0]}
+from train_bench import machine  # noqa: E402  (CPU model, cores, torch, CUDA device, load)
 
 
 def load_workdir(workdir: Path) -> tuple[dict, Path, Path, Path]:
@@ -146,7 +141,7 @@ def variants(workdir: Path, names: list[str], split_ids: list[str], overrides: l
                       "best_epochs": [r["best_epoch"] for r in rs], "test_gate_by_true_profile": by_profile}
         print(f"{v:10s} test balanced accuracy {np.mean(acc):.3f} +- {summary[v]['test_balanced_accuracy_sd']:.3f}"
               f"  per split {[round(a, 3) for a in acc]}")
-        if v not in ("no_gate",) and len(gates) > 1:
+        if v != "no_gate" and len(gates) > 1:
             for prof, w in by_profile.items():
                 print(f"           gate, true profile {prof:4s}: " + ", ".join(f"{k[5:]} {x:.2f}"
                                                                              for k, x in w.items()))

@@ -209,13 +209,9 @@ def augment(images: dict[str, Tensor], flip_lr: float) -> dict[str, Tensor]:
     """
     if flip_lr <= 0 or not images:
         return images
-    b = next(iter(images.values())).shape[0]
-    flip = (torch.rand(b) < flip_lr).view(b, 1, 1, 1, 1)
-    out = {}
-    for m, x in images.items():
-        f = flip.to(x.device, non_blocking=True)
-        out[m] = torch.where(f, x.flip(2), x)
-    return out
+    x0 = next(iter(images.values()))
+    flip = (torch.rand(x0.shape[0]) < flip_lr).view(-1, 1, 1, 1, 1).to(x0.device, non_blocking=True)
+    return {m: torch.where(flip, x.flip(2), x) for m, x in images.items()}
 
 
 def check_flip_grid(affine: Sequence[Sequence[float]], grid: Sequence[int]) -> None:
