@@ -12,6 +12,13 @@ ground truth in ``derivatives/synth-truth``):
   and averaged, with the test-fold gate weights grouped by each subject's true latent profile (a gate that
   learned the fusion problem puts most weight on the profile's modality).
 
+- ``oracle``: the generator's design alone, without images. Each subject's true region read-outs (an
+  effect present: 4 SD, plus unit noise) and clinical table come from ``neuromoe.synth.subject_plan``; a
+  small mixture of experts (one 2-feature expert per modality, a clinical expert, the clinical gate, the
+  workflow's loss) is trained on the workflow's split protocol. Its balanced accuracies bound what the
+  deep model can reach on a cohort of that size and design, so a design in which routing does not beat
+  the best single modality here cannot pass issue 7 with any encoder. Takes seconds; no workflow needed.
+
 Results are printed and written as JSON (machine noted) under ``bench/results/``.
 
 The working folder: a fresh clone whose ``config.yaml`` says ``synthetic.subjects: 120`` (the recorded
@@ -22,6 +29,7 @@ results; a finished demo folder, 60 subjects, works as it is), run up to the spl
 
 Usage::
 
+    python bench/fusion_study.py oracle --subjects 60 --synth control_profile_distractors=True --tag first
     python bench/fusion_study.py signal --workdir /path/to/finished/workflow
     python bench/fusion_study.py variants --workdir W --variants full,no_gate,only_dwi \\
         --splits cv-s0-f0,cv-s0-f1,cv-s0-f2 --set model.pooling=max train.lr=0.003 --jobs 2 --tag max
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +55,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from train_bench import machine  # noqa: E402  (CPU model, cores, torch, CUDA device, load)
+
+from neuromoe.splits import PARTS  # noqa: E402
 
 
 def load_workdir(workdir: Path) -> tuple[dict, Path, Path, Path]:
@@ -93,6 +104,107 @@ def signal(workdir: Path) -> dict:
         print(f"{r['modality']:5s} {r['role']} {r['region']:20s} {r['channel']:6s} voxels {r['grid_voxels']:3d} "
               f"n {r['n_with_effect']:3d}/{r['n_without']:3d}  d = {r['cohens_d']:+.2f}")
     return {"cache": str(cache_dir), "n_subjects": len(c), "grid": list(grid), "regions": out}
+
+
+ORACLE_VARIANTS = {"full": ("anat", "dwi", "func", "clin"), "no_gate": ("anat", "dwi", "func", "clin"),
+                   "only_anat": ("anat",), "only_dwi": ("dwi",), "only_func": ("func",), "only_clin": ("clin",)}
+
+
+def _oracle_cohort(n: int, seed: int, params) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
+    from neuromoe.synth import DIAGNOSES, MODALITIES, subject_plan
+
+    rng = np.random.default_rng(seed)
+    plans = [subject_plan(k, seed, params) for k in range(1, n + 1)]
+    x = np.array([[[p.effects[m][r] > 0 for r in "AB"] for m in MODALITIES] for p in plans], float)
+    x = 4.0 * x + rng.standard_normal(x.shape)
+    cols = ["age", "updrs3", "moca", "rbdsq", "serum_nfl", "serum_asyn"]
+    clin = pd.DataFrame([{c: p.clinical[c] for c in cols} for p in plans], dtype=float)
+    clin[["serum_nfl", "serum_asyn"]] = np.log(clin[["serum_nfl", "serum_asyn"]])
+    clin["sex"] = [float(p.clinical["sex"] == "M") for p in plans]
+    y = np.array([DIAGNOSES.index(p.diagnosis) for p in plans])
+    part = pd.DataFrame({"participant_id": [p.subject for p in plans], "diagnosis": [p.diagnosis for p in plans],
+                         "profile": [p.profile for p in plans]})
+    return x, clin.to_numpy(), y, part
+
+
+def _oracle_fit(x, clin, y, tr, va, te, experts, gate: bool, seed: int,
+                epochs: int = 300) -> tuple[float, np.ndarray]:
+    import torch
+    from sklearn.metrics import balanced_accuracy_score
+    from torch import nn
+    from torch.nn import functional as F
+
+    med = np.nanmedian(clin[tr], axis=0)
+    c = np.where(np.isnan(clin), med, clin)
+    c = (c - c[tr].mean(0)) / (c[tr].std(0) + 1e-6)
+    xt, ct, yt = (torch.tensor(a, dtype=torch.float32) for a in (x, c, y))
+    yt = yt.long()
+    mods = {"anat": 0, "dwi": 1, "func": 2}
+    torch.manual_seed(seed)
+    heads = nn.ModuleList([nn.Sequential(nn.Linear(2 if e in mods else ct.shape[1], 16), nn.ReLU(),
+                                         nn.Linear(16, 3)) for e in experts])
+    gate_net = nn.Sequential(nn.Linear(ct.shape[1], 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, len(experts)))
+    params = list(heads.parameters()) + (list(gate_net.parameters()) if gate else [])
+    opt = torch.optim.AdamW(params, 3e-3, weight_decay=1e-2)
+    counts = np.bincount(y[tr], minlength=3)
+    weight = torch.tensor(len(tr) / (3 * np.maximum(counts, 1)), dtype=torch.float32)
+
+    def forward(idx):
+        lp = torch.stack([F.log_softmax(h(xt[idx, mods[e]] if e in mods else ct[idx]), -1)
+                          for e, h in zip(experts, heads, strict=True)], 1)
+        lw = F.log_softmax(gate_net(ct[idx]), -1) if gate else torch.full((len(idx), len(experts)),
+                                                                         -math.log(len(experts)))
+        return torch.logsumexp(lw.unsqueeze(-1) + lp, 1), lw.exp()
+
+    best, state = float("inf"), None
+    for _ in range(epochs):
+        heads.train(), gate_net.train()
+        lp, w = forward(tr)
+        loss = F.nll_loss(lp, yt[tr], weight=weight) + 0.1 * ((w.mean(0) - 1 / len(experts)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        heads.eval(), gate_net.eval()
+        with torch.no_grad():
+            vl = F.nll_loss(forward(va)[0], yt[va], weight=weight).item()
+        if vl < best:
+            best, state = vl, [{k: v.clone() for k, v in m.state_dict().items()} for m in (heads, gate_net)]
+    heads.load_state_dict(state[0]), gate_net.load_state_dict(state[1])
+    heads.eval(), gate_net.eval()
+    with torch.no_grad():
+        lp, w = forward(te)
+    return float(balanced_accuracy_score(y[te], lp.argmax(1).numpy())), w.numpy()
+
+
+def oracle(n: int, synth: list[str], folds: int, seeds: list[int], data_seed: int = 42) -> dict:
+    import torch
+
+    from neuromoe.splits import make_splits
+    from neuromoe.synth import SynthParams
+
+    torch.set_num_threads(1)
+    params = SynthParams(**{k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in synth)})
+    x, clin, y, part = _oracle_cohort(n, data_seed, params)
+    splits = make_splits(part, "cv", folds=folds, seeds=seeds, val_fraction=0.2)
+    pos = {s: i for i, s in enumerate(part["participant_id"])}
+    summary = {}
+    for v, experts in ORACLE_VARIANTS.items():
+        accs, gates = [], []
+        for sid, g in splits.groupby("split_id", sort=True):
+            idx = {pt: np.array([pos[s] for s in g.loc[g["part"] == pt, "participant_id"]]) for pt in PARTS}
+            acc, w = _oracle_fit(x, clin, y, idx["train"], idx["val"], idx["test"], experts, v == "full",
+                                 seed=int(sid.split("-")[1][1:]))
+            accs.append(acc)
+            profile = part["profile"].to_numpy()[idx["test"]]
+            gates.append(pd.DataFrame(w, columns=list(experts)).assign(profile=profile))
+        summary[v] = {"test_balanced_accuracy_mean": float(np.mean(accs)),
+                      "test_balanced_accuracy_sd": float(np.std(accs, ddof=1)),
+                      "per_split": [round(a, 4) for a in accs]}
+        if v == "full":
+            summary[v]["test_gate_by_true_profile"] = (pd.concat(gates).groupby("profile").mean().round(3)
+                                                       .to_dict("index"))
+        print(f"{v:10s} test balanced accuracy {np.mean(accs):.3f} +- {summary[v]['test_balanced_accuracy_sd']:.3f}")
+    return {"subjects": n, "synth": synth, "folds": folds, "seeds": seeds, "variants": summary}
 
 
 def _override(cfg: dict, items: list[str]) -> dict:
@@ -153,6 +265,11 @@ def variants(workdir: Path, names: list[str], split_ids: list[str], overrides: l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("oracle")
+    o.add_argument("--subjects", type=int, default=60)
+    o.add_argument("--synth", nargs="*", default=[], help="SynthParams overrides name=value")
+    o.add_argument("--folds", type=int, default=3)
+    o.add_argument("--seeds", default="0,1")
     s = sub.add_parser("signal")
     s.add_argument("--workdir", type=Path, required=True)
     v = sub.add_parser("variants")
@@ -162,11 +279,13 @@ def main() -> None:
     v.add_argument("--set", nargs="*", default=[], help="config overrides section.key=value")
     v.add_argument("--jobs", type=int, default=2)
     v.add_argument("--runs-dir", type=Path, default=Path("/tmp/neuromoe_fusion_study"))
-    for p in (s, v):
+    for p in (o, s, v):
         p.add_argument("--tag", default="")
         p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args()
-    if a.cmd == "signal":
+    if a.cmd == "oracle":
+        res = oracle(a.subjects, a.synth, a.folds, [int(x) for x in a.seeds.split(",")])
+    elif a.cmd == "signal":
         res = signal(a.workdir)
     else:
         res = variants(a.workdir, a.variants.split(","), a.splits.split(","), a.set, a.jobs,

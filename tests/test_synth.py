@@ -120,14 +120,18 @@ def test_subject_ids_and_params_validation():
         SynthParams(n_directions=80)
 
 
-def test_diagnosis_balanced_and_profile_uniform(plans):
+def test_diagnosis_and_profile_balanced(plans):
     diag = [p.diagnosis for p in plans]
     for b in range(0, len(diag), 3):        # every block of three holds one of each group
         assert sorted(diag[b:b + 3]) == sorted(DIAGNOSES)
-    prof = pd.Series([p.profile for p in plans])
-    # Uniform and independent of diagnosis: every (diagnosis, profile) cell within 1/9 +- 0.035.
-    cells = pd.crosstab(pd.Series(diag), prof, normalize=True)
-    assert np.all(np.abs(cells.values - 1 / 9) < 0.035), cells
+    # Every block of nine holds each (diagnosis, profile) pair once, so the cells of any cohort of 9n
+    # are equal and profile is independent of diagnosis.
+    for b in range(0, len(plans) - 8, 9):
+        pairs = sorted((p.diagnosis, p.profile) for p in plans[b:b + 9])
+        assert pairs == sorted((d, m) for d in DIAGNOSES for m in MODALITIES), pairs
+    # ...and the order within a block is not fixed: each diagnosis's first subject takes every profile.
+    firsts = pd.Series([p.profile for p in plans[::9]])
+    assert set(firsts) == set(MODALITIES)
 
 
 def test_effects_follow_profile_and_distractor_rate(plans):
@@ -137,9 +141,10 @@ def test_effects_follow_profile_and_distractor_rate(plans):
             for role in ("A", "B"):
                 cause, strength = p.causes[m][role], p.effects[m][role]
                 assert (cause is None) == (strength == 0.0)
-                if p.diagnosis != "HC" and m == p.profile:
-                    # The disease region, and only it, changes in the profile modality.
-                    assert cause == ("disease" if role == DISEASE_ROLE[p.diagnosis] else None)
+                if m == p.profile:
+                    # The disease region, and only it, changes in the profile modality (nothing in a control).
+                    disease = p.diagnosis != "HC" and role == DISEASE_ROLE[p.diagnosis]
+                    assert cause == ("disease" if disease else None)
                 else:
                     assert cause in (None, "distractor")
                     distractor_draws += 1
@@ -160,7 +165,8 @@ def test_profile_readable_from_markers_diagnosis_only_weakly_from_clinic(plans):
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     x = np.column_stack([df["moca"], np.log(df["serum_nfl"]), np.log(df["serum_asyn"])])
     acc_profile = cross_val_score(clf, x, df["profile"], cv=5).mean()
-    assert 0.85 <= acc_profile <= 0.96, f"profile recovered {acc_profile:.3f} of the time from the markers"
+    # marker_separation 4 SD: a gate reading the three markers can route almost every subject.
+    assert acc_profile >= 0.97, f"profile recovered {acc_profile:.3f} of the time from the markers"
     # Markers do not carry the diagnosis...
     acc_markers_dx = cross_val_score(clf, x, df["diagnosis"], cv=5).mean()
     assert acc_markers_dx < 0.42, f"markers alone predict the diagnosis {acc_markers_dx:.3f}"
