@@ -17,19 +17,22 @@ ground truth in ``derivatives/synth-truth``):
   small mixture of experts (one 2-feature expert per modality, a clinical expert, the clinical gate, the
   workflow's loss) is trained on the workflow's split protocol. Its balanced accuracies bound what the
   deep model can reach on a cohort of that size and design, so a design in which routing does not beat
-  the best single modality here cannot pass issue 7 with any encoder. Takes seconds; no workflow needed.
+  the best single modality here cannot pass issue 7 with any encoder. About a minute; no workflow needed.
 
 Results are printed and written as JSON (machine noted) under ``bench/results/``.
 
-The working folder: a fresh clone whose ``config.yaml`` says ``synthetic.subjects: 120`` (the recorded
-results; a finished demo folder, 60 subjects, works as it is), run up to the splits, which need the cache
-(about 37 s CPU per subject)::
+The working folder for ``signal`` and ``variants``: a fresh clone, optionally with more subjects in
+``config.yaml`` (``synthetic.subjects``; a finished demo folder works as it is), run up to the splits,
+which need the cache (about 37 s CPU per subject). Recorded results: ``*_demo120*``, ``*_demo60_max``,
+``*lowdistractor90*`` and ``*_try_*`` on the first cohort design (``control_profile_distractors=True``,
+``marker_separation=2.4``, profiles drawn per subject), ``*_cohort2_*`` on the current one::
 
     snakemake --cores 8 splits
 
 Usage::
 
-    python bench/fusion_study.py oracle --subjects 60 --synth control_profile_distractors=True --tag first
+    python bench/fusion_study.py oracle --subjects 60 --folds 5 --synth control_profile_distractors=True \\
+        marker_separation=2.4 --tag first_design_60
     python bench/fusion_study.py signal --workdir /path/to/finished/workflow
     python bench/fusion_study.py variants --workdir W --variants full,no_gate,only_dwi \\
         --splits cv-s0-f0,cv-s0-f1,cv-s0-f2 --set model.pooling=max train.lr=0.003 --jobs 2 --tag max
