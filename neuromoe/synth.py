@@ -1054,15 +1054,17 @@ cross-validation, 3 balanced classes, chance 33 %):
 
 | inputs | accuracy |
 |---|---|
-| clinical table only | ~50 % |
-| one modality's two regions + clinical table | ~60 % |
-| all six regions, no clinical table | ~60 % |
-| all six regions + clinical table (the gate can read the profile) | ~80 % |
-| all six regions + the true profile | ~85 % |
+| clinical table only | ~49 % |
+| one modality's two regions + clinical table | ~65 % |
+| all six regions, no clinical table | ~66 % |
+| all six regions + clinical table (the gate can read the profile) | ~99 % |
+| all six regions + the true profile | 100 % |
 
-The ceiling is below 100 % because a control with a distractor in its profile modality looks like a
-patient. The latent profile is recovered from (moca, serum_nfl, serum_asyn) about 92 % of the time
-(logistic regression). Real images add noise and blur, so a trained model lands below these numbers.
+With the true profile the profile modality's regions give the diagnosis exactly (PD: region A, iRBD:
+region B, control: neither). The latent profile is recovered from (moca, serum_nfl, serum_asyn) about
+99 % of the time (logistic regression). Real images add noise and blur and a cohort has few subjects
+(`bench/fusion_study.py oracle` measures the ceiling at a given size), so a trained model lands below
+these numbers.
 
 ## Parameters
 

@@ -129,7 +129,7 @@ def test_diagnosis_and_profile_balanced(plans):
     for b in range(0, len(plans) - 8, 9):
         pairs = sorted((p.diagnosis, p.profile) for p in plans[b:b + 9])
         assert pairs == sorted((d, m) for d in DIAGNOSES for m in MODALITIES), pairs
-    # ...and the order within a block is not fixed: each diagnosis's first subject takes every profile.
+    # ...and the order within a block is not fixed: across blocks, their first subject takes every profile.
     firsts = pd.Series([p.profile for p in plans[::9]])
     assert set(firsts) == set(MODALITIES)
 
@@ -151,6 +151,24 @@ def test_effects_follow_profile_and_distractor_rate(plans):
                     hits += cause == "distractor"
     rate = hits / distractor_draws
     assert abs(rate - 1 / 3) < 0.03, f"distractor rate {rate:.3f}, expected 1/3"
+
+
+def test_first_design_distracts_controls_profile_modality():
+    """``control_profile_distractors=True`` (the first design): a control's profile modality gets
+    distractors at the usual rate; patients' profile modality still shows only the disease."""
+    first = SynthParams(control_profile_distractors=True)
+    draws = hits = 0
+    for i in range(1, 1201):
+        p = subject_plan(i, 42, first)
+        if p.diagnosis == "HC":
+            causes = p.causes[p.profile].values()
+            draws += 2
+            hits += sum(c == "distractor" for c in causes)
+            assert set(causes) <= {None, "distractor"}
+        else:
+            assert p.causes[p.profile][DISEASE_ROLE[p.diagnosis]] == "disease"
+            assert "distractor" not in p.causes[p.profile].values()
+    assert abs(hits / draws - 1 / 3) < 0.04, f"control profile-modality distractor rate {hits / draws:.3f}"
 
 
 def _clinical_frame(plans) -> pd.DataFrame:
