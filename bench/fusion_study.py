@@ -14,10 +14,11 @@ ground truth in ``derivatives/synth-truth``):
 
 - ``oracle``: the generator's design alone, without images. Each subject's true region read-outs (an
   effect present: 4 SD, plus unit noise) and clinical table come from ``neuromoe.synth.subject_plan``; a
-  small mixture of experts (one 2-feature expert per modality, a clinical expert, the clinical gate, the
-  workflow's loss) is trained on the workflow's split protocol. Its balanced accuracies bound what the
-  deep model can reach on a cohort of that size and design, so a design in which routing does not beat
-  the best single modality here cannot pass issue 7 with any encoder. About a minute; no workflow needed.
+  small mixture of experts (one 2-feature expert per modality, a clinical expert, the clinical gate,
+  trained with the workflow's ``neuromoe.model.moe_loss`` and ``class_weights``) is fitted on the
+  workflow's split protocol. Its balanced accuracies bound what the deep model can reach on a cohort of
+  that size and design, so a design in which routing does not beat the best single modality here cannot
+  pass issue 7 with any encoder. About a minute; no workflow needed.
 
 Results are printed and written as JSON (machine noted) under ``bench/results/``.
 
@@ -137,6 +138,8 @@ def _oracle_fit(x, clin, y, tr, va, te, experts, gate: bool, seed: int,
     from torch import nn
     from torch.nn import functional as F
 
+    from neuromoe.model import MoEOutput, class_weights, moe_loss
+
     med = np.nanmedian(clin[tr], axis=0)
     c = np.where(np.isnan(clin), med, clin)
     c = (c - c[tr].mean(0)) / (c[tr].std(0) + 1e-6)
@@ -149,34 +152,33 @@ def _oracle_fit(x, clin, y, tr, va, te, experts, gate: bool, seed: int,
     gate_net = nn.Sequential(nn.Linear(ct.shape[1], 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, len(experts)))
     params = list(heads.parameters()) + (list(gate_net.parameters()) if gate else [])
     opt = torch.optim.AdamW(params, 3e-3, weight_decay=1e-2)
-    counts = np.bincount(y[tr], minlength=3)
-    weight = torch.tensor(len(tr) / (3 * np.maximum(counts, 1)), dtype=torch.float32)
+    weight = class_weights(y[tr], 3)
+    nets = nn.ModuleList([heads, gate_net])
 
-    def forward(idx):
+    def forward(idx) -> MoEOutput:
         lp = torch.stack([F.log_softmax(h(xt[idx, mods[e]] if e in mods else ct[idx]), -1)
                           for e, h in zip(experts, heads, strict=True)], 1)
         lw = F.log_softmax(gate_net(ct[idx]), -1) if gate else torch.full((len(idx), len(experts)),
                                                                          -math.log(len(experts)))
-        return torch.logsumexp(lw.unsqueeze(-1) + lp, 1), lw.exp()
+        return MoEOutput(torch.logsumexp(lw.unsqueeze(-1) + lp, 1), lw.exp(), lp)
 
     best, state = float("inf"), None
     for _ in range(epochs):
-        heads.train(), gate_net.train()
-        lp, w = forward(tr)
-        loss = F.nll_loss(lp, yt[tr], weight=weight) + 0.1 * ((w.mean(0) - 1 / len(experts)) ** 2).mean()
+        nets.train()
+        loss, _ = moe_loss(forward(tr), yt[tr], weight, balance_lambda=0.1)   # the workflow's loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-        heads.eval(), gate_net.eval()
+        nets.eval()
         with torch.no_grad():
-            vl = F.nll_loss(forward(va)[0], yt[va], weight=weight).item()
+            vl = moe_loss(forward(va), yt[va], weight)[0].item()
         if vl < best:
-            best, state = vl, [{k: v.clone() for k, v in m.state_dict().items()} for m in (heads, gate_net)]
-    heads.load_state_dict(state[0]), gate_net.load_state_dict(state[1])
-    heads.eval(), gate_net.eval()
+            best, state = vl, {k: v.clone() for k, v in nets.state_dict().items()}
+    nets.load_state_dict(state)
+    nets.eval()
     with torch.no_grad():
-        lp, w = forward(te)
-    return float(balanced_accuracy_score(y[te], lp.argmax(1).numpy())), w.numpy()
+        out = forward(te)
+    return float(balanced_accuracy_score(y[te], out.log_probs.argmax(1).numpy())), out.gate.numpy()
 
 
 def oracle(n: int, synth: list[str], folds: int, seeds: list[int], data_seed: int = 42) -> dict:
