@@ -1,6 +1,6 @@
 """Where does the demo's fusion problem fail: the data, the model or the training? (issue 7)
 
-Two measurements on a finished workflow's cohort cache of the synthetic cohort (its BIDS folder holds the
+Measurements on a finished workflow's cohort cache of the synthetic cohort (its BIDS folder holds the
 ground truth in ``derivatives/synth-truth``):
 
 - ``signal``: how much of each planted effect survives preprocessing, registration and the cache grid.
@@ -12,6 +12,11 @@ ground truth in ``derivatives/synth-truth``):
   and averaged, with the test-fold gate weights grouped by each subject's true latent profile (a gate that
   learned the fusion problem puts most weight on the profile's modality).
 
+- ``learnability``: whether a voxel-level learner can find a modality's regions from the subjects one fold
+  labels: an L2 logistic regression per modality on every brain voxel of the cached maps, against the same
+  on the means over the true effect regions, trained on only the subjects of that modality's profile (the
+  clean labels a perfectly routed expert gets) or on all of them (what an expert gets under a uniform gate).
+  Seconds; no training of the deep model.
 - ``oracle``: the generator's design alone, without images. Each subject's true region read-outs (an
   effect present: 4 SD, plus unit noise) and clinical table come from ``neuromoe.synth.subject_plan``; a
   small mixture of experts (one 2-feature expert per modality, a clinical expert, the clinical gate,
@@ -35,6 +40,7 @@ Usage::
     python bench/fusion_study.py oracle --subjects 60 --folds 5 --synth control_profile_distractors=True \\
         marker_separation=2.4 --tag first_design_60
     python bench/fusion_study.py signal --workdir /path/to/finished/workflow
+    python bench/fusion_study.py learnability --workdir W --splits cv-s0-f0,cv-s0-f1 --tag demo60
     python bench/fusion_study.py variants --workdir W --variants full,no_gate,only_dwi \\
         --splits cv-s0-f0,cv-s0-f1,cv-s0-f2 --set model.pooling=max train.lr=0.003 --jobs 2 --tag max
 """
@@ -47,6 +53,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -108,6 +115,71 @@ def signal(workdir: Path) -> dict:
         print(f"{r['modality']:5s} {r['role']} {r['region']:20s} {r['channel']:6s} voxels {r['grid_voxels']:3d} "
               f"n {r['n_with_effect']:3d}/{r['n_without']:3d}  d = {r['cohens_d']:+.2f}")
     return {"cache": str(cache_dir), "n_subjects": len(c), "grid": list(grid), "regions": out}
+
+
+def _region_means(c, m: str, a: np.ndarray) -> np.ndarray:
+    """(N, 2 * channels): each subject's mean of every channel over the modality's two effect regions."""
+    from neuromoe import templates as tpl
+
+    affine, grid = np.asarray(c.manifest["affine"]), tuple(c.grid)
+    cols = []
+    for roi in tpl.effect_rois(m).values():
+        inside = (tpl.roi_weight(roi.name, affine, grid, taper_mm=0.0) > 0) & c.mask
+        cols += [a[:, k][:, inside].mean(axis=1) for k in range(a.shape[1])]
+    return np.stack(cols, axis=1)
+
+
+def learnability(workdir: Path, split_ids: list[str]) -> dict:
+    """Can a voxel-level learner find a modality's regions from the labelled subjects a fold gives it?
+
+    Per modality and split, an L2 logistic regression (scikit-learn, standardised inputs) is fitted on the
+    train + val subjects and scored on the test subjects (balanced accuracy), three ways: on every brain
+    voxel of the cached maps (C = 0.01) or on the means over the modality's two true effect regions (C = 1,
+    what a reader told where to look has), each with (a) only the subjects whose latent profile is that
+    modality (the clean labels a perfectly routed expert would train on) and (b) every subject (the labels
+    an expert gets under a uniform gate: the other profiles' distractors mislead). Region means separating
+    well where voxels do not says the signal is there and the sample is too small to localise it.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from neuromoe.cache import open_cohort
+
+    _, bids, cache_dir, splits_tsv = load_workdir(workdir)
+    c = open_cohort(cache_dir, verify=False)
+    pids = c.index["participant_id"].astype(str).str.removeprefix("sub-").to_numpy()
+    truth = truth_table(bids, [str(s) for s in c.index["participant_id"]]).set_index("participant_id")
+    profile, y = truth.loc[pids, "profile"].to_numpy(), c.index["label"].to_numpy()
+    splits = pd.read_csv(splits_tsv, sep="\t", dtype={"participant_id": str})
+    pos = {p: i for i, p in enumerate(pids)}
+    out: dict[str, dict[str, float]] = {}
+    for m, arr in c.arrays.items():
+        a = np.asarray(arr, dtype=np.float32)
+        feats = {"voxels": (a[:, :, c.mask].reshape(len(a), -1), 0.01),
+                 "region_means": (_region_means(c, m, a), 1.0)}
+        for fname, (x, C) in feats.items():
+            for who in ("own_profile", "all"):
+                accs = []
+                for sid in split_ids:
+                    g = splits[splits["split_id"] == sid]
+                    fit = np.array([pos[p] for p in g.loc[g["part"] != "test", "participant_id"]])
+                    te = np.array([pos[p] for p in g.loc[g["part"] == "test", "participant_id"]])
+                    if who == "own_profile":
+                        fit, te = fit[profile[fit] == m], te[profile[te] == m]
+                    if not len(te) or len(np.unique(y[fit])) < 2:
+                        continue  # a test part without this profile (small cohorts): nothing to score
+                    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
+                    clf.fit(x[fit], y[fit])
+                    with warnings.catch_warnings():  # a profile's few test subjects may miss a class
+                        warnings.simplefilter("ignore", UserWarning)
+                        accs.append(float(balanced_accuracy_score(y[te], clf.predict(x[te]))))
+                key = f"{m}/{fname}/{who}"
+                out[key] = {"test_balanced_accuracy_mean": float(np.mean(accs)), "per_split": accs,
+                            "n_splits_scored": len(accs)}
+                print(f"{key:32s} test balanced accuracy {np.mean(accs):.3f}")
+    return {"cache": str(cache_dir), "n_subjects": len(c), "splits": split_ids, "results": out}
 
 
 ORACLE_VARIANTS = {"full": ("anat", "dwi", "func", "clin"), "no_gate": ("anat", "dwi", "func", "clin"),
@@ -277,6 +349,9 @@ def main() -> None:
     o.add_argument("--seeds", default="0,1")
     s = sub.add_parser("signal")
     s.add_argument("--workdir", type=Path, required=True)
+    lr = sub.add_parser("learnability")
+    lr.add_argument("--workdir", type=Path, required=True)
+    lr.add_argument("--splits", default="cv-s0-f0,cv-s0-f1,cv-s0-f2,cv-s0-f3,cv-s0-f4")
     v = sub.add_parser("variants")
     v.add_argument("--workdir", type=Path, required=True)
     v.add_argument("--variants", default="full,no_gate,only_anat,only_dwi,only_func,only_clin")
@@ -284,7 +359,7 @@ def main() -> None:
     v.add_argument("--set", nargs="*", default=[], help="config overrides section.key=value")
     v.add_argument("--jobs", type=int, default=2)
     v.add_argument("--runs-dir", type=Path, default=Path("/tmp/neuromoe_fusion_study"))
-    for p in (o, s, v):
+    for p in (o, s, lr, v):
         p.add_argument("--tag", default="")
         p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args()
@@ -292,6 +367,8 @@ def main() -> None:
         res = oracle(a.subjects, a.synth, a.folds, [int(x) for x in a.seeds.split(",")])
     elif a.cmd == "signal":
         res = signal(a.workdir)
+    elif a.cmd == "learnability":
+        res = learnability(a.workdir, a.splits.split(","))
     else:
         res = variants(a.workdir, a.variants.split(","), a.splits.split(","), a.set, a.jobs,
                        a.runs_dir / (a.tag or "default"))
