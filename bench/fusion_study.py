@@ -339,6 +339,89 @@ def variants(workdir: Path, names: list[str], split_ids: list[str], overrides: l
             "variants": summary}
 
 
+def _refit_gate(expert_lp, clin, y, weights, n_steps: int = 300, seed: int = 0):
+    """A gate (clinical -> expert weights, the model's 2-layer shape) fitted to fixed experts' log-probs."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(seed)
+    gate = nn.Sequential(nn.Linear(clin.shape[1], 16), nn.ReLU(), nn.Linear(16, expert_lp.shape[1]))
+    opt = torch.optim.AdamW(gate.parameters(), 1e-2, weight_decay=1e-2)
+    for _ in range(n_steps):
+        lw = F.log_softmax(gate(clin), -1)
+        loss = F.nll_loss(torch.logsumexp(lw.unsqueeze(-1) + expert_lp, 1), y, weight=weights)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return gate.eval()
+
+
+def experts(workdir: Path, runs: Path) -> dict:
+    """Are a variant's trained experts worth routing, and does a gate learn to route them?
+
+    For each finished run under ``runs`` (``variants``' ``<runs-dir>/<tag>/<variant>``, one folder per split),
+    with the run's weights frozen: each image expert's test accuracy on subjects of its own latent profile
+    and of the others; and the test balanced accuracy of the run's own output, of uniform expert weights, of
+    sending each subject to its true profile's expert (the ceiling of these experts under routing), and of
+    a gate refitted to the frozen experts on the training part or on the validation part. A gate that
+    routes when fitted on held-out subjects but not on the training subjects says the experts' training
+    fits (memorised) mislead it.
+    """
+    import torch
+    from sklearn.metrics import balanced_accuracy_score
+    from torch.utils.data import DataLoader
+
+    from neuromoe.data import CohortDataset
+    from neuromoe.train import _to_device, load_model, prepare_data
+
+    torch.set_num_threads(1)
+    cfg, bids, cache_dir, splits = load_workdir(workdir)
+    rows, gates = [], []
+    for rd in sorted(p for p in runs.iterdir() if (p / "model.safetensors").is_file()):
+        model, _ = load_model(rd / "model.safetensors")
+        exps = list(model.cfg.experts)
+        if not set(exps) >= {"anat", "dwi", "func"}:
+            raise SystemExit(f"{rd}: variant with experts {exps}; experts needs all three image experts")
+        data = prepare_data(cache_dir, splits, rd.name, exps, cfg)
+        pids = data.cohort.index["participant_id"].astype(str)
+        truth = truth_table(bids, list(pids)).set_index("participant_id")["profile"]
+        out = {}
+        for part in ("train", "val", "test"):
+            ds = CohortDataset(data.cohort, data.rows[part], data.clinical)
+            with torch.no_grad():
+                b = next(iter(DataLoader(ds, batch_size=len(ds))))
+                images, clin, present, y = _to_device(b, exps, torch.device("cpu"))
+                o = model(images, clin, present)
+            prof = truth.loc[pids.str.removeprefix("sub-").to_numpy()[np.asarray(b["row"])]].to_numpy()
+            out[part] = (o, clin, y, prof)
+        o, clin, y, prof = out["test"]
+        lp = o.expert_log_probs
+        pred = {"run": o.log_probs.argmax(1), "uniform": torch.logsumexp(lp, 1).argmax(1),
+                "true_profile_expert": lp[torch.arange(len(y)), [exps.index(p) for p in prof]].argmax(1)}
+        for part in ("train", "val"):
+            g = _refit_gate(out[part][0].expert_log_probs, out[part][1], out[part][2], data.weights)
+            with torch.no_grad():
+                lw = torch.log_softmax(g(clin), -1)
+            pred[f"gate_refit_on_{part}"] = torch.logsumexp(lw.unsqueeze(-1) + lp, 1).argmax(1)
+            gates.append(pd.DataFrame(lw.exp().numpy(), columns=exps).assign(fit_on=part, profile=prof))
+        row = {"split_id": rd.name, **{k: float(balanced_accuracy_score(y, v)) for k, v in pred.items()}}
+        for m in ("anat", "dwi", "func"):
+            own = prof == m
+            hit = (lp[:, exps.index(m)].argmax(1) == y).numpy()
+            row[f"{m}_acc_own_profile"], row[f"{m}_acc_other"] = float(hit[own].mean()), float(hit[~own].mean())
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    mean = df.drop(columns="split_id").mean().round(4).to_dict()
+    by_profile = (pd.concat(gates).groupby(["fit_on", "profile"]).mean().round(3)
+                  .reset_index().to_dict("records"))
+    for k, v in mean.items():
+        print(f"{k:28s} {v:.3f}")
+    print(pd.DataFrame(by_profile).to_string(index=False))
+    return {"cache": str(cache_dir), "runs": str(runs), "n_runs": len(df), "mean": mean,
+            "per_split": df.round(4).to_dict("records"), "refit_gate_by_true_profile": by_profile}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -352,6 +435,9 @@ def main() -> None:
     lr = sub.add_parser("learnability")
     lr.add_argument("--workdir", type=Path, required=True)
     lr.add_argument("--splits", default="cv-s0-f0,cv-s0-f1,cv-s0-f2,cv-s0-f3,cv-s0-f4")
+    e = sub.add_parser("experts")
+    e.add_argument("--workdir", type=Path, required=True)
+    e.add_argument("--runs", type=Path, required=True, help="<runs-dir>/<tag>/<variant> of a variants call")
     v = sub.add_parser("variants")
     v.add_argument("--workdir", type=Path, required=True)
     v.add_argument("--variants", default="full,no_gate,only_anat,only_dwi,only_func,only_clin")
@@ -359,7 +445,7 @@ def main() -> None:
     v.add_argument("--set", nargs="*", default=[], help="config overrides section.key=value")
     v.add_argument("--jobs", type=int, default=2)
     v.add_argument("--runs-dir", type=Path, default=Path("/tmp/neuromoe_fusion_study"))
-    for p in (o, s, lr, v):
+    for p in (o, s, lr, e, v):
         p.add_argument("--tag", default="")
         p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args()
@@ -367,6 +453,8 @@ def main() -> None:
         res = oracle(a.subjects, a.synth, a.folds, [int(x) for x in a.seeds.split(",")])
     elif a.cmd == "signal":
         res = signal(a.workdir)
+    elif a.cmd == "experts":
+        res = experts(a.workdir, a.runs)
     elif a.cmd == "learnability":
         res = learnability(a.workdir, a.splits.split(","))
     else:

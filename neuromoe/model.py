@@ -265,7 +265,8 @@ class NeuroMoE(nn.Module):
         """Number of parameters."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, images: dict[str, Tensor], clin: Tensor, present: Tensor | None = None) -> MoEOutput:
+    def forward(self, images: dict[str, Tensor], clin: Tensor, present: Tensor | None = None,
+                uniform_gate: bool = False) -> MoEOutput:
         """Mixture prediction.
 
         Args:
@@ -273,6 +274,8 @@ class NeuroMoE(nn.Module):
             clin: (B, F) preprocessed clinical features (gate input and clinical-expert input).
             present: (B, E) bool, E = len(cfg.experts); False masks that expert (weight 0, gate renormalised).
                 None: all present. Every row needs at least one expert present.
+            uniform_gate: weight the experts present equally and leave the gate out of the graph (the
+                gate warm-up of ``TrainConfig.gate_warmup_epochs``; what ``use_gate=False`` always does).
         """
         cfg = self.cfg
         B, E = clin.shape[0], len(cfg.experts)
@@ -301,7 +304,10 @@ class NeuroMoE(nn.Module):
                 h = self.encoders[m](x)  # (B, dim)
             logits.append(self.heads[m](h))  # (B, C)
         expert_lp = F.log_softmax(torch.stack(logits, dim=1).float(), dim=-1)  # (B, E, C)
-        gate_logits = self.gate(clin).float() if self.gate is not None else clin.new_zeros(B, E).float()
+        if self.gate is not None and not uniform_gate:
+            gate_logits = self.gate(clin).float()  # (B, E)
+        else:
+            gate_logits = clin.new_zeros(B, E).float()
         if present is not None:
             gate_logits = gate_logits.masked_fill(~present, float("-inf"))  # (B, E)
         log_w = F.log_softmax(gate_logits, dim=-1)  # (B, E), -inf for absent experts

@@ -13,6 +13,11 @@ Choices (docs/MODEL.md leaves them open):
 
 - Validation loss (early stopping, best checkpoint) = the class-weighted NLL of the mixture over the whole
   validation part, with the training fold's class weights; the balance term is logged, not stopped on.
+- ``gate_fit``: ``joint`` (the paper) trains gate and experts together on the training part. ``heldout``
+  trains the experts under uniform weights (exactly as the no-gate variant of the same split, so the two
+  are paired), selects their epoch on the validation loss of that uniform mixture, then fits the gate
+  alone to the frozen experts on the validation part (``fit_gate``). Fitted on the training part, a gate
+  learns which expert memorised each subject best, not which is right for whom (README, "Measured here").
 - Learning rate per optimiser step: linear warm-up over ``warmup_epochs`` then cosine to ``min_lr`` at
   ``epochs``; a pure function of the step count, so it needs no scheduler state beyond that count.
 - Weight decay on matrices, convolutions and the positional embedding only (nanoGPT), not biases/norms.
@@ -43,6 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
@@ -60,6 +66,7 @@ from neuromoe.model import (
     EXPERTS,
     MRI_MODALITIES,
     ModelConfig,
+    MoEOutput,
     NeuroMoE,
     class_weights,
     expert_presence,
@@ -120,6 +127,10 @@ class TrainConfig:
     min_lr: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     flip_lr: float = 0.0  # probability of mirroring a training sample left-right (see ``augment``)
+    # How the gate is fitted: "joint" (the paper: with the experts, on the training part) or "heldout"
+    # (the experts train under uniform weights, then the gate alone is fitted to them on the validation part).
+    gate_fit: str = "joint"
+    gate_fit_steps: int = 300
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -134,6 +145,9 @@ class TrainConfig:
                              f"min_lr={tc.min_lr}")
         if tc.patience < 1 or tc.warmup_epochs < 0 or tc.num_workers < 0:
             raise ValueError(f"train.patience >= 1, warmup_epochs >= 0, num_workers >= 0; got {tc}")
+        if tc.gate_fit not in ("joint", "heldout") or tc.gate_fit_steps < 1:
+            raise ValueError(f"train.gate_fit must be joint or heldout and train.gate_fit_steps >= 1, got "
+                             f"{tc.gate_fit!r}, {tc.gate_fit_steps}")
         if not 0.0 <= tc.flip_lr <= 1.0:
             raise ValueError(f"train.flip_lr is a probability in [0, 1], got {tc.flip_lr}")
         if tc.device not in ("auto", "cpu", "cuda"):
@@ -227,8 +241,10 @@ def check_flip_grid(affine: Sequence[Sequence[float]], grid: Sequence[int]) -> N
 
 def train_step(model: NeuroMoE, opt: torch.optim.Optimizer, batch: Mapping[str, Tensor],
                dev: torch.device, weights: Tensor | None, balance_lambda: float,
-               grad_clip: float = 0.0, flip_lr: float = 0.0) -> dict[str, float]:
+               grad_clip: float = 0.0, flip_lr: float = 0.0, uniform_gate: bool = False) -> dict[str, float]:
     """One optimiser step on a collated batch (bf16 autocast on CUDA); the learning rate is the caller's.
+
+    ``uniform_gate``: experts weighted equally, the gate not trained (``gate_fit: heldout``).
 
     Returns {"loss", "wce", "balance"} (batch means), {"correct", "n"} (counts) as floats.
     """
@@ -236,7 +252,7 @@ def train_step(model: NeuroMoE, opt: torch.optim.Optimizer, batch: Mapping[str, 
     images, clin, present, y = _to_device(batch, model.cfg.experts, dev)
     images = augment(images, flip_lr)
     with _autocast(dev):
-        out = model(images, clin, present)
+        out = model(images, clin, present, uniform_gate=uniform_gate)
     loss, parts = moe_loss(out, y, weights, balance_lambda)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -247,15 +263,57 @@ def train_step(model: NeuroMoE, opt: torch.optim.Optimizer, batch: Mapping[str, 
     return {"loss": float(loss.detach()), **parts, "correct": correct, "n": float(y.shape[0])}
 
 
+def fit_gate(model: NeuroMoE, loader: DataLoader, dev: torch.device, weights: Tensor | None,
+             balance_lambda: float, steps: int, seed: int, lr: float = 1e-2, weight_decay: float = 1e-2
+             ) -> list[float]:
+    """Fit only ``model.gate`` to the frozen experts on ``loader``'s subjects (``gate_fit: heldout``).
+
+    The experts' log-probabilities are computed once (eval mode); the gate then takes ``steps`` full-batch
+    AdamW steps on the paper's loss (class-weighted NLL of the mixture + lambda * R_balance), with its
+    dropout on. A gate fitted on the training part learns which expert memorised each subject best; fitted
+    on subjects the experts did not train on, it learns which expert is right for whom (README, "Measured
+    here"). Returns the loss per step.
+    """
+    experts = model.cfg.experts
+    lps, clins, presents, ys = [], [], [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            images, clin, present, y = _to_device(batch, experts, dev)
+            o = model(images, clin, present, uniform_gate=True)
+            lps.append(o.expert_log_probs.float())
+            clins.append(clin)
+            presents.append(present)
+            ys.append(y)
+    lp, clin, present, y = torch.cat(lps), torch.cat(clins), torch.cat(presents), torch.cat(ys)
+    gate = model.gate
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
+    gate.train()
+    losses = []
+    for _ in range(steps):
+        logits = gate(clin).float().masked_fill(~present, float("-inf"))  # absent experts: weight 0
+        log_w = F.log_softmax(logits, dim=-1)
+        out = MoEOutput(torch.logsumexp(log_w.unsqueeze(-1) + lp, dim=1), log_w.exp(), lp)
+        loss, _ = moe_loss(out, y, weights, balance_lambda)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
 @torch.no_grad()
-def predict(model: NeuroMoE, loader: DataLoader, dev: torch.device) -> dict[str, np.ndarray]:
+def predict(model: NeuroMoE, loader: DataLoader, dev: torch.device, uniform_gate: bool = False
+            ) -> dict[str, np.ndarray]:
     """Eval-mode pass -> numpy {"log_probs" (N,C), "gate" (N,E), "label" (N,), "row" (N,)}, loader order."""
     model.eval()
     out: dict[str, list[Tensor]] = {"log_probs": [], "gate": [], "label": [], "row": []}
     for batch in loader:
         images, clin, present, y = _to_device(batch, model.cfg.experts, dev)
         with _autocast(dev):
-            o = model(images, clin, present)
+            o = model(images, clin, present, uniform_gate=uniform_gate)
         out["log_probs"].append(o.log_probs.float().cpu())
         out["gate"].append(o.gate.float().cpu())
         out["label"].append(y.cpu())
@@ -467,6 +525,7 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
         epochs_here = 0
         while not state["finished"]:
             epoch = state["epoch"]
+            warm = use_gate and tc.gate_fit == "heldout"  # experts first, under uniform weights
             torch.manual_seed(derive_seed(seed, "epoch", epoch))  # dropout draws: a function of the epoch
             sampler.set_epoch(epoch)
             t0 = time.time()
@@ -478,7 +537,7 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
                 lr = lr_at(state["step"], tc.lr, warmup, total, tc.min_lr)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                r = train_step(model, opt, batch, dev, weights_dev, lam, tc.grad_clip, tc.flip_lr)
+                r = train_step(model, opt, batch, dev, weights_dev, lam, tc.grad_clip, tc.flip_lr, warm)
                 state["step"] += 1
                 for k in ("loss", "wce", "balance"):
                     sums[k] += r[k] * r["n"]
@@ -487,7 +546,7 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
                 bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}",
                                 acc=f"{sums['correct'] / sums['n']:.2f}")
             bar.close()
-            val = predict(model, eval_loaders["val"], dev)
+            val = predict(model, eval_loaders["val"], dev, uniform_gate=warm)
             vm = part_metrics(val, data.weights.numpy(), experts)
             n = max(sums["n"], 1.0)
             row = {"epoch": epoch + 1, "train_loss": sums["loss"] / n, "train_wce": sums["wce"] / n,
@@ -527,6 +586,9 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
             raise RuntimeError(f"{tag} no epoch had a finite validation loss (training diverged); "
                                "lower train.lr or check the inputs for NaNs")
         model.load_state_dict(load_checkpoint(best_path, device=dev).model_state)
+        if use_gate and tc.gate_fit == "heldout":
+            fit_gate(model, eval_loaders["val"], dev, weights_dev, lam, tc.gate_fit_steps,
+                     derive_seed(seed, "gate"))
         results: dict[str, dict[str, Any]] = {}
         tables = []
         for part, loader in eval_loaders.items():

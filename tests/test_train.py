@@ -349,6 +349,29 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(cohort: dict[str, Pat
     pd.testing.assert_frame_equal(pa, pb)
 
 
+def test_heldout_gate_fit_pairs_experts_with_no_gate_and_fits_the_gate_on_val(cohort: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    cfg = make_cfg(epochs=4, lr=5e-3, batch_size=4, gate_fit="heldout", gate_fit_steps=200)
+    gates: list[dict[str, torch.Tensor]] = []
+
+    def gate_weights(epoch: int, row: dict) -> None:
+        st = load_checkpoint(tmp_path / "checkpoint" / "last.safetensors").model_state
+        gates.append({k: v.clone() for k, v in st.items() if k.startswith("gate.")})
+
+    m = run(cohort, tmp_path, cfg=cfg, on_epoch_end=gate_weights)
+    # While the experts train, the gate is out of the graph (AdamW skips parameters without a gradient)...
+    assert len(gates) == 4 and all(torch.equal(g[k], gates[0][k]) for g in gates for k in gates[0])
+    final = {k: v for k, v in load_checkpoint(tmp_path / "model.safetensors").model_state.items()
+             if k.startswith("gate.")}
+    assert final.keys() == gates[0].keys() and final
+    assert any(not torch.equal(final[k], gates[0][k]) for k in final)  # ...and is fitted afterwards,
+    # on the validation part: there its mixture beats the uniform one the best epoch was selected on.
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert m["val"]["loss"] < hist["val_loss"].iloc[m["best_epoch"] - 1]
+    with pytest.raises(ValueError, match="gate_fit"):
+        TrainConfig.from_dict({"gate_fit": "later"})
+
+
 def test_resume_refuses_a_checkpoint_of_another_configuration(cohort: dict[str, Path],
                                                               tmp_path: Path) -> None:
     run(cohort, tmp_path, cfg=make_cfg(epochs=3), max_epochs_this_run=1)
