@@ -14,8 +14,8 @@ Choices (docs/MODEL.md leaves them open):
 - Validation loss (early stopping, best checkpoint) = the class-weighted NLL of the mixture over the whole
   validation part, with the training fold's class weights; the balance term is logged, not stopped on.
 - ``gate_fit``: ``joint`` (the paper) trains gate and experts together on the training part. ``heldout``
-  trains the experts under uniform weights (exactly as the no-gate variant of the same split, so the two
-  are paired), selects their epoch on the validation loss of that uniform mixture, then fits the gate
+  trains the experts under uniform weights (as the no-gate variant of the same split does; the initial
+  draws differ, the gate's parameters being created in between), selects their epoch on the validation loss of that uniform mixture, then fits the gate
   alone to the frozen experts on the validation part (``fit_gate``). Fitted on the training part, a gate
   learns which expert memorised each subject best, not which is right for whom (README, "Measured here").
 - Learning rate per optimiser step: linear warm-up over ``warmup_epochs`` then cosine to ``min_lr`` at
