@@ -15,9 +15,10 @@ Choices (docs/MODEL.md leaves them open):
   validation part, with the training fold's class weights; the balance term is logged, not stopped on.
 - ``gate_fit``: ``joint`` (the paper) trains gate and experts together on the training part. ``heldout``
   trains the experts under uniform weights (as the no-gate variant of the same split does; the initial
-  draws differ, the gate's parameters being created in between), selects their epoch on the validation loss of that uniform mixture, then fits the gate
-  alone to the frozen experts on the validation part (``fit_gate``). Fitted on the training part, a gate
-  learns which expert memorised each subject best, not which is right for whom (README, "Measured here").
+  draws differ, the gate's parameters being created in between), selects their epoch on the validation
+  loss of that uniform mixture, then fits the gate alone to the frozen experts on the validation part
+  (``fit_gate``). Fitted on the training part, a gate learns which expert memorised each subject best,
+  not which is right for whom (README, "Measured here").
 - Learning rate per optimiser step: linear warm-up over ``warmup_epochs`` then cosine to ``min_lr`` at
   ``epochs``; a pure function of the step count, so it needs no scheduler state beyond that count.
 - Weight decay on matrices, convolutions and the positional embedding only (nanoGPT), not biases/norms.
