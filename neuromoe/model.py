@@ -30,7 +30,7 @@ from torch import Tensor
 
 EXPERTS = ("anat", "dwi", "func", "clin")  # canonical expert order
 MRI_MODALITIES = ("anat", "dwi", "func")  # order of the cohort cache's ``present`` vector
-POOLINGS = ("mean", "max")  # token pooling choices of VolumeEncoder
+POOLINGS = ("mean", "max", "flat")  # token pooling choices of VolumeEncoder
 
 
 @dataclass
@@ -59,7 +59,8 @@ class ModelConfig:
     gate_hidden: int = 64
     clin_dropout: float = 0.3
     gate_dropout: float = 0.3
-    pooling: str = "mean"  # token pooling of each encoder: mean (paper) | max (see VolumeEncoder)
+    pooling: str = "mean"  # token pooling of each encoder: mean (paper) | max | flat (see VolumeEncoder)
+    flat_channels: int = 4  # pooling "flat": features kept per token before the position-wise readout
 
     def __post_init__(self) -> None:
         self.grid = tuple(int(g) for g in self.grid)
@@ -82,7 +83,7 @@ class ModelConfig:
         for m in self.mri_experts:
             if self.channels.get(m, 0) < 1:
                 raise ValueError(f"expert {m!r} needs channels[{m!r}] >= 1, got channels={self.channels}")
-        for name in ("dim", "depth", "heads", "expert_hidden", "gate_hidden"):
+        for name in ("dim", "depth", "heads", "expert_hidden", "gate_hidden", "flat_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.heads:
@@ -196,8 +197,13 @@ class VolumeEncoder(nn.Module):
 
     ``cfg.pooling``: ``mean`` (the paper's) averages the tokens, so a change confined to one or two of the
     N patches is diluted N-fold in the subject's vector; ``max`` takes each feature's largest token value,
-    so a focal change reaches the head undiluted (on a 120-subject version of the demo cohort it is what lets a
-    single-modality expert learn its regions at all: see README "Measured here").
+    so a focal change reaches the head undiluted; ``flat`` keeps ``flat_channels`` features of every token
+    and reads them out with one linear layer over all positions (N * flat_channels -> dim), as the
+    flatten + fully-connected head of the 3D CNNs used on registered brains (ClinicaDL's Conv5_FC3): in
+    MNI space a region is always at the same token, and this readout can weight it by where it is. On the
+    demo cohort only ``flat`` lets an expert fit its regions from a few dozen subjects (README "Measured
+    here"). Its readout has N * flat_channels * dim weights: 4.2 M per encoder at the paper's 64^3 grid
+    and width 256 with 4 channels, 28 k at the demo's.
     """
 
     def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
@@ -211,6 +217,9 @@ class VolumeEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(cfg.dim)
         self.pooling = cfg.pooling
+        if cfg.pooling == "flat":
+            self.reduce = nn.Linear(cfg.dim, cfg.flat_channels)  # per token
+            self.readout = nn.Linear(cfg.n_tokens * cfg.flat_channels, cfg.dim)  # over positions
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, D, H, W) -> (B, dim)."""
@@ -221,6 +230,8 @@ class VolumeEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
+        if self.pooling == "flat":
+            return self.readout(self.reduce(x).flatten(1))  # (B, N * flat_channels) -> (B, dim)
         return x.amax(dim=1) if self.pooling == "max" else x.mean(dim=1)  # (B, dim)
 
 
@@ -326,6 +337,8 @@ class NeuroMoE(nn.Module):
         flops = 0
         for m in cfg.mri_experts:
             flops += 2 * N * cfg.channels[m] * p3 * d + cfg.depth * per_block
+            if cfg.pooling == "flat":
+                flops += 2 * N * d * cfg.flat_channels + 2 * N * cfg.flat_channels * d  # reduce + readout
         if "clin" in cfg.experts:
             sizes = [cfg.n_clinical, *cfg.clin_hidden]
             flops += sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))

@@ -3,7 +3,7 @@
 Run folder (``out_dir``)::
 
     checkpoint/last.safetensors (+ .json)   every epoch: model, AdamW, RNG states, history, early-stop state
-    checkpoint/best.safetensors (+ .json)   the weights with the lowest validation loss so far
+    checkpoint/best.safetensors (+ .json)   the weights kept so far (lowest validation loss, or last epoch)
     history.csv                              one row per epoch
     model.safetensors, model.json            best weights + configs, classes, clinical preprocessor, metrics
     predictions.tsv                          val and test: participant_id, part, label, prob_*, gate_*
@@ -19,6 +19,9 @@ Choices (docs/MODEL.md leaves them open):
   loss of that uniform mixture, then fits the gate alone to the frozen experts on the validation part
   (``fit_gate``). Fitted on the training part, a gate learns which expert memorised each subject best,
   not which is right for whom (README, "Measured here").
+- ``select``: ``val_loss`` keeps the epoch with the lowest validation loss and stops after ``patience``
+  epochs without a better one; ``last`` runs all ``epochs`` and keeps the final weights (with ~10
+  validation subjects the lowest loss can come before the experts learned; README, "Measured here").
 - Learning rate per optimiser step: linear warm-up over ``warmup_epochs`` then cosine to ``min_lr`` at
   ``epochs``; a pure function of the step count, so it needs no scheduler state beyond that count.
 - Weight decay on matrices, convolutions and the positional embedding only (nanoGPT), not biases/norms.
@@ -132,6 +135,9 @@ class TrainConfig:
     # (the experts train under uniform weights, then the gate alone is fitted to them on the validation part).
     gate_fit: str = "joint"
     gate_fit_steps: int = 300
+    # Which weights the run keeps: "val_loss" (the epoch with the lowest validation loss, early stopping after
+    # ``patience`` epochs without a better one) or "last" (the whole schedule, the final weights).
+    select: str = "val_loss"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -149,6 +155,8 @@ class TrainConfig:
         if tc.gate_fit not in ("joint", "heldout") or tc.gate_fit_steps < 1:
             raise ValueError(f"train.gate_fit must be joint or heldout and train.gate_fit_steps >= 1, got "
                              f"{tc.gate_fit!r}, {tc.gate_fit_steps}")
+        if tc.select not in ("val_loss", "last"):
+            raise ValueError(f"train.select must be val_loss or last, got {tc.select!r}")
         if not 0.0 <= tc.flip_lr <= 1.0:
             raise ValueError(f"train.flip_lr is a probability in [0, 1], got {tc.flip_lr}")
         if tc.device not in ("auto", "cpu", "cuda"):
@@ -558,7 +566,7 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
                    "lr": lr, "seconds": time.time() - t0}
             state["history"].append(row)
             state["epoch"] = epoch + 1
-            if vm["loss"] < state["best_val"]:
+            if vm["loss"] < state["best_val"] or tc.select == "last":
                 state.update(best_val=vm["loss"], best_epoch=epoch + 1, bad_epochs=0)
                 save_checkpoint(best_path, model.state_dict(), {"epoch": epoch + 1, "val": vm})
             else:

@@ -190,8 +190,9 @@ def test_class_weights() -> None:
         class_weights([0, 1, 1], 3)
 
 
-def test_flop_estimate_matches_torch_flop_counter() -> None:
-    cfg = tiny(grid=(16, 16, 16), dim=32, heads=4)
+@pytest.mark.parametrize("pooling", ["mean", "flat"])
+def test_flop_estimate_matches_torch_flop_counter(pooling: str) -> None:
+    cfg = tiny(grid=(16, 16, 16), dim=32, heads=4, pooling=pooling)
     model = NeuroMoE(cfg).eval()
     images, clin = inputs(cfg, B=1)
     # The math backend decomposes attention into matmuls the counter sees (it skips CPU fused kernels).
@@ -228,6 +229,29 @@ def test_max_pooling_passes_the_largest_token_and_mean_the_average() -> None:
     torch.testing.assert_close(h_max, tokens[0].amax(1))
 
 
+def test_flat_pooling_reads_every_token_out_by_its_position() -> None:
+    torch.manual_seed(0)
+    cfg = tiny(pooling="flat", flat_channels=3)
+    enc = NeuroMoE(cfg).encoders["dwi"].eval()
+    n = cfg.n_tokens
+    assert enc.reduce.out_features == 3 and enc.readout.in_features == n * 3  # 8 tokens on the 8^3 grid
+    images, _ = inputs(cfg, B=2)
+    tokens = []
+    enc.ln_f.register_forward_hook(lambda mod, i, o: tokens.append(o))
+    with torch.no_grad():
+        h = enc(images["dwi"])
+        # One readout weight block per token position: swapping two tokens changes the output
+        # (mean and max pooling are blind to where a token is).
+        t = tokens[0]
+        swapped = t[:, [1, 0, *range(2, n)]]
+        h_swapped = enc.readout(enc.reduce(swapped).flatten(1))
+    assert h.shape == (2, cfg.dim)
+    torch.testing.assert_close(h, enc.readout(enc.reduce(t).flatten(1)))
+    assert not torch.allclose(h, h_swapped)
+    with pytest.raises(ValueError, match="flat_channels must be >= 1"):
+        tiny(pooling="flat", flat_channels=0)
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"grid": (8, 8, 10)}, r"grid \(8, 8, 10\) is not divisible by patch_size 4"),
     ({"heads": 3}, "heads 3 does not divide dim 16"),
@@ -240,7 +264,7 @@ def test_max_pooling_passes_the_largest_token_and_mean_the_average() -> None:
     ({"n_clinical": 0}, "n_clinical is 0"),
     ({"grid": (8, 8)}, "grid must be 3 positive ints"),
     ({"clin_hidden": ()}, "clin_hidden"),
-    ({"pooling": "cls"}, r"pooling must be one of \('mean', 'max'\)"),
+    ({"pooling": "cls"}, r"pooling must be one of \('mean', 'max', 'flat'\)"),
 ])
 def test_bad_config_raises_value_error_naming_the_value(kw, match) -> None:
     with pytest.raises(ValueError, match=match):

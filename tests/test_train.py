@@ -372,6 +372,21 @@ def test_heldout_gate_fit_pairs_experts_with_no_gate_and_fits_the_gate_on_val(co
         TrainConfig.from_dict({"gate_fit": "later"})
 
 
+def test_select_last_keeps_the_final_weights_and_never_stops_early(cohort: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    # patience 1 with a high learning rate: val_loss selection stops at the first epoch that does not improve.
+    cfg = make_cfg(epochs=5, lr=2e-2, batch_size=4, patience=1, select="last")
+    m = run(cohort, tmp_path, cfg=cfg)
+    assert m["epochs_run"] == m["best_epoch"] == 5 and not m["stopped_early"]
+    last = load_checkpoint(tmp_path / "checkpoint" / "last.safetensors").model_state
+    kept = load_checkpoint(tmp_path / "model.safetensors").model_state
+    assert last.keys() == kept.keys() and all(torch.equal(last[k], kept[k]) for k in last)
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert m["val"]["loss"] == pytest.approx(hist["val_loss"].iloc[-1], rel=1e-5)
+    with pytest.raises(ValueError, match="train.select"):
+        TrainConfig.from_dict({"select": "best"})
+
+
 def test_resume_refuses_a_checkpoint_of_another_configuration(cohort: dict[str, Path],
                                                               tmp_path: Path) -> None:
     run(cohort, tmp_path, cfg=make_cfg(epochs=3), max_epochs_this_run=1)
