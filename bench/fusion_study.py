@@ -340,21 +340,18 @@ def variants(workdir: Path, names: list[str], split_ids: list[str], overrides: l
 
 
 def _refit_gate(expert_lp, clin, y, weights, n_steps: int = 300, seed: int = 0):
-    """A gate (clinical -> expert weights, the model's 2-layer shape) fitted to fixed experts' log-probs."""
+    """A fresh gate (clinical -> expert weights, the model's 2-layer shape without dropout) fitted to fixed
+    experts' log-probs with the workflow's ``fit_gate_to`` (balance term off)."""
     import torch
     from torch import nn
-    from torch.nn import functional as F
+
+    from neuromoe.train import fit_gate_to
 
     torch.manual_seed(seed)
     gate = nn.Sequential(nn.Linear(clin.shape[1], 16), nn.ReLU(), nn.Linear(16, expert_lp.shape[1]))
-    opt = torch.optim.AdamW(gate.parameters(), 1e-2, weight_decay=1e-2)
-    for _ in range(n_steps):
-        lw = F.log_softmax(gate(clin), -1)
-        loss = F.nll_loss(torch.logsumexp(lw.unsqueeze(-1) + expert_lp, 1), y, weight=weights)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return gate.eval()
+    present = torch.ones(expert_lp.shape[:2], dtype=torch.bool)
+    fit_gate_to(gate, expert_lp, clin, present, y, weights, 0.0, n_steps, seed)
+    return gate
 
 
 def experts(workdir: Path, runs: Path) -> dict:

@@ -277,11 +277,10 @@ def fit_gate(model: NeuroMoE, loader: DataLoader, dev: torch.device, weights: Te
              ) -> list[float]:
     """Fit only ``model.gate`` to the frozen experts on ``loader``'s subjects (``gate_fit: heldout``).
 
-    The experts' log-probabilities are computed once (eval mode); the gate then takes ``steps`` full-batch
-    AdamW steps on the paper's loss (class-weighted NLL of the mixture + lambda * R_balance), with its
-    dropout on. A gate fitted on the training part learns which expert memorised each subject best; fitted
-    on subjects the experts did not train on, it learns which expert is right for whom (README, "Measured
-    here"). Returns the loss per step.
+    The experts' log-probabilities are computed once (eval mode), then ``fit_gate_to`` fits the gate. A
+    gate fitted on the training part learns which expert memorised each subject best; fitted on subjects
+    the experts did not train on, it learns which expert is right for whom (README, "Measured here").
+    Returns the loss per step.
     """
     experts = model.cfg.experts
     lps, clins, presents, ys = [], [], [], []
@@ -294,8 +293,19 @@ def fit_gate(model: NeuroMoE, loader: DataLoader, dev: torch.device, weights: Te
             clins.append(clin)
             presents.append(present)
             ys.append(y)
-    lp, clin, present, y = torch.cat(lps), torch.cat(clins), torch.cat(presents), torch.cat(ys)
-    gate = model.gate
+    losses = fit_gate_to(model.gate, torch.cat(lps), torch.cat(clins), torch.cat(presents), torch.cat(ys),
+                         weights, balance_lambda, steps, seed, lr, weight_decay)
+    model.eval()
+    return losses
+
+
+def fit_gate_to(gate: torch.nn.Module, expert_log_probs: Tensor, clin: Tensor, present: Tensor, y: Tensor,
+                weights: Tensor | None, balance_lambda: float, steps: int, seed: int, lr: float = 1e-2,
+                weight_decay: float = 1e-2) -> list[float]:
+    """``steps`` full-batch AdamW steps of ``gate`` (clinical -> expert logits) on the paper's loss
+    (class-weighted NLL of the mixture + lambda * R_balance) with fixed experts' log-probabilities
+    (N, E, C); ``present`` (N, E) masks absent experts. The gate is left in eval mode; returns the losses.
+    """
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
     gate.train()
@@ -303,13 +313,14 @@ def fit_gate(model: NeuroMoE, loader: DataLoader, dev: torch.device, weights: Te
     for _ in range(steps):
         logits = gate(clin).float().masked_fill(~present, float("-inf"))  # absent experts: weight 0
         log_w = F.log_softmax(logits, dim=-1)
-        out = MoEOutput(torch.logsumexp(log_w.unsqueeze(-1) + lp, dim=1), log_w.exp(), lp)
+        out = MoEOutput(torch.logsumexp(log_w.unsqueeze(-1) + expert_log_probs, dim=1), log_w.exp(),
+                        expert_log_probs)
         loss, _ = moe_loss(out, y, weights, balance_lambda)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    model.eval()
+    gate.eval()
     return losses
 
 
