@@ -18,7 +18,11 @@ Choices (docs/MODEL.md leaves them open):
   draws differ, the gate's parameters being created in between), selects their epoch on the validation
   loss of that uniform mixture, then fits the gate alone to the frozen experts on the validation part
   (``fit_gate``). Fitted on the training part, a gate learns which expert memorised each subject best,
-  not which is right for whom (README, "Measured here").
+  not which is right for whom (README, "Measured here"). ``crossfit`` trains the experts in the same way,
+  then fits the gate on more held-out subjects: stacked generalisation. The training part is cut into
+  ``crossfit_folds`` stratified folds; per fold, fresh experts train on the others for the kept epoch count
+  and predict it (``crossfit_log_probs``); the gate is fitted on these out-of-fold predictions plus the kept
+  experts' on the validation part. Costs ``crossfit_folds`` extra expert trainings.
 - ``select``: ``val_loss`` keeps the epoch with the lowest validation loss and stops after ``patience``
   epochs without a better one; ``last`` runs all ``epochs`` and keeps the final weights (with ~10
   validation subjects the lowest loss can come before the experts learned; README, "Measured here").
@@ -114,6 +118,9 @@ def variant_spec(name: str) -> tuple[tuple[str, ...], bool, float | None]:
                      f"(m in {', '.join(EXPERTS)}) or lambda_<value >= 0> (e.g. lambda_0.0)")
 
 
+GATE_FITS = ("joint", "heldout", "crossfit")
+
+
 @dataclass
 class TrainConfig:
     """The ``train:`` section of config.yaml (defaults are the paper protocol's)."""
@@ -135,6 +142,7 @@ class TrainConfig:
     # (the experts train under uniform weights, then the gate alone is fitted to them on the validation part).
     gate_fit: str = "joint"
     gate_fit_steps: int = 300
+    crossfit_folds: int = 3  # gate_fit "crossfit": folds of the training part
     # Which weights the run keeps: "val_loss" (the epoch with the lowest validation loss, early stopping after
     # ``patience`` epochs without a better one) or "last" (the whole schedule, the final weights).
     select: str = "val_loss"
@@ -152,9 +160,10 @@ class TrainConfig:
                              f"min_lr={tc.min_lr}")
         if tc.patience < 1 or tc.warmup_epochs < 0 or tc.num_workers < 0:
             raise ValueError(f"train.patience >= 1, warmup_epochs >= 0, num_workers >= 0; got {tc}")
-        if tc.gate_fit not in ("joint", "heldout") or tc.gate_fit_steps < 1:
-            raise ValueError(f"train.gate_fit must be joint or heldout and train.gate_fit_steps >= 1, got "
-                             f"{tc.gate_fit!r}, {tc.gate_fit_steps}")
+        if tc.gate_fit not in GATE_FITS or tc.gate_fit_steps < 1 or tc.crossfit_folds < 2:
+            raise ValueError(f"train.gate_fit must be one of {GATE_FITS}, train.gate_fit_steps >= 1 and "
+                             f"train.crossfit_folds >= 2, got {tc.gate_fit!r}, {tc.gate_fit_steps}, "
+                             f"{tc.crossfit_folds}")
         if tc.select not in ("val_loss", "last"):
             raise ValueError(f"train.select must be val_loss or last, got {tc.select!r}")
         if not 0.0 <= tc.flip_lr <= 1.0:
@@ -282,21 +291,25 @@ def fit_gate(model: NeuroMoE, loader: DataLoader, dev: torch.device, weights: Te
     the experts did not train on, it learns which expert is right for whom (README, "Measured here").
     Returns the loss per step.
     """
-    experts = model.cfg.experts
-    lps, clins, presents, ys = [], [], [], []
-    model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            images, clin, present, y = _to_device(batch, experts, dev)
-            o = model(images, clin, present, uniform_gate=True)
-            lps.append(o.expert_log_probs.float())
-            clins.append(clin)
-            presents.append(present)
-            ys.append(y)
-    losses = fit_gate_to(model.gate, torch.cat(lps), torch.cat(clins), torch.cat(presents), torch.cat(ys),
-                         weights, balance_lambda, steps, seed, lr, weight_decay)
+    losses = fit_gate_to(model.gate, *expert_log_probs(model, loader, dev), weights, balance_lambda, steps,
+                         seed, lr, weight_decay)
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def expert_log_probs(model: NeuroMoE, loader: DataLoader, dev: torch.device
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eval-mode pass -> (experts' log-probs (N, E, C) float32, clin (N, F), present (N, E), y (N,))."""
+    lps, clins, presents, ys = [], [], [], []
+    model.eval()
+    for batch in loader:
+        images, clin, present, y = _to_device(batch, model.cfg.experts, dev)
+        lps.append(model(images, clin, present, uniform_gate=True).expert_log_probs.float())
+        clins.append(clin)
+        presents.append(present)
+        ys.append(y)
+    return torch.cat(lps), torch.cat(clins), torch.cat(presents), torch.cat(ys)
 
 
 def fit_gate_to(gate: torch.nn.Module, expert_log_probs: Tensor, clin: Tensor, present: Tensor, y: Tensor,
@@ -452,6 +465,51 @@ def prepare_data(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, e
                    preprocessor=pre, weights=class_weights(y[rows["train"]], len(cohort.labels)))
 
 
+def crossfit_log_probs(mcfg: ModelConfig, data: RunData, tc: TrainConfig, dev: torch.device, lam: float,
+                       seed: int, epochs: int, loader_kw: Mapping[str, Any], tag: str = "",
+                       progress: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Out-of-fold expert log-probs of every training subject (``gate_fit: crossfit``).
+
+    The training part is cut into ``tc.crossfit_folds`` stratified folds; for each, a fresh model's experts
+    train under uniform weights on the other folds for ``epochs`` epochs of the run's schedule, then
+    predict the held-out fold. Returns (log-probs (N, E, C), clin, present, y) over the training rows, so
+    a gate can be fitted on subjects none of whose predictions come from a model that trained on them.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    from neuromoe.data import CohortDataset
+
+    rows = np.asarray(data.rows["train"])
+    labels = data.cohort.index["label"].to_numpy()[rows]
+    k = min(tc.crossfit_folds, int(np.bincount(labels).max()))
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=derive_seed(seed, "crossfit"))
+    weights = data.weights.to(dev)
+    parts: list[tuple[Tensor, ...]] = []
+    for fold, (fit_idx, held_idx) in enumerate(skf.split(rows, labels)):
+        fold_seed = derive_seed(seed, "crossfit", fold)
+        torch.manual_seed(fold_seed)
+        sub = NeuroMoE(mcfg).to(dev)
+        opt = torch.optim.AdamW(_param_groups(sub, tc.weight_decay), lr=tc.lr, fused=dev.type == "cuda" or None)
+        sampler = EpochSampler(len(fit_idx), fold_seed)
+        loader = DataLoader(CohortDataset(data.cohort, rows[fit_idx].tolist(), data.clinical), sampler=sampler,
+                            **loader_kw)
+        warmup, total = tc.warmup_epochs * len(loader), tc.epochs * len(loader)
+        step = 0
+        for epoch in tqdm(range(epochs), desc=f"{tag} crossfit {fold + 1}/{k}", file=sys.stderr, leave=False,
+                          disable=not progress):
+            torch.manual_seed(derive_seed(fold_seed, "epoch", epoch))
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, tc.lr, warmup, total, tc.min_lr)
+                train_step(sub, opt, batch, dev, weights, lam, tc.grad_clip, tc.flip_lr, uniform_gate=True)
+                step += 1
+        held = DataLoader(CohortDataset(data.cohort, rows[held_idx].tolist(), data.clinical), shuffle=False,
+                          **loader_kw)
+        parts.append(expert_log_probs(sub, held, dev))
+    return tuple(torch.cat(t) for t in zip(*parts, strict=True))  # type: ignore[return-value]
+
+
 def _fresh_state() -> dict[str, Any]:
     return {"epoch": 0, "step": 0, "history": [], "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0,
             "finished": False, "stopped_early": False}
@@ -545,7 +603,7 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
         epochs_here = 0
         while not state["finished"]:
             epoch = state["epoch"]
-            warm = use_gate and tc.gate_fit == "heldout"  # experts first, under uniform weights
+            warm = use_gate and tc.gate_fit != "joint"  # experts first, under uniform weights
             torch.manual_seed(derive_seed(seed, "epoch", epoch))  # dropout draws: a function of the epoch
             sampler.set_epoch(epoch)
             t0 = time.time()
@@ -609,6 +667,11 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
         if use_gate and tc.gate_fit == "heldout":
             fit_gate(model, eval_loaders["val"], dev, weights_dev, lam, tc.gate_fit_steps,
                      derive_seed(seed, "gate"))
+        elif use_gate and tc.gate_fit == "crossfit":
+            oof = crossfit_log_probs(mcfg, data, tc, dev, lam, seed, state["best_epoch"], loader_kw, tag, progress)
+            val = expert_log_probs(model, eval_loaders["val"], dev)  # the kept experts did not train on these
+            fit_gate_to(model.gate, *(torch.cat(t) for t in zip(oof, val, strict=True)), weights_dev, lam,
+                        tc.gate_fit_steps, derive_seed(seed, "gate"))
         results: dict[str, dict[str, Any]] = {}
         tables = []
         for part, loader in eval_loaders.items():

@@ -372,6 +372,46 @@ def test_heldout_gate_fit_pairs_experts_with_no_gate_and_fits_the_gate_on_val(co
         TrainConfig.from_dict({"gate_fit": "later"})
 
 
+def test_crossfit_gate_is_fitted_on_predictions_of_models_that_never_saw_the_subject(
+        cohort: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import neuromoe.data
+
+    cfg = make_cfg(epochs=3, lr=5e-3, batch_size=4, gate_fit="crossfit", crossfit_folds=3, select="last",
+                   gate_fit_steps=50)
+    seen: list[list[int]] = []  # the rows of every dataset built, in creation order
+
+    class Spy(neuromoe.data.CohortDataset):
+        def __init__(self, cohort, rows, clinical, *a, **kw):  # noqa: ANN001, ANN002, ANN003
+            super().__init__(cohort, rows, clinical, *a, **kw)
+            seen.append(list(rows))
+
+    monkeypatch.setattr(neuromoe.data, "CohortDataset", Spy)
+    gates: list[dict[str, torch.Tensor]] = []
+
+    def gate_weights(epoch: int, row: dict) -> None:
+        st = load_checkpoint(tmp_path / "a" / "checkpoint" / "last.safetensors").model_state
+        gates.append({k: v.clone() for k, v in st.items() if k.startswith("gate.")})
+
+    m = run(cohort, tmp_path / "a", cfg=cfg, on_epoch_end=gate_weights)
+    train_rows = seen[0]  # train_run builds train, val, test first
+    assert len(train_rows) == 12 and len(seen) == 3 + 2 * 3
+    folds = [(seen[i], seen[i + 1]) for i in range(3, len(seen), 2)]  # (fitted on, predicted) per fold
+    for fit_rows, held_rows in folds:
+        assert not set(fit_rows) & set(held_rows)  # no subject predicted by a model that trained on it
+        assert sorted(fit_rows + held_rows) == sorted(train_rows)
+    assert sorted(r for _, held in folds for r in held) == sorted(train_rows)  # each one predicted once
+    # The gate stays out of the experts' training and is fitted afterwards; the run is reproducible.
+    assert all(torch.equal(g[k], gates[0][k]) for g in gates for k in gates[0])
+    final = load_checkpoint(tmp_path / "a" / "model.safetensors").model_state
+    assert any(not torch.equal(final[k], gates[0][k]) for k in gates[0])
+    m2 = run(cohort, tmp_path / "b", cfg=cfg)
+    assert m2["test"]["loss"] == m["test"]["loss"]
+    b = load_checkpoint(tmp_path / "b" / "model.safetensors").model_state
+    assert all(torch.equal(final[k], b[k]) for k in final)
+    with pytest.raises(ValueError, match="crossfit_folds"):
+        TrainConfig.from_dict({"gate_fit": "crossfit", "crossfit_folds": 1})
+
+
 def test_select_last_keeps_the_final_weights_and_never_stops_early(cohort: dict[str, Path],
                                                                     tmp_path: Path) -> None:
     # patience 1 with a high learning rate: val_loss selection stops at the first epoch that does not improve.
