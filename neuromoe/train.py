@@ -138,8 +138,9 @@ class TrainConfig:
     min_lr: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     flip_lr: float = 0.0  # probability of mirroring a training sample left-right (see ``augment``)
-    # How the gate is fitted: "joint" (the paper: with the experts, on the training part) or "heldout"
-    # (the experts train under uniform weights, then the gate alone is fitted to them on the validation part).
+    # How the gate is fitted: "joint" (the paper: with the experts, on the training part), "heldout" (the
+    # experts train under uniform weights, then the gate alone is fitted to them on the validation part) or
+    # "crossfit" (the same, the gate fitted on out-of-fold predictions of the training part + validation).
     gate_fit: str = "joint"
     gate_fit_steps: int = 300
     crossfit_folds: int = 3  # gate_fit "crossfit": folds of the training part
