@@ -660,7 +660,10 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
                 return {"finished": False, "epochs_run": state["epoch"], "split_id": split_id,
                         "variant": variant}
 
-        # Final: best weights -> model.safetensors, predictions, metrics.
+        # Final: best weights -> model.safetensors, predictions, metrics. The history too: a run that finished
+        # its epochs but lost its final files (killed in this stage; Snakemake removes an incomplete job's
+        # outputs before rerunning it) comes back here straight from its checkpoint.
+        _write_history(out_dir / "history.csv", state["history"])
         if not best_path.exists():
             raise RuntimeError(f"{tag} no epoch had a finite validation loss (training diverged); "
                                "lower train.lr or check the inputs for NaNs")

@@ -6,6 +6,7 @@ here (8^3 grid, 24 subjects, a planted class signal), read through ``neuromoe.da
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pickle
@@ -347,6 +348,23 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(cohort: dict[str, Pat
     pd.testing.assert_frame_equal(ha, hb)
     pa, pb = (pd.read_csv(tmp_path / d / "predictions.tsv", sep="\t") for d in "ab")
     pd.testing.assert_frame_equal(pa, pb)
+
+
+def test_rerun_after_the_outputs_were_removed_restores_them_from_the_checkpoint(cohort: dict[str, Path],
+                                                                                tmp_path: Path) -> None:
+    # Snakemake's --rerun-incomplete deletes an interrupted job's outputs, then reruns it; if the kill came
+    # after the last epoch's checkpoint, the run resumes as finished and must write every output again.
+    cfg = make_cfg(epochs=3)
+    run(cohort, tmp_path, cfg=cfg)
+    outputs = ["model.safetensors", "model.json", "metrics.json", "predictions.tsv", "history.csv"]
+    before = {name: (tmp_path / name).read_bytes() for name in outputs if name != "model.safetensors"}
+    for name in outputs:
+        (tmp_path / name).unlink()
+    run(cohort, tmp_path, cfg=cfg)
+    assert all((tmp_path / name).exists() for name in outputs)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "history.csv"),
+                                  pd.read_csv(io.BytesIO(before["history.csv"])))
+    assert (tmp_path / "predictions.tsv").read_bytes() == before["predictions.tsv"]
 
 
 def test_heldout_gate_fit_pairs_experts_with_no_gate_and_fits_the_gate_on_val(cohort: dict[str, Path],
