@@ -31,7 +31,8 @@ The working folder for ``signal`` and ``variants``: a fresh clone, optionally wi
 ``config.yaml`` (``synthetic.subjects``; a finished demo folder works as it is), run up to the splits,
 which need the cache (about 37 s CPU per subject). Recorded results: ``*_demo120*``, ``*_demo60_max``,
 ``*lowdistractor90*`` and ``*_try_*`` on the first cohort design (``control_profile_distractors=True``,
-``marker_separation=2.4``, profiles drawn per subject), ``*_cohort2_*`` on the current one::
+``marker_separation=2.4``, profiles drawn per subject), ``*_cohort2_*`` on the current one (``*_flat_last*``:
+``--set model.pooling=flat train.epochs=60 train.select=last``, plus ``train.gate_fit=crossfit`` where named)::
 
     snakemake --cores 8 splits
 
