@@ -432,7 +432,10 @@ def test_crossfit_gate_is_fitted_on_predictions_of_models_that_never_saw_the_sub
 
 def test_select_last_keeps_the_final_weights_and_never_stops_early(cohort: dict[str, Path],
                                                                     tmp_path: Path) -> None:
-    # patience 1 with a high learning rate: val_loss selection stops at the first epoch that does not improve.
+    # patience 1 with a high learning rate: val_loss selection stops at the first epoch that does not improve...
+    early = run(cohort, tmp_path / "val_loss", cfg=make_cfg(epochs=5, lr=2e-2, batch_size=4, patience=1))
+    assert early["stopped_early"] and early["best_epoch"] < 5
+    # ...last runs every epoch and keeps the final weights.
     cfg = make_cfg(epochs=5, lr=2e-2, batch_size=4, patience=1, select="last")
     m = run(cohort, tmp_path, cfg=cfg)
     assert m["epochs_run"] == m["best_epoch"] == 5 and not m["stopped_early"]
