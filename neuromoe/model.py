@@ -287,7 +287,7 @@ class NeuroMoE(nn.Module):
             present: (B, E) bool, E = len(cfg.experts); False masks that expert (weight 0, gate renormalised).
                 None: all present. Every row needs at least one expert present.
             uniform_gate: weight the experts present equally and leave the gate out of the graph (expert
-                training under ``train.gate_fit: heldout``; what ``use_gate=False`` always does).
+                training under ``train.gate_fit: heldout`` or ``crossfit``; what ``use_gate=False`` always does).
         """
         cfg = self.cfg
         B, E = clin.shape[0], len(cfg.experts)

@@ -3,7 +3,7 @@
 Run folder (``out_dir``)::
 
     checkpoint/last.safetensors (+ .json)   every epoch: model, AdamW, RNG states, history, early-stop state
-    checkpoint/best.safetensors (+ .json)   the weights kept so far (lowest validation loss, or last epoch)
+    checkpoint/best.safetensors (+ .json)   select val_loss: the weights with the lowest validation loss so far
     history.csv                              one row per epoch
     model.safetensors, model.json            best weights + configs, classes, clinical preprocessor, metrics
     predictions.tsv                          val and test: participant_id, part, label, prob_*, gate_*
@@ -263,7 +263,7 @@ def train_step(model: NeuroMoE, opt: torch.optim.Optimizer, batch: Mapping[str, 
                grad_clip: float = 0.0, flip_lr: float = 0.0, uniform_gate: bool = False) -> dict[str, float]:
     """One optimiser step on a collated batch (bf16 autocast on CUDA); the learning rate is the caller's.
 
-    ``uniform_gate``: experts weighted equally, the gate not trained (``gate_fit: heldout``).
+    ``uniform_gate``: experts weighted equally, the gate not trained (``gate_fit: heldout`` / ``crossfit``).
 
     Returns {"loss", "wce", "balance"} (batch means), {"correct", "n"} (counts) as floats.
     """
@@ -636,7 +636,9 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
                    "lr": lr, "seconds": time.time() - t0}
             state["history"].append(row)
             state["epoch"] = epoch + 1
-            if vm["loss"] < state["best_val"] or tc.select == "last":
+            if tc.select == "last":  # the kept weights are last.safetensors' (written below)
+                state.update(best_val=vm["loss"], best_epoch=epoch + 1)
+            elif vm["loss"] < state["best_val"]:
                 state.update(best_val=vm["loss"], best_epoch=epoch + 1, bad_epochs=0)
                 save_checkpoint(best_path, model.state_dict(), {"epoch": epoch + 1, "val": vm})
             else:
@@ -664,10 +666,11 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
         # its epochs but lost its final files (killed in this stage; Snakemake removes an incomplete job's
         # outputs before rerunning it) comes back here straight from its checkpoint.
         _write_history(out_dir / "history.csv", state["history"])
-        if not best_path.exists():
+        kept_path = last_path if tc.select == "last" else best_path
+        if not kept_path.exists():
             raise RuntimeError(f"{tag} no epoch had a finite validation loss (training diverged); "
                                "lower train.lr or check the inputs for NaNs")
-        model.load_state_dict(load_checkpoint(best_path, device=dev).model_state)
+        model.load_state_dict(load_checkpoint(kept_path, device=dev).model_state)
         if use_gate and tc.gate_fit == "heldout":
             fit_gate(model, eval_loaders["val"], dev, weights_dev, lam, tc.gate_fit_steps,
                      derive_seed(seed, "gate"))

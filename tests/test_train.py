@@ -442,6 +442,7 @@ def test_select_last_keeps_the_final_weights_and_never_stops_early(cohort: dict[
     last = load_checkpoint(tmp_path / "checkpoint" / "last.safetensors").model_state
     kept = load_checkpoint(tmp_path / "model.safetensors").model_state
     assert last.keys() == kept.keys() and all(torch.equal(last[k], kept[k]) for k in last)
+    assert not (tmp_path / "checkpoint" / "best.safetensors").exists()  # no second copy written per epoch
     hist = pd.read_csv(tmp_path / "history.csv")
     assert m["val"]["loss"] == pytest.approx(hist["val_loss"].iloc[-1], rel=1e-5)
     with pytest.raises(ValueError, match="train.select"):
