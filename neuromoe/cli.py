@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write the synthetic demo BIDS cohort")
     s.add_argument("out_dir", type=Path)
-    s.add_argument("--subjects", type=int, default=60)
+    s.add_argument("--subjects", type=int, default=180)
     s.add_argument("--seed", type=int, default=42)
     s.set_defaults(func=cmd_synth)
 

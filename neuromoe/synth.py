@@ -69,7 +69,7 @@ Determinism
 Example::
 
     from neuromoe.synth import make_cohort
-    bids = make_cohort("data/demo_bids", n_subjects=60, seed=42)
+    bids = make_cohort("data/demo_bids", n_subjects=180, seed=42)
 """
 
 from __future__ import annotations

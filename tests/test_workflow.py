@@ -121,6 +121,22 @@ def test_repository_config_is_valid() -> None:
     assert cfg["preprocessing"]["backend"] == "python"
 
 
+def test_paper_preset_is_the_papers_protocol() -> None:
+    """config/paper.yaml merged over config.yaml the way Snakemake merges --configfile: none of the demo's
+    departures from the paper (flat pooling, crossfit gate, last-epoch weights) leaks into the preset."""
+    from snakemake.utils import update_config
+
+    from neuromoe.config import validate_config
+
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(cfg, yaml.safe_load((REPO / "config" / "paper.yaml").read_text()))
+    cfg = validate_config(cfg)
+    assert cfg["cache"]["grid"] == [64, 64, 64]
+    assert (cfg["model"]["dim"], cfg["model"]["depth"], cfg["model"]["pooling"]) == (256, 4, "mean")
+    assert (cfg["train"]["gate_fit"], cfg["train"]["select"], cfg["train"]["flip_lr"]) == ("joint", "val_loss", 0.0)
+    assert cfg["evaluation"]["seeds"] == [0, 1, 2]
+
+
 def _plan(workdir: Path, *extra: str) -> dict[str, int]:
     """Snakemake's own dry-run plan: rule -> number of jobs."""
     res = run(snakemake_cmd(workdir, "-n", "--cores", "1", *extra))
