@@ -202,7 +202,7 @@ class VolumeEncoder(nn.Module):
     flatten + fully-connected head of the 3D CNNs used on registered brains (ClinicaDL's Conv5_FC3): in
     MNI space a region is always at the same token, and this readout can weight it by where it is. On the
     demo cohort only ``flat`` lets an expert learn its regions from a dozen subjects (dwi expert, own-profile
-    test subjects: 100 % vs 57 % mean and 60 % max; README "Measured here"). Its readout has
+    test subjects: 100 % vs 57 % mean and 60 % max; docs/fusion_study.md). Its readout has
     N * flat_channels * dim weights: 4.2 M per encoder at the paper's 64^3 grid and width 256 with 4
     channels, 28 k at the demo's.
     """

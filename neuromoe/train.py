@@ -18,14 +18,14 @@ Choices (docs/MODEL.md leaves them open):
   draws differ, the gate's parameters being created in between), selects their epoch on the validation
   loss of that uniform mixture, then fits the gate alone to the frozen experts on the validation part
   (``fit_gate``). Fitted on the training part, a gate learns which expert memorised each subject best,
-  not which is right for whom (README, "Measured here"). ``crossfit`` trains the experts in the same way,
+  not which is right for whom (docs/fusion_study.md). ``crossfit`` trains the experts in the same way,
   then fits the gate on more held-out subjects: stacked generalisation. The training part is cut into
   ``crossfit_folds`` stratified folds; per fold, fresh experts train on the others for the kept epoch count
   and predict it (``crossfit_log_probs``); the gate is fitted on these out-of-fold predictions plus the kept
   experts' on the validation part. Costs ``crossfit_folds`` extra expert trainings.
 - ``select``: ``val_loss`` keeps the epoch with the lowest validation loss and stops after ``patience``
   epochs without a better one; ``last`` runs all ``epochs`` and keeps the final weights (with ~10
-  validation subjects the lowest loss can come before the experts learned; README, "Measured here").
+  validation subjects the lowest loss can come before the experts learned; docs/fusion_study.md).
 - Learning rate per optimiser step: linear warm-up over ``warmup_epochs`` then cosine to ``min_lr`` at
   ``epochs``; a pure function of the step count, so it needs no scheduler state beyond that count.
 - Weight decay on matrices, convolutions and the positional embedding only (nanoGPT), not biases/norms.
@@ -46,7 +46,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -289,13 +289,39 @@ def fit_gate(model: NeuroMoE, loader: DataLoader, dev: torch.device, weights: Te
 
     The experts' log-probabilities are computed once (eval mode), then ``fit_gate_to`` fits the gate. A
     gate fitted on the training part learns which expert memorised each subject best; fitted on subjects
-    the experts did not train on, it learns which expert is right for whom (README, "Measured here").
+    the experts did not train on, it learns which expert is right for whom (docs/fusion_study.md).
     Returns the loss per step.
     """
     losses = fit_gate_to(model.gate, *expert_log_probs(model, loader, dev), weights, balance_lambda, steps,
                          seed, lr, weight_decay)
     model.eval()
     return losses
+
+
+def train_epoch(model: NeuroMoE, opt: torch.optim.Optimizer, batches: Iterable[Mapping[str, Any]],
+                dev: torch.device, weights: Tensor | None, lam: float, tc: TrainConfig, step: int, warmup: int,
+                total: int, uniform_gate: bool) -> tuple[dict[str, float], int, float]:
+    """One pass of ``train_step`` over ``batches``, the learning rate set per step by the run's schedule.
+
+    ``step``: optimiser steps taken before this epoch. Returns (sums of loss/wce/balance weighted by batch
+    size, correct and n; the step count after the epoch; the last learning rate). A ``tqdm`` as
+    ``batches`` shows the running loss and accuracy.
+    """
+    sums = dict.fromkeys(("loss", "wce", "balance", "correct", "n"), 0.0)
+    lr = tc.lr
+    for batch in batches:
+        lr = lr_at(step, tc.lr, warmup, total, tc.min_lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        r = train_step(model, opt, batch, dev, weights, lam, tc.grad_clip, tc.flip_lr, uniform_gate)
+        step += 1
+        for k in ("loss", "wce", "balance"):
+            sums[k] += r[k] * r["n"]
+        sums["correct"] += r["correct"]
+        sums["n"] += r["n"]
+        if isinstance(batches, tqdm):
+            batches.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['correct'] / sums['n']:.2f}")
+    return sums, step, lr
 
 
 @torch.no_grad()
@@ -500,11 +526,7 @@ def crossfit_log_probs(mcfg: ModelConfig, data: RunData, tc: TrainConfig, dev: t
                           disable=not progress):
             torch.manual_seed(derive_seed(fold_seed, "epoch", epoch))
             sampler.set_epoch(epoch)
-            for batch in loader:
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, tc.lr, warmup, total, tc.min_lr)
-                train_step(sub, opt, batch, dev, weights, lam, tc.grad_clip, tc.flip_lr, uniform_gate=True)
-                step += 1
+            _, step, _ = train_epoch(sub, opt, loader, dev, weights, lam, tc, step, warmup, total, True)
         held = DataLoader(CohortDataset(data.cohort, rows[held_idx].tolist(), data.clinical), shuffle=False,
                           **loader_kw)
         parts.append(expert_log_probs(sub, held, dev))
@@ -608,22 +630,10 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
             torch.manual_seed(derive_seed(seed, "epoch", epoch))  # dropout draws: a function of the epoch
             sampler.set_epoch(epoch)
             t0 = time.time()
-            sums = dict.fromkeys(("loss", "wce", "balance", "correct", "n"), 0.0)
-            lr = tc.lr
             bar = tqdm(train_loader, desc=f"{tag} epoch {epoch + 1}/{tc.epochs}", file=sys.stderr,
                        leave=False, disable=not progress, mininterval=1.0)
-            for batch in bar:
-                lr = lr_at(state["step"], tc.lr, warmup, total, tc.min_lr)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                r = train_step(model, opt, batch, dev, weights_dev, lam, tc.grad_clip, tc.flip_lr, warm)
-                state["step"] += 1
-                for k in ("loss", "wce", "balance"):
-                    sums[k] += r[k] * r["n"]
-                sums["correct"] += r["correct"]
-                sums["n"] += r["n"]
-                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}",
-                                acc=f"{sums['correct'] / sums['n']:.2f}")
+            sums, state["step"], lr = train_epoch(model, opt, bar, dev, weights_dev, lam, tc, state["step"],
+                                                  warmup, total, warm)
             bar.close()
             val = predict(model, eval_loaders["val"], dev, uniform_gate=warm)
             vm = part_metrics(val, data.weights.numpy(), experts)
