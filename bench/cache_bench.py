@@ -3,7 +3,7 @@
 Builds (or reuses, ``--reuse``) N synthetic subjects of MNI-space maps (T1w, FA, MD, fALFF, ReHo; float32
 .nii.gz at gzip level 1 on the template's 2 mm grid, 99 x 117 x 95, made from nilearn's MNI152 template
 plus noise, zero outside the brain, so their size and compressibility are those of real derivative maps),
-caches them with ``neuromoe.cache`` and times one epoch of:
+caches them with ``neuromoe.cache.store`` and times one epoch of:
 
   a. ``cache``: ``CohortDataset`` over the memory-mapped cohort cache;
   b. ``nifti+resample``: nibabel loads the five .nii.gz and does the same resample + normalise per item
@@ -42,9 +42,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from neuromoe import cache as C  # noqa: E402
 from neuromoe import paths  # noqa: E402
-from neuromoe.data import CohortDataset  # noqa: E402
+from neuromoe.cache import store as C  # noqa: E402
+from neuromoe.learn.data import CohortDataset  # noqa: E402
 
 KEYS = {"anat": ["anat_brain_mni"], "dwi": ["dwi_fa_mni", "dwi_md_mni"],
         "func": ["func_falff_mni", "func_reho_mni"]}

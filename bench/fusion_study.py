@@ -4,10 +4,10 @@ Measurements on a finished workflow's cohort cache of the synthetic cohort (its 
 ground truth in ``derivatives/synth-truth``):
 
 - ``signal``: how much of each planted effect survives preprocessing, registration and the cache grid.
-  For every effect region (``neuromoe.templates.ROIS``) and map channel, the mean of the cached tensor over
+  For every effect region (``neuromoe.inputs.templates.ROIS``) and map channel, the mean of the cached tensor over
   the region (inside the grid's brain mask), and Cohen's d between subjects that carry the effect (disease
   or distractor) and those that do not.
-- ``variants``: trains deep variants (``neuromoe.train.train_run``, the workflow's own training) on the
+- ``variants``: trains deep variants (``neuromoe.learn.train.train_run``, the workflow's own training) on the
   workflow's splits with config overrides, and reports each variant's test balanced accuracy per split
   and averaged, with the test-fold gate weights grouped by each subject's true latent profile (a gate that
   learned the fusion problem puts most weight on the profile's modality).
@@ -18,9 +18,9 @@ ground truth in ``derivatives/synth-truth``):
   clean labels a perfectly routed expert gets) or on all of them (what an expert gets under a uniform gate).
   Seconds; no training of the deep model.
 - ``oracle``: the generator's design alone, without images. Each subject's true region read-outs (an
-  effect present: 4 SD, plus unit noise) and clinical table come from ``neuromoe.synth.subject_plan``; a
+  effect present: 4 SD, plus unit noise) and clinical table come from ``neuromoe.inputs.synth.subject_plan``; a
   small mixture of experts (one 2-feature expert per modality, a clinical expert, the clinical gate,
-  trained with the workflow's ``neuromoe.model.moe_loss`` and ``class_weights``) is fitted on the
+  trained with the workflow's ``neuromoe.learn.model.moe_loss`` and ``class_weights``) is fitted on the
   workflow's split protocol. Its balanced accuracies bound what the deep model can reach on a cohort of
   that size and design, so a design in which routing does not beat the best single modality here cannot
   pass issue 7 with any encoder. About a minute; no workflow needed.
@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from train_bench import machine  # noqa: E402  (CPU model, cores, torch, CUDA device, load)
 
-from neuromoe.splits import PARTS  # noqa: E402
+from neuromoe.learn.splits import PARTS  # noqa: E402
 
 
 def load_workdir(workdir: Path) -> tuple[dict, Path, Path, Path]:
@@ -78,7 +78,7 @@ def load_workdir(workdir: Path) -> tuple[dict, Path, Path, Path]:
 
 
 def truth_table(bids: Path, subjects: list[str]) -> pd.DataFrame:
-    from neuromoe.synth import read_truth
+    from neuromoe.inputs.synth import read_truth
 
     rows = []
     for s in subjects:
@@ -92,8 +92,8 @@ def truth_table(bids: Path, subjects: list[str]) -> pd.DataFrame:
 
 
 def signal(workdir: Path) -> dict:
-    from neuromoe import templates as tpl
-    from neuromoe.cache import open_cohort
+    from neuromoe.cache.store import open_cohort
+    from neuromoe.inputs import templates as tpl
 
     _, bids, cache_dir, _ = load_workdir(workdir)
     c = open_cohort(cache_dir, verify=False)
@@ -120,7 +120,7 @@ def signal(workdir: Path) -> dict:
 
 def _region_means(c, m: str, a: np.ndarray) -> np.ndarray:
     """(N, 2 * channels): each subject's mean of every channel over the modality's two effect regions."""
-    from neuromoe import templates as tpl
+    from neuromoe.inputs import templates as tpl
 
     affine, grid = np.asarray(c.manifest["affine"]), tuple(c.grid)
     cols = []
@@ -146,7 +146,7 @@ def learnability(workdir: Path, split_ids: list[str]) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from neuromoe.cache import open_cohort
+    from neuromoe.cache.store import open_cohort
 
     _, bids, cache_dir, splits_tsv = load_workdir(workdir)
     c = open_cohort(cache_dir, verify=False)
@@ -188,7 +188,7 @@ ORACLE_VARIANTS = {"full": ("anat", "dwi", "func", "clin"), "no_gate": ("anat", 
 
 
 def _oracle_cohort(n: int, seed: int, params) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
-    from neuromoe.synth import DIAGNOSES, MODALITIES, subject_plan
+    from neuromoe.inputs.synth import DIAGNOSES, MODALITIES, subject_plan
 
     rng = np.random.default_rng(seed)
     plans = [subject_plan(k, seed, params) for k in range(1, n + 1)]
@@ -211,7 +211,7 @@ def _oracle_fit(x, clin, y, tr, va, te, experts, gate: bool, seed: int,
     from torch import nn
     from torch.nn import functional as F
 
-    from neuromoe.model import MoEOutput, class_weights, moe_loss
+    from neuromoe.learn.model import MoEOutput, class_weights, moe_loss
 
     med = np.nanmedian(clin[tr], axis=0)
     c = np.where(np.isnan(clin), med, clin)
@@ -257,8 +257,8 @@ def _oracle_fit(x, clin, y, tr, va, te, experts, gate: bool, seed: int,
 def oracle(n: int, synth: list[str], folds: int, seeds: list[int], data_seed: int = 42) -> dict:
     import torch
 
-    from neuromoe.splits import make_splits
-    from neuromoe.synth import SynthParams
+    from neuromoe.inputs.synth import SynthParams
+    from neuromoe.learn.splits import make_splits
 
     torch.set_num_threads(1)
     params = SynthParams(**{k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in synth)})
@@ -297,7 +297,7 @@ def _override(cfg: dict, items: list[str]) -> dict:
 
 
 def _one(job: tuple) -> dict:
-    from neuromoe.train import train_run
+    from neuromoe.learn.train import train_run
 
     cache_dir, splits, split_id, variant, cfg, out = job
     m = train_run(cache_dir, splits, split_id, variant, cfg, out, device="cpu", threads=1, progress=False)
@@ -346,7 +346,7 @@ def _refit_gate(expert_lp, clin, y, weights, n_steps: int = 300, seed: int = 0):
     import torch
     from torch import nn
 
-    from neuromoe.train import fit_gate_to
+    from neuromoe.learn.train import fit_gate_to
 
     torch.manual_seed(seed)
     gate = nn.Sequential(nn.Linear(clin.shape[1], 16), nn.ReLU(), nn.Linear(16, expert_lp.shape[1]))
@@ -370,8 +370,8 @@ def experts(workdir: Path, runs: Path) -> dict:
     from sklearn.metrics import balanced_accuracy_score
     from torch.utils.data import DataLoader
 
-    from neuromoe.data import CohortDataset
-    from neuromoe.train import _to_device, load_model, prepare_data
+    from neuromoe.learn.data import CohortDataset
+    from neuromoe.learn.train import _to_device, load_model, prepare_data
 
     torch.set_num_threads(1)
     cfg, bids, cache_dir, splits = load_workdir(workdir)

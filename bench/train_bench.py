@@ -5,9 +5,9 @@ Two cases:
 - ``demo``:  the 32^3 grid and the model section of config.yaml (what the bundled demo trains);
 - ``paper``: the 64^3 grid and the paper-size model (width 256, depth 4, 8 heads, MLP 4; the defaults).
 
-Each case builds a real cohort cache (``neuromoe.cache.build_cohort``, float16, memory-mapped) of random
-subjects in a temporary folder, reads it through ``neuromoe.data.CohortDataset`` and a DataLoader, times
-``neuromoe.train.train_step`` (forward, class-weighted loss, backward, AdamW; bf16 autocast on CUDA) after
+Each case builds a real cohort cache (``neuromoe.cache.store.build_cohort``, float16, memory-mapped) of random
+subjects in a temporary folder, reads it through ``neuromoe.learn.data.CohortDataset`` and a DataLoader, times
+``neuromoe.learn.train.train_step`` (forward, class-weighted loss, backward, AdamW; bf16 autocast on CUDA) after
 warm-up steps. "data wait" is the time blocked in ``next(loader)`` over the whole step time. On CPU the
 paper case runs one timed step at batch 1 (~850 GFLOP per sample and step: tens of seconds there).
 MFU = 3 x forward FLOPs x samples/s / the bf16 dense peak of the GPU (table below; None elsewhere).
@@ -38,10 +38,10 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from neuromoe import cache as C  # noqa: E402
-from neuromoe.data import CohortDataset  # noqa: E402
-from neuromoe.model import ModelConfig, NeuroMoE, class_weights  # noqa: E402
-from neuromoe.train import resolve_device, train_step  # noqa: E402
+from neuromoe.cache import store as C  # noqa: E402
+from neuromoe.learn.data import CohortDataset  # noqa: E402
+from neuromoe.learn.model import ModelConfig, NeuroMoE, class_weights  # noqa: E402
+from neuromoe.learn.train import resolve_device, train_step  # noqa: E402
 
 # bf16 dense tensor-core peaks (FLOP/s), vendor data sheets; matched on the device name.
 PEAK_BF16 = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100 NVL": 835.0e12, "H100": 989.4e12,

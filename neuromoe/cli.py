@@ -22,14 +22,14 @@ def _load_config(path: str | None) -> dict:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from neuromoe.synth import make_cohort
+    from neuromoe.inputs.synth import make_cohort
 
     out = make_cohort(args.out_dir, n_subjects=args.subjects, seed=args.seed)
     print(f"wrote a synthetic BIDS cohort of {args.subjects} subjects to {out}")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from neuromoe.bids import validate_dataset
+    from neuromoe.inputs.bids import validate_dataset
 
     cfg = _load_config(args.config)
     ds = validate_dataset(args.bids_dir or cfg["bids_dir"], cfg)
@@ -45,7 +45,7 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from neuromoe.train import train_run
+    from neuromoe.learn.train import train_run
 
     cfg = _load_config(args.config)
     metrics = train_run(args.cache, args.splits, args.split, args.variant, cfg, args.out_dir, device=args.device,
@@ -55,14 +55,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from neuromoe.evaluate import write_evaluation
+    from neuromoe.results.evaluate import write_evaluation
 
     written = write_evaluation(args.runs, args.out_dir)
     print(Path(written["ablation_md"]).read_text())
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from neuromoe.predict import predict_cohort
+    from neuromoe.results.predict import predict_cohort
 
     out = predict_cohort(args.model, args.cache, args.out_dir, subjects=args.subjects or None,
                          explain=not args.no_explain, device=args.device)

@@ -1,13 +1,21 @@
-"""Configuration: load config.yaml, validate it against the JSON schema, fill in defaults.
+"""Configuration: the one home of every key, its default and its checks.
 
-Errors list every problem at once with the key's dotted path, the value and what is allowed,
-instead of jsonschema's raw dump of the whole instance.
+``workflow/schemas/config.schema.yaml`` holds each key with its type, allowed values, default and meaning.
+``validate_config`` checks a whole config against it once (every problem listed by dotted key, defaults
+filled in) plus the few checks a schema cannot express. Code then reads typed sections (``DwiConfig``,
+``FuncConfig``, ...): frozen dataclasses whose fields are the section's keys and whose defaults are the
+schema's (tests/test_config.py holds them equal, and equal to the README's table).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import jsonschema
 import yaml
@@ -17,10 +25,21 @@ from neuromoe.errors import NeuroMoEError
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = REPO / "config.yaml"
+PRESETS = REPO / "presets"
+
+# Keys still read for a while, with the message that says where their meaning went.
+DEPRECATED = {
+    "preprocessing.fsl.nonlinear": "use preprocessing.anat.registration: nonlinear (one key for both backends)",
+}
 
 
 class ConfigError(NeuroMoEError):
     """config.yaml does not match the schema; the message names each key."""
+
+
+@functools.cache
+def schema(path: Path = SCHEMA) -> dict:
+    return yaml.safe_load(path.read_text())
 
 
 def _with_defaults(cls: type) -> type:
@@ -31,45 +50,85 @@ def _with_defaults(cls: type) -> type:
         if isinstance(instance, dict):
             for prop, sub in properties.items():
                 if "default" in sub and prop not in instance:
-                    instance[prop] = yaml.safe_load(yaml.safe_dump(sub["default"]))  # deep copy
+                    instance[prop] = copy.deepcopy(sub["default"])
         yield from validate_props(validator, properties, instance, schema)
 
     return jsonschema.validators.extend(cls, {"properties": set_defaults})
 
 
-def _key(path: Any) -> str:
-    out = ""
+def _key(path: Any, prefix: str = "") -> str:
+    out = prefix
     for p in path:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "(top level)"
 
 
-def validate_config(cfg: dict, schema_path: Path = SCHEMA) -> dict:
-    """Validate ``cfg`` in place (defaults filled); raise ConfigError listing every problem by key."""
-    schema = yaml.safe_load(schema_path.read_text())
-    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
-    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
+def _schema_problems(instance: Any, sub: dict, prefix: str = "") -> list[str]:
+    validator = _with_defaults(jsonschema.Draft202012Validator)(sub)
     problems = []
-    for e in errors:
+    for e in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))):
         if e.validator == "additionalProperties":
             allowed = sorted(e.schema.get("properties", {}))
             extra = sorted(set(e.instance) - set(allowed))
-            problems.append(f"{_key(e.absolute_path)}: unknown key(s) {extra}; allowed: {allowed}")
+            problems.append(f"{_key(e.absolute_path, prefix)}: unknown key(s) {extra}; allowed: {allowed}")
         else:
-            problems.append(f"{_key(e.absolute_path)}: {e.message}")
-    # Checks a schema cannot express.
+            problems.append(f"{_key(e.absolute_path, prefix)}: {e.message}")
+    return problems
+
+
+def _get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _migrate(cfg: dict) -> list[str]:
+    """Rewrite deprecated keys into their new home (in place); return the messages to show."""
+    notes = []
+    fsl = _get(cfg, "preprocessing.fsl")
+    if isinstance(fsl, dict) and "nonlinear" in fsl:
+        nonlinear = fsl.pop("nonlinear")
+        anat = cfg["preprocessing"].setdefault("anat", {})
+        wanted = "nonlinear" if nonlinear else anat.get("registration", "affine")
+        if anat.get("registration", wanted) != wanted:
+            raise ConfigError(f"preprocessing.fsl.nonlinear: {nonlinear} contradicts preprocessing.anat.registration: "
+                              f"{anat['registration']}; {DEPRECATED['preprocessing.fsl.nonlinear']}")
+        if nonlinear:
+            anat["registration"] = "nonlinear"
+        notes.append(f"preprocessing.fsl.nonlinear is deprecated: {DEPRECATED['preprocessing.fsl.nonlinear']}")
+    return notes
+
+
+def semantic_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """Checks a schema cannot express, on a config whose schema checks passed."""
+    problems = []
+    grid, patch = cfg["cache"]["grid"], cfg["model"]["patch_size"]
+    if any(g % patch for g in grid):
+        problems.append(f"cache.grid: {grid} is not divisible by model.patch_size {patch}; "
+                        f"use multiples of {patch}, e.g. {[patch * 8] * 3}")
+    if cfg["model"]["dim"] % cfg["model"]["heads"]:
+        problems.append(f"model.heads: {cfg['model']['heads']} does not divide model.dim {cfg['model']['dim']}")
+    if "full" not in cfg["evaluation"]["variants"]:
+        problems.append("evaluation.variants: must include 'full' (the report and explanations use it)")
+    problems += _band_problems(cfg["preprocessing"]["func"]["band_hz"])
+    return problems
+
+
+def _band_problems(band: list[float]) -> list[str]:
+    lo, hi = band
+    return [] if lo < hi else [f"preprocessing.func.band_hz: [{lo}, {hi}] must be increasing"]
+
+
+def validate_config(cfg: dict, schema_path: Path = SCHEMA) -> dict:
+    """Validate ``cfg`` in place (defaults filled); raise ConfigError listing every problem by key."""
+    for note in _migrate(cfg):
+        print(f"neuromoe: warning: {note}", file=sys.stderr)
+    problems = _schema_problems(cfg, schema(schema_path))
     if not problems:
-        grid, patch = cfg["cache"]["grid"], cfg["model"]["patch_size"]
-        if any(g % patch for g in grid):
-            problems.append(f"cache.grid: {grid} is not divisible by model.patch_size {patch}; "
-                            f"use multiples of {patch}, e.g. [32, 32, 32]")
-        if cfg["model"]["dim"] % cfg["model"]["heads"]:
-            problems.append(f"model.heads: {cfg['model']['heads']} does not divide model.dim {cfg['model']['dim']}")
-        if "full" not in cfg["evaluation"]["variants"]:
-            problems.append("evaluation.variants: must include 'full' (the report and explanations use it)")
-        lo, hi = cfg["preprocessing"]["func"]["band_hz"]
-        if not lo < hi:
-            problems.append(f"preprocessing.func.band_hz: [{lo}, {hi}] must be increasing")
+        problems = semantic_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"- {p}" for p in problems)
                           + f"\n(schema: {schema_path})")
@@ -88,3 +147,80 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     for k, v in (overrides or {}).items():
         cfg[k] = v
     return validate_config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Typed sections
+# ---------------------------------------------------------------------------------------------------------
+def subschema(dotted: str) -> dict:
+    """The schema of one section, e.g. ``subschema("preprocessing.dwi")``."""
+    node = schema()
+    for part in dotted.split("."):
+        node = node["properties"][part]
+    return node
+
+
+def schema_defaults(dotted: str) -> dict[str, Any]:
+    """{key: default} of one section, as the schema states them."""
+    return {k: copy.deepcopy(v["default"]) for k, v in subschema(dotted)["properties"].items() if "default" in v}
+
+
+def _frozen(v: Any) -> Any:
+    return tuple(_frozen(x) for x in v) if isinstance(v, list) else v
+
+
+S = TypeVar("S", bound="Section")
+
+
+class Section:
+    """A typed view of one config section: ``KEY`` is its dotted path in config.yaml."""
+
+    KEY: ClassVar[str]
+    CHECKS: ClassVar[tuple] = ()  # functions values -> [problems] beyond the schema
+
+    @classmethod
+    def of(cls: type[S], values: Mapping[str, Any] | None = None) -> S:
+        """The section from its keys (absent keys take the schema's defaults); ConfigError on bad values."""
+        vals = copy.deepcopy(dict(values or {}))
+        problems = _schema_problems(vals, subschema(cls.KEY), cls.KEY)
+        if not problems:
+            problems = [p for check in cls.CHECKS for p in check(vals)]
+        if problems:
+            raise ConfigError(f"invalid {cls.KEY}:\n" + "\n".join(f"- {p}" for p in problems))
+        return cls(**{f.name: _frozen(vals[f.name]) for f in fields(cls)})
+
+    @classmethod
+    def from_config(cls: type[S], cfg: Mapping[str, Any]) -> S:
+        """The section of a workflow config (the whole config, or a rule's params holding this section)."""
+        return cls.of(_get(cfg, cls.KEY, {}))
+
+
+@dataclass(frozen=True)
+class AnatConfig(Section):
+    KEY: ClassVar[str] = "preprocessing.anat"
+    registration: str = "affine"
+
+
+@dataclass(frozen=True)
+class DwiConfig(Section):
+    KEY: ClassVar[str] = "preprocessing.dwi"
+    b0_threshold: float = 50
+    fit_method: str = "WLS"
+
+
+@dataclass(frozen=True)
+class FuncConfig(Section):
+    KEY: ClassVar[str] = "preprocessing.func"
+    CHECKS: ClassVar[tuple] = (lambda v: _band_problems(v["band_hz"]),)
+    dummy_scans: int = 4
+    band_hz: tuple[float, float] = (0.01, 0.08)
+    nuisance: tuple[str, ...] = ("motion", "wm", "csf")
+
+
+@dataclass(frozen=True)
+class FslConfig(Section):
+    KEY: ClassVar[str] = "preprocessing.fsl"
+    bet_frac: float = 0.5
+    bet_gradient: float = 0.0
+    bet_robust: bool = True
+    dwi_correction: str = "eddy_correct"

@@ -19,7 +19,7 @@ SYNTH_COHORT_SUBJECTS = 6
 def synth_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic BIDS cohort (6 subjects, 2 per group, all modalities, default SynthParams), built
     once per test session. Treat it as read-only: copy it before planting faults."""
-    from neuromoe.synth import make_cohort
+    from neuromoe.inputs.synth import make_cohort
 
     # Two processes: on a 2-core CI machine this halves the wait; the bytes are the same as with one.
     return make_cohort(tmp_path_factory.mktemp("synth") / "bids", SYNTH_COHORT_SUBJECTS, seed=SYNTH_COHORT_SEED,
@@ -53,7 +53,7 @@ def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
 
 def coarse_params():
     """Coarser, shorter images than the demo: the same generator, a fraction of the preprocessing time."""
-    from neuromoe.synth import SynthParams
+    from neuromoe.inputs.synth import SynthParams
 
     return SynthParams(t1_voxel_mm=2.5, dwi_voxel_mm=4.0, bold_voxel_mm=5.0, n_directions=12, n_bold=60)
 
@@ -65,7 +65,7 @@ def workflow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     import yaml
 
-    from neuromoe.synth import make_cohort
+    from neuromoe.inputs.synth import make_cohort
 
     work = tmp_path_factory.mktemp("e2e")
     make_cohort(work / "bids", E2E_SUBJECTS, seed=11, params=coarse_params(), n_jobs=2)

@@ -1,6 +1,6 @@
 """Tests of neuromoe.preproc.anat: brain extraction, registration to MNI, the anat stage.
 
-A synthetic posed head is built here (not with neuromoe.synth, to keep this test independent of it):
+A synthetic posed head is built here (not with neuromoe.inputs.synth, to keep this test independent of it):
 the MNI template brain (nilearn) wrapped in CSF, skull and scalp shells made by dilation, moved by a
 known rigid pose with scipy (not with the code under test), on a 2 mm scanner-aligned LAS grid, with a
 smooth multiplicative bias field and Rician noise. The truth brain mask goes through the same pose.
@@ -21,7 +21,7 @@ from scipy.spatial.transform import Rotation
 
 from neuromoe import paths
 from neuromoe.errors import StageError
-from neuromoe.imageio import new_image
+from neuromoe.inputs.imageio import new_image
 from neuromoe.preproc import anat
 from neuromoe.preproc import registration as reg
 
@@ -189,7 +189,7 @@ def test_register_to_mni_rejects_mismatched_mask():
 def test_template_is_the_one_neuromoe_templates_serves():
     # anat reads nilearn's 1 mm file directly (no nilearn.datasets import, ~3 s less per job); the
     # result must be the template and brain mask every other stage uses.
-    templates = pytest.importorskip("neuromoe.templates")
+    templates = pytest.importorskip("neuromoe.inputs.templates")
     t1, mask = anat.mni_template()
     np.testing.assert_allclose(t1.affine, templates.mni_t1().affine)
     np.testing.assert_allclose(np.asarray(t1.dataobj), np.asarray(templates.mni_t1().dataobj), atol=1e-6)

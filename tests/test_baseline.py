@@ -9,16 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuromoe import cache as C
-from neuromoe.baseline import (
+from neuromoe.cache import store as C
+from neuromoe.learn.baseline import (
     baseline_features,
     fit_predict,
     region_labels,
     regional_means,
     run_baseline,
 )
-from neuromoe.evaluate import ablation_table, collect
-from neuromoe.splits import make_splits, write_splits
+from neuromoe.learn.splits import make_splits, write_splits
+from neuromoe.results.evaluate import ablation_table, collect
 
 GRID = (16, 16, 16)
 CLASSES = ["HC", "PD", "iRBD"]

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuromoe.bids import validate_dataset
 from neuromoe.config import ConfigError, load_config, validate_config
 from neuromoe.errors import ValidationReport
+from neuromoe.inputs.bids import validate_dataset
 
 
 @pytest.fixture

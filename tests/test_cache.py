@@ -1,4 +1,4 @@
-"""Tests of neuromoe.cache: model grid, resampling/normalisation, per-subject and cohort caches.
+"""Tests of neuromoe.cache.store: model grid, resampling/normalisation, per-subject and cohort caches.
 
 Synthetic MNI-space maps on the template's 2 mm grid: the nilearn MNI152 template (T1w), linear ramps in
 mm (FA, MD: their resampled values are known exactly in the brain interior) and noise (fALFF, ReHo).
@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from neuromoe import cache as C
 from neuromoe import paths
+from neuromoe.cache import store as C
 from neuromoe.errors import CacheError, InputError, StageError
 
 GRID = (32, 32, 32)

@@ -1,4 +1,4 @@
-"""Tests of neuromoe.data: CohortDataset items over a real (small) cohort cache, and read_clinical."""
+"""Tests of neuromoe.learn.data: CohortDataset items over a real (small) cohort cache, and read_clinical."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from neuromoe import cache as C
 from neuromoe import paths
-from neuromoe.data import CohortDataset, batch_to, read_clinical
+from neuromoe.cache import store as C
+from neuromoe.learn.data import CohortDataset, batch_to, read_clinical
 
 GRID = (16, 16, 16)
 LABELS = ["HC", "PD", "iRBD"]

@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuromoe.evaluate import (
+from neuromoe.learn.metrics import compute_metrics, summarise
+from neuromoe.learn.splits import make_splits
+from neuromoe.results.evaluate import (
     ablation_table,
     collect,
     collect_predictions,
@@ -21,7 +23,7 @@ from neuromoe.evaluate import (
     variant_order_key,
     write_evaluation,
 )
-from neuromoe.figures import (
+from neuromoe.results.figures import (
     NothingToPlotError,
     ablation_figure,
     calibration_figure,
@@ -31,8 +33,6 @@ from neuromoe.figures import (
     saliency_slices,
     training_curves,
 )
-from neuromoe.metrics import compute_metrics, summarise
-from neuromoe.splits import make_splits
 
 CLASSES = ["HC", "PD", "iRBD"]
 EXPERTS = ["anat", "dwi", "func", "clin"]

@@ -12,8 +12,8 @@ import torch
 from nilearn.image import resample_to_img
 
 from neuromoe import MNI_SPACE
-from neuromoe.explain import explain_cohort, explain_subject, group_average, mni_template, saliency, to_mni
-from neuromoe.model import ModelConfig, NeuroMoE, moe_loss
+from neuromoe.learn.model import ModelConfig, NeuroMoE, moe_loss
+from neuromoe.results.explain import explain_cohort, explain_subject, group_average, mni_template, saliency, to_mni
 
 G = 16  # model grid for the test (voxels per axis)
 # voxel -> MNI mm for the 16^3 grid: ~12 mm voxels spanning the template's bounding box
@@ -178,8 +178,8 @@ def test_explain_cohort_group_maps_table_and_figure(tmp_path) -> None:
 
 def small_cohort(root, n_per_class: int = 4, grid: tuple[int, int, int] = (8, 8, 8)) -> dict:
     """A real cohort cache (``build_cohort``) from hand-written subject tensors, plus a holdout split."""
-    from neuromoe import cache as C
-    from neuromoe.splits import make_splits, write_splits
+    from neuromoe.cache import store as C
+    from neuromoe.learn.splits import make_splits, write_splits
 
     labels = ["HC", "PD", "iRBD"]
     cfg = {"cache": {"grid": list(grid), "dtype": "float16", "dwi_maps": ["FA", "MD"],
@@ -215,8 +215,8 @@ def small_cohort(root, n_per_class: int = 4, grid: tuple[int, int, int] = (8, 8,
 
 
 def test_explain_run_on_a_trained_run(tmp_path) -> None:
-    from neuromoe.explain import explain_run
-    from neuromoe.train import train_run
+    from neuromoe.learn.train import train_run
+    from neuromoe.results.explain import explain_run
 
     co = small_cohort(tmp_path)
     run = tmp_path / "model" / "full" / "holdout-s0"

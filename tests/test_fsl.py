@@ -733,7 +733,7 @@ def test_stages_run_end_to_end_with_stand_in_fsl_tools(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def fsl_run(tmp_path_factory) -> tuple[dict[str, str], Path]:
     """All three FSL stages on one synthetic subject, in folders whose names contain spaces."""
-    from neuromoe.synth import make_cohort
+    from neuromoe.inputs.synth import make_cohort
 
     root = tmp_path_factory.mktemp("fsl") / "my data"
     bids = make_cohort(root / "bids dir", 1, seed=3)
@@ -763,8 +763,8 @@ def test_fsl_backend_contract(fsl_run):
     """The python backend's checks (tests/test_anat.py, test_dwi.py, test_func.py), on the FSL backend's outputs."""
     import pandas as pd
 
+    from neuromoe.inputs.synth import read_truth
     from neuromoe.preproc.anat import mni_template
-    from neuromoe.synth import read_truth
 
     o, bids = fsl_run
     tpl, tpl_mask = mni_template()
@@ -805,7 +805,7 @@ def test_fsl_backend_contract(fsl_run):
 def test_par_matches_mcflirt_matrices(tmp_path):
     """With FSL: the .par conversion (FSL's Euler construction about the reference's centre of gravity) gives the
     matrices mcflirt itself writes with -mats."""
-    from neuromoe.synth import SynthParams, make_cohort
+    from neuromoe.inputs.synth import SynthParams, make_cohort
 
     bids = make_cohort(tmp_path / "bids", 1, seed=5, params=SynthParams(n_bold=60))
     bold = nib.load(paths.raw(bids, "01", "bold"))

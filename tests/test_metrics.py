@@ -18,7 +18,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from neuromoe.metrics import (
+from neuromoe.learn.metrics import (
     classes_of,
     compute_metrics,
     expected_calibration_error,

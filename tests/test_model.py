@@ -1,4 +1,4 @@
-"""NeuroMoE network and loss (neuromoe/model.py): shapes, gate, masking, attention, loss, config checks."""
+"""NeuroMoE network and loss (neuromoe/learn/model.py): shapes, gate, masking, attention, loss, config checks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from neuromoe.model import (
+from neuromoe.learn.model import (
     EXPERTS,
     ModelConfig,
     MoEOutput,

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuromoe.imageio import new_image
+from neuromoe.inputs.imageio import new_image
 from neuromoe.preproc import qc
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

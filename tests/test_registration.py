@@ -1,4 +1,4 @@
-"""Tests of neuromoe.imageio's SimpleITK conversion and neuromoe.preproc.registration.
+"""Tests of neuromoe.inputs.imageio's SimpleITK conversion and neuromoe.preproc.registration.
 
 Images: the MNI template nilearn ships (no download), mostly at 4 mm (every other voxel of the 2 mm
 grid) to keep the file within its time budget; one timing test at 2 mm.
@@ -18,7 +18,7 @@ from nibabel.processing import resample_from_to
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from neuromoe.imageio import from_sitk, load_image, new_image, save_map, save_mask, to_sitk
+from neuromoe.inputs.imageio import from_sitk, load_image, new_image, save_map, save_mask, to_sitk
 from neuromoe.preproc import registration as reg
 
 

@@ -238,7 +238,8 @@ def plan_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workflow folder over a 1-subject cohort, for dry runs and lint."""
     if SNAKEMAKE is None:
         pytest.skip("snakemake is not installed next to this Python")
-    synth = pytest.importorskip("neuromoe.synth", reason="neuromoe.synth (the synthetic cohort) is not available")
+    synth = pytest.importorskip("neuromoe.inputs.synth",
+                                reason="neuromoe.inputs.synth (the synthetic cohort) is not available")
     base = tmp_path_factory.mktemp("profiles")
     synth.make_cohort(base / "bids", 1, seed=3)
     return write_workdir(base / "wd", base / "bids")

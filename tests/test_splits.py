@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from neuromoe.errors import InputError
-from neuromoe.splits import (
+from neuromoe.learn.splits import (
     make_splits,
     parse_split_id,
     read_splits,

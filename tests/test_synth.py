@@ -1,4 +1,5 @@
-"""Tests of neuromoe.synth (the synthetic BIDS cohort) and neuromoe.templates (template, tissue maps, regions).
+"""Tests of neuromoe.inputs.synth (the synthetic BIDS cohort) and neuromoe.inputs.templates
+(template, tissue maps, regions).
 
 The shared ``synth_cohort`` fixture (tests/conftest.py, 6 subjects at the default parameters) is checked
 for BIDS structure, and its planted effects are measured in its images (FA with dipy's TensorModel,
@@ -29,9 +30,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from neuromoe import MNI_SPACE, paths
-from neuromoe import templates as tpl
 from neuromoe.errors import InputError
-from neuromoe.synth import (
+from neuromoe.inputs import templates as tpl
+from neuromoe.inputs.synth import (
     DIAGNOSES,
     DISEASE_ROLE,
     MODALITIES,

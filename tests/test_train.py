@@ -1,7 +1,8 @@
-"""Training (neuromoe/train.py), checkpoints (neuromoe/checkpoint.py), clinical data (neuromoe/clinical.py).
+"""Training (neuromoe/learn/train.py), checkpoints (neuromoe/learn/checkpoint.py),
+clinical data (neuromoe/learn/clinical.py).
 
-The runs use a real cohort cache built by ``neuromoe.cache.build_cohort`` from per-subject tensors written
-here (8^3 grid, 24 subjects, a planted class signal), read through ``neuromoe.data.CohortDataset``.
+The runs use a real cohort cache built by ``neuromoe.cache.store.build_cohort`` from per-subject tensors written
+here (8^3 grid, 24 subjects, a planted class signal), read through ``neuromoe.learn.data.CohortDataset``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from neuromoe import cache as C
-from neuromoe.checkpoint import (
+from neuromoe.cache import store as C
+from neuromoe.errors import InputError
+from neuromoe.learn.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
@@ -28,10 +30,9 @@ from neuromoe.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from neuromoe.clinical import ClinicalPreprocessor
-from neuromoe.errors import InputError
-from neuromoe.model import ModelConfig, NeuroMoE
-from neuromoe.train import (
+from neuromoe.learn.clinical import ClinicalPreprocessor
+from neuromoe.learn.model import ModelConfig, NeuroMoE
+from neuromoe.learn.train import (
     HISTORY_COLUMNS,
     EpochSampler,
     StopRun,
@@ -184,7 +185,7 @@ def test_clinical_fit_on_train_only_impute_and_scale() -> None:
     train = pd.DataFrame({"age": [50.0, np.nan, 70.0, 60.0], "sex": ["M", "F", "f", None], "x": [1, 1, 1, 1]})
     test = pd.DataFrame({"age": [np.nan, 1000.0], "sex": ["m", None], "x": [5, np.nan]})
     pre = ClinicalPreprocessor(["age", "sex", "x"]).fit(train)
-    assert pre.median["age"] == 60.0 and pre.levels["sex"] == ["m", "f"]  # m -> 0, f -> 1 as neuromoe.data
+    assert pre.median["age"] == 60.0 and pre.levels["sex"] == ["m", "f"]  # m -> 0, f -> 1 as neuromoe.learn.data
     xt = pre.transform(train)
     assert xt.dtype == np.float32 and xt.shape == (4, 3) and np.isfinite(xt).all()
     sd = np.std([50.0, 70.0, 60.0])
@@ -281,7 +282,7 @@ def test_non_safetensors_checkpoints_are_refused(tmp_path: Path) -> None:
 
 def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import neuromoe.checkpoint as ckmod
+    import neuromoe.learn.checkpoint as ckmod
 
     path = tmp_path / "last.safetensors"
     save_checkpoint(path, tiny_model(0).state_dict(), {"epoch": 1})
@@ -392,18 +393,18 @@ def test_heldout_gate_fit_pairs_experts_with_no_gate_and_fits_the_gate_on_val(co
 
 def test_crossfit_gate_is_fitted_on_predictions_of_models_that_never_saw_the_subject(
         cohort: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import neuromoe.data
+    import neuromoe.learn.data
 
     cfg = make_cfg(epochs=3, lr=5e-3, batch_size=4, gate_fit="crossfit", crossfit_folds=3, select="last",
                    gate_fit_steps=50)
     seen: list[list[int]] = []  # the rows of every dataset built, in creation order
 
-    class Spy(neuromoe.data.CohortDataset):
+    class Spy(neuromoe.learn.data.CohortDataset):
         def __init__(self, cohort, rows, clinical, *a, **kw):  # noqa: ANN001, ANN002, ANN003
             super().__init__(cohort, rows, clinical, *a, **kw)
             seen.append(list(rows))
 
-    monkeypatch.setattr(neuromoe.data, "CohortDataset", Spy)
+    monkeypatch.setattr(neuromoe.learn.data, "CohortDataset", Spy)
     gates: list[dict[str, torch.Tensor]] = []
 
     def gate_weights(epoch: int, row: dict) -> None:
@@ -470,7 +471,7 @@ def test_single_expert_variant_leaves_out_subjects_without_it(cohort: dict[str, 
 def test_missing_modality_is_masked_for_the_full_model(cohort: dict[str, Path], tmp_path: Path) -> None:
     run(cohort, tmp_path, variant="no_gate", cfg=make_cfg(epochs=1))
     # sub-05 (train) lacks func; check a val/test-like pass through the shipped model on its cache row.
-    from neuromoe.data import CohortDataset
+    from neuromoe.learn.data import CohortDataset
 
     model, meta = load_model(tmp_path / "model.safetensors")
     index = pd.read_csv(cohort["cache"] / "index.tsv", sep="\t")
@@ -478,7 +479,7 @@ def test_missing_modality_is_masked_for_the_full_model(cohort: dict[str, Path], 
     ds = CohortDataset(cohort["cache"], [4], pre.transform(index))
     item = ds[0]
     assert not bool(item["present"][2])
-    from neuromoe.model import expert_presence
+    from neuromoe.learn.model import expert_presence
 
     present = expert_presence(item["present"][None], model.cfg.experts)
     images = {m: item[m][None].float() for m in ("anat", "dwi", "func")}

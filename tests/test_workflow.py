@@ -159,7 +159,7 @@ def _plan(workdir: Path, *extra: str) -> dict[str, int]:
 def test_adding_a_subject_reruns_only_that_subjects_preprocessing(workflow_run: Path, tmp_path: Path) -> None:
     from conftest import coarse_params
 
-    from neuromoe.synth import make_cohort
+    from neuromoe.inputs.synth import make_cohort
 
     work = tmp_path / "work"  # a copy of the finished workflow (outputs, mtimes, Snakemake's records)
     shutil.copytree(workflow_run, work, copy_function=shutil.copy2, symlinks=True)
@@ -177,7 +177,7 @@ def test_a_stage_failure_names_the_subject_and_keeps_the_others(tmp_path: Path) 
     import nibabel as nib
     from conftest import coarse_params
 
-    from neuromoe.synth import make_cohort
+    from neuromoe.inputs.synth import make_cohort
 
     bids = make_cohort(tmp_path / "bids", 2, seed=5, params=coarse_params(), n_jobs=2)
     bold = bids / "sub-02/func/sub-02_task-rest_bold.nii.gz"

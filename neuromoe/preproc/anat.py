@@ -39,7 +39,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from neuromoe.errors import StageError
-from neuromoe.imageio import load_image, new_image, save_map, save_mask, to_sitk
+from neuromoe.inputs.imageio import load_image, new_image, save_map, save_mask, to_sitk
 from neuromoe.preproc import registration as reg
 
 log = logging.getLogger(__name__)

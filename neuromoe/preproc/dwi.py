@@ -260,8 +260,8 @@ def load_inputs(inputs: Mapping[str, str], subject: str, b0_threshold: float
                 ) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray]:
     """The DWI (4D), bvals (N,) and bvecs (3, N), checked; the anat-stage inputs must exist (checked now, before
     the slow part). Shared by the python and fsl backends."""
-    from neuromoe.bids import read_gradients
-    from neuromoe.imageio import load_image
+    from neuromoe.inputs.bids import read_gradients
+    from neuromoe.inputs.imageio import load_image
 
     sub = _sub(subject)
     img = load_image(inputs["dwi"], subject=subject, ndim=4)
@@ -293,7 +293,7 @@ def run_dwi(inputs: dict[str, str], outputs: dict[str, str], subject: str, confi
     T1w brain (rigid, MI), compose with T1w -> MNI and resample the maps onto the MNI 2 mm grid in one
     interpolation; QC figures. Returns ``outputs``.
     """
-    from neuromoe.imageio import load_image, new_image, save_map, save_mask
+    from neuromoe.inputs.imageio import load_image, new_image, save_map, save_mask
     from neuromoe.preproc import registration as reg
 
     sub = _sub(subject)
@@ -366,8 +366,8 @@ def run_dwi(inputs: dict[str, str], outputs: dict[str, str], subject: str, confi
 
 
 def _mni_grid() -> nib.Nifti1Image:
-    """The 2 mm MNI152 2009a template (99 x 117 x 95, from neuromoe.templates); only its grid is used."""
-    from neuromoe.templates import mni_t1
+    """The 2 mm MNI152 2009a template (99 x 117 x 95, from neuromoe.inputs.templates); only its grid is used."""
+    from neuromoe.inputs.templates import mni_t1
 
     return mni_t1()
 

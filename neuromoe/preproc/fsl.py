@@ -435,7 +435,7 @@ def _load(path: Path) -> nib.Nifti1Image:
 
 
 def _save_float(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    from neuromoe.imageio import new_image
+    from neuromoe.inputs.imageio import new_image
 
     nib.save(new_image(data, affine), str(path))
     return path
@@ -532,7 +532,7 @@ def fit_bspline(displacement_lps: np.ndarray, grid: nib.Nifti1Image, spacing_mm:
     """
     import SimpleITK as sitk
 
-    from neuromoe.imageio import affine_to_itk
+    from neuromoe.inputs.imageio import affine_to_itk
 
     shape = grid.shape[:3]
     spacing, origin, direction = affine_to_itk(grid.affine)
@@ -595,7 +595,7 @@ def itk_to_fnirt_warp(tf: sitk.Transform, src: nib.Nifti1Image, ref: nib.Nifti1I
     import SimpleITK as sitk
     from fsl.transform import fnirt, nonlinear
 
-    from neuromoe.imageio import affine_to_itk
+    from neuromoe.inputs.imageio import affine_to_itk
 
     spacing, origin, direction = affine_to_itk(ref.affine)
     dfield = sitk.TransformToDisplacementField(tf, sitk.sitkVectorFloat64, [int(s) for s in ref.shape[:3]],
@@ -757,7 +757,7 @@ def _centroid_ras(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 def _template_files(work: Path) -> tuple[Path, Path, nib.Nifti1Image]:
     """The MNI template brain and its mask as NIfTI files in ``work`` (the FLIRT/applywarp reference)."""
-    from neuromoe.imageio import new_image
+    from neuromoe.inputs.imageio import new_image
     from neuromoe.preproc.anat import mni_template
 
     tpl, tpl_mask = mni_template()
@@ -781,7 +781,7 @@ def _maps_to_mni(maps: Mapping[str, Path], native_to_t1: Path, t1_path: Path, an
                  subject: str, stage: str) -> dict[str, nib.Nifti1Image]:
     """Native maps -> MNI 2 mm grid in one interpolation: flirt -applyxfm with the concatenated matrix
     native -> T1w -> MNI (affine ``anat_xfm``) or applywarp --premat native -> T1w --warp T1w -> MNI."""
-    from neuromoe.imageio import new_image
+    from neuromoe.inputs.imageio import new_image
     from neuromoe.preproc import registration as reg
 
     tpl_path, _, template = _template_files(work)
@@ -829,7 +829,7 @@ def run_anat_fsl(t1_path: str | Path, outputs: Mapping[str, str], subject: str, 
     anat_mask_mni (MNI 2 mm grid), optional qc_anat_mask, qc_anat_reg. ``config``: the workflow config (or its
     ``preprocessing`` section); reads ``preprocessing.fsl``.
     """
-    from neuromoe.imageio import load_image, new_image, save_map, save_mask
+    from neuromoe.inputs.imageio import load_image, new_image, save_map, save_mask
     from neuromoe.preproc import anat
     from neuromoe.preproc import registration as reg
 
@@ -906,7 +906,7 @@ def run_dwi_fsl(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: 
     config: reads ``preprocessing.dwi`` (b0_threshold, fit_method: WLS -> dtifit --wls, otherwise OLS; NLLS is
     not in dtifit and falls back to WLS) and ``preprocessing.fsl``.
     """
-    from neuromoe.imageio import new_image, save_map, save_mask
+    from neuromoe.inputs.imageio import new_image, save_map, save_mask
     from neuromoe.preproc import dwi as D
     from neuromoe.preproc import registration as reg
     from neuromoe.preproc.motion import rotate_bvecs
@@ -1014,7 +1014,7 @@ def run_func_fsl(inputs: Mapping[str, str], outputs: Mapping[str, str], subject:
     inputs: ``bold``, ``bold_json``, ``anat_brain``, ``anat_mask``, ``anat_xfm``. config: ``preprocessing.func``
     (dummy_scans, band_hz, nuisance) and ``preprocessing.fsl``.
     """
-    from neuromoe.imageio import new_image, save_map, save_mask
+    from neuromoe.inputs.imageio import new_image, save_map, save_mask
     from neuromoe.preproc import func as F
     from neuromoe.preproc import qc
     from neuromoe.preproc import registration as reg

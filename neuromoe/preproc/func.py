@@ -451,7 +451,7 @@ def priors_to_native(reference: nib.Nifti1Image, mni_to_native: sitk.Transform |
     With the 2 mm template and 3-4 mm BOLD, 3-8 template voxels land in each native voxel; native voxels
     nobody lands in (finer than the template) get 0.
     """
-    from neuromoe.imageio import new_image
+    from neuromoe.inputs.imageio import new_image
     from neuromoe.preproc import registration as reg
 
     shape = reference.shape[:3]
@@ -553,7 +553,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
 
     from nilearn.masking import compute_epi_mask
 
-    from neuromoe.imageio import load_image, new_image, save_map, save_mask
+    from neuromoe.inputs.imageio import load_image, new_image, save_map, save_mask
     from neuromoe.preproc import registration as reg
     from neuromoe.preproc.motion import realign_series
 

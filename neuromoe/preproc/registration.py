@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from neuromoe.imageio import affine_to_itk, from_sitk, new_image, to_sitk
+from neuromoe.inputs.imageio import affine_to_itk, from_sitk, new_image, to_sitk
 
 __all__ = ["to_sitk", "from_sitk", "register", "resample", "write_transform", "read_transform", "compose",
            "transform_to_ras", "ras_to_transform", "flatten_linear", "resolve_threads"]

@@ -9,7 +9,7 @@ from snakemake.utils import validate
 sys.path.insert(0, workflow.basedir)  # the neuromoe package for the Snakefile itself
 
 from neuromoe import paths
-from neuromoe.bids import MODALITIES, validate_dataset
+from neuromoe.inputs.bids import MODALITIES, validate_dataset
 from neuromoe.config import validate_config
 from neuromoe.errors import NeuroMoEError
 
@@ -46,7 +46,7 @@ if BACKEND == "fsl":
 
 
 if not Path(BIDS).exists() and config["synthetic"]["generate"]:
-    from neuromoe.synth import make_cohort
+    from neuromoe.inputs.synth import make_cohort
 
     print(
         f"neuromoe: {BIDS} does not exist; writing the synthetic demo cohort "
@@ -102,7 +102,7 @@ def stage_config(*sections):
 
 def cache_subject_inputs(wildcards):
     """The MNI maps of the modalities this subject has, named <modality>_<channel index>."""
-    from neuromoe.cache import subject_maps
+    from neuromoe.cache.store import subject_maps
 
     sub = DATASET.subjects[wildcards.subject]
     return {

@@ -3,7 +3,7 @@
 MODEL = f"{OUT}/model"
 EVAL = f"{OUT}/evaluation"
 
-from neuromoe.splits import split_id_for
+from neuromoe.learn.splits import split_id_for
 
 EV = config["evaluation"]
 SPLIT_IDS = (

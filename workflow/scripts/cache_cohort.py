@@ -4,7 +4,7 @@ from neuromoe.smk import run
 
 
 def main(s):
-    from neuromoe.cache import build_cohort
+    from neuromoe.cache.store import build_cohort
 
     build_cohort(list(s.input.records), s.input.participants, Path(s.output[0]).parent, s.params.cfg)
 

@@ -6,7 +6,7 @@ MODALITIES = ("anat", "dwi", "func")
 
 
 def main(s):
-    from neuromoe.cache import cache_subject, subject_paths
+    from neuromoe.cache.store import cache_subject, subject_paths
 
     cfg, sub = s.params.cfg, s.wildcards.subject
     folder = Path(s.output[0])

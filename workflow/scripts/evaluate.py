@@ -4,7 +4,7 @@ from neuromoe.smk import run
 
 
 def main(s):
-    from neuromoe.evaluate import write_evaluation
+    from neuromoe.results.evaluate import write_evaluation
 
     written = write_evaluation(s.params.run_dirs, Path(s.output.table).parent, figures=True, focus="full")
     missing = [str(p) for p in s.output if not Path(p).exists()]

@@ -4,7 +4,7 @@ from neuromoe.smk import run
 def main(s):
     import pandas as pd
 
-    from neuromoe.splits import make_splits, write_splits
+    from neuromoe.learn.splits import make_splits, write_splits
 
     ev = s.params.cfg["evaluation"]
     index = pd.read_csv(s.input.index, sep="\t", dtype={"participant_id": str})

@@ -4,7 +4,7 @@ from neuromoe.smk import run
 
 
 def main(s):
-    from neuromoe.train import train_run
+    from neuromoe.learn.train import train_run
 
     cache_dir = Path(s.input.cohort[0]).parent
     out_dir = Path(s.output[0]).parent

@@ -60,7 +60,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from neuromoe.checkpoint import (
+from neuromoe.errors import InputError
+from neuromoe.learn.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
@@ -68,9 +69,8 @@ from neuromoe.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from neuromoe.clinical import ClinicalPreprocessor
-from neuromoe.errors import InputError
-from neuromoe.model import (
+from neuromoe.learn.clinical import ClinicalPreprocessor
+from neuromoe.learn.model import (
     EXPERTS,
     MRI_MODALITIES,
     ModelConfig,
@@ -411,8 +411,8 @@ def part_metrics(pred: Mapping[str, np.ndarray], weights: np.ndarray,
 # train_run
 # ---------------------------------------------------------------------------------------------
 def _split_rows(index: pd.DataFrame, splits_tsv: str | Path, split_id: str) -> dict[str, list[int]]:
-    """Cache rows of each part of ``split_id`` (``neuromoe.splits.split_rows``); train and val must be non-empty."""
-    from neuromoe.splits import split_rows
+    """Cache rows of each part of ``split_id`` (``neuromoe.learn.splits.split_rows``); train and val non-empty."""
+    from neuromoe.learn.splits import split_rows
 
     out = split_rows(index, splits_tsv, split_id)
     for part in ("train", "val"):
@@ -454,7 +454,7 @@ def _predictions_table(pred: Mapping[str, np.ndarray], part: str, index: pd.Data
 class RunData:
     """What a run needs from the cohort cache and the splits (see ``prepare_data``)."""
 
-    cohort: Any  # neuromoe.cache.CohortCache
+    cohort: Any  # neuromoe.cache.store.CohortCache
     rows: dict[str, list[int]]  # part -> cache rows used
     excluded: dict[str, list[int]]  # part -> cache rows left out (missing modalities)
     clinical: np.ndarray  # (N_cache, F) float32, fitted on the train rows
@@ -465,7 +465,7 @@ class RunData:
 def prepare_data(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, experts: Sequence[str],
                  cfg: Mapping[str, Any]) -> RunData:
     """Open the cache (checked against ``cfg``), pick the split's rows, fit clinical scaling on train."""
-    from neuromoe.cache import open_cohort
+    from neuromoe.cache.store import open_cohort
 
     cohort = open_cohort(cache_dir, expected=cfg)
     index = cohort.index
@@ -504,7 +504,7 @@ def crossfit_log_probs(mcfg: ModelConfig, data: RunData, tc: TrainConfig, dev: t
     """
     from sklearn.model_selection import StratifiedKFold
 
-    from neuromoe.data import CohortDataset
+    from neuromoe.learn.data import CohortDataset
 
     rows = np.asarray(data.rows["train"])
     labels = data.cohort.index["label"].to_numpy()[rows]
@@ -546,9 +546,9 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
     """Train one variant on one split; resume from ``out_dir/checkpoint/last.safetensors`` if present.
 
     Args:
-        cache_dir: the cohort cache (``neuromoe.cache.build_cohort``); opened and checked against ``cfg``,
-            read through ``neuromoe.data.CohortDataset``.
-        splits_tsv, split_id: which subjects train / validate / test (``neuromoe.splits``).
+        cache_dir: the cohort cache (``neuromoe.cache.store.build_cohort``); opened and checked against ``cfg``,
+            read through ``neuromoe.learn.data.CohortDataset``.
+        splits_tsv, split_id: which subjects train / validate / test (``neuromoe.learn.splits``).
         variant: see ``variant_spec``.
         cfg: the whole validated config (reads the cache, participants, model and train sections).
         out_dir: the run folder (see the module docstring).
@@ -589,7 +589,7 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        from neuromoe.data import CohortDataset
+        from neuromoe.learn.data import CohortDataset
 
         torch.manual_seed(seed)
         model = NeuroMoE(mcfg).to(dev)

@@ -2,7 +2,7 @@
 
 Features per subject (one row of the cohort cache):
 
-- the configured clinical columns, encoded as numbers (``neuromoe.data.read_clinical``: sex M -> 0,
+- the configured clinical columns, encoded as numbers (``neuromoe.learn.data.read_clinical``: sex M -> 0,
   F -> 1, NaN where missing);
 - regional means of every cached map: the model grid is cut in ``regions`` = (2, 2, 2) blocks (the
   octants of the brain), and each channel of each modality is averaged over the grid brain mask inside
@@ -16,7 +16,7 @@ the weighting a_c = N / (C N_c) the deep model's loss uses. The validation part 
 (nothing to stop early); the model is scored on it and on the test part.
 
 ``run_baseline`` writes ``predictions.tsv`` and ``metrics.json`` in the format of a deep run
-(``neuromoe.train``), with ``variant: "baseline"`` and no gate columns, so ``neuromoe.evaluate``
+(``neuromoe.learn.train``), with ``variant: "baseline"`` and no gate columns, so ``neuromoe.results.evaluate``
 tabulates it beside the ablations.
 """
 
@@ -35,8 +35,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from neuromoe.errors import InputError
-from neuromoe.metrics import compute_metrics
-from neuromoe.splits import split_rows
+from neuromoe.learn.metrics import compute_metrics
+from neuromoe.learn.splits import split_rows
 
 VARIANT = "baseline"
 REGIONS = (2, 2, 2)
@@ -75,7 +75,7 @@ def image_features(cohort: Any, regions: Sequence[int] = REGIONS) -> pd.DataFram
 
     Columns ``<modality>_<channel>_r<k>``; NaN for a modality the subject lacks.
     """
-    from neuromoe.cache import decode
+    from neuromoe.cache.store import decode
 
     labels = region_labels(cohort.mask, regions)
     n_regions = int(np.prod(regions))
@@ -99,7 +99,7 @@ def image_features(cohort: Any, regions: Sequence[int] = REGIONS) -> pd.DataFram
 def baseline_features(cohort: Any, clinical_columns: Sequence[str],
                       regions: Sequence[int] = REGIONS) -> pd.DataFrame:
     """Clinical columns (numbers, NaN missing) then regional image means; index = cache row."""
-    from neuromoe.data import read_clinical
+    from neuromoe.learn.data import read_clinical
 
     try:
         clin = read_clinical(cohort.index, list(clinical_columns))
@@ -147,8 +147,8 @@ def run_baseline(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, c
     """Fit and score the baseline on one split; write ``predictions.tsv`` and ``metrics.json``.
 
     Args:
-        cache_dir: the cohort cache; opened and checked against ``cfg`` (``neuromoe.cache.open_cohort``).
-        splits_tsv, split_id: the subjects of each part (``neuromoe.splits``).
+        cache_dir: the cohort cache; opened and checked against ``cfg`` (``neuromoe.cache.store.open_cohort``).
+        splits_tsv, split_id: the subjects of each part (``neuromoe.learn.splits``).
         cfg: the workflow config (reads ``participants``: clinical columns, missing_modality).
         out_dir: the run folder (``<model dir>/baseline/<split_id>`` in the workflow).
         regions: blocks per axis for the regional means.
@@ -159,9 +159,9 @@ def run_baseline(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, c
     the deep runs do; with ``keep`` their image features are imputed.
 
     Returns the metrics dict written to ``metrics.json`` (keys as a deep run's, ``val``/``test`` from
-    ``neuromoe.metrics.compute_metrics``).
+    ``neuromoe.learn.metrics.compute_metrics``).
     """
-    from neuromoe.cache import open_cohort
+    from neuromoe.cache.store import open_cohort
 
     out_dir = Path(out_dir)
     cohort = open_cohort(cache_dir, expected=cfg if "cache" in cfg else None, verify=verify)

@@ -6,7 +6,7 @@ missingness is random, and the gate and the clinical expert see the imputed valu
 
 Encoding: a column whose observed values are all numbers (or numeric strings) is numeric. A column with
 text values is categorical (compared lower-cased and stripped) and must have exactly two levels in the
-training fold: sex ``m``/``f`` (or ``male``/``female``) is coded m = 0, f = 1, as ``neuromoe.data``
+training fold: sex ``m``/``f`` (or ``male``/``female``) is coded m = 0, f = 1, as ``neuromoe.learn.data``
 codes it; any other pair 0/1 in sorted order. The levels are stored with the fit, and a level unseen in
 training raises ``InputError`` at transform time. Encoding is done here, not upstream, so the cohort cache
 keeps participants.tsv's raw values and one object holds every rule that turns them into model input.
@@ -30,7 +30,7 @@ import pandas as pd
 
 from neuromoe.errors import InputError
 
-_SEX_ORDER = {"m": 0, "male": 0, "f": 1, "female": 1}  # same codes as neuromoe.data.SEX_CODES
+_SEX_ORDER = {"m": 0, "male": 0, "f": 1, "female": 1}  # same codes as neuromoe.learn.data.SEX_CODES
 
 
 class ClinicalPreprocessor:

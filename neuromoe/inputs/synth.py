@@ -40,7 +40,7 @@ The fusion problem (deliberate)
     from the clinical markers: the anat profile lowers MoCA, the dwi profile
     raises serum NfL, the func profile raises serum alpha-synuclein (``marker_separation`` standard
     deviations). A patient's disease shows only in the modality of their profile: PD in that modality's
-    region A, iRBD in its region B (see ``neuromoe.templates.ROIS``): anat, grey matter partly replaced
+    region A, iRBD in its region B (see ``neuromoe.inputs.templates.ROIS``): anat, grey matter partly replaced
     by CSF (lower T1 intensity); dwi, a more isotropic WM tensor (lower FA, slightly higher MD); func,
     lower low-frequency amplitude in grey matter (lower fALFF and ReHo). Distractors (non-specific changes
     such as ageing): in every modality other than the subject's profile modality (controls included), each
@@ -68,7 +68,7 @@ Determinism
 
 Example::
 
-    from neuromoe.synth import make_cohort
+    from neuromoe.inputs.synth import make_cohort
     bids = make_cohort("data/demo_bids", n_subjects=180, seed=42)
 """
 
@@ -94,8 +94,8 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from neuromoe import MNI_SPACE, __version__
-from neuromoe import templates as tpl
 from neuromoe.errors import InputError
+from neuromoe.inputs import templates as tpl
 
 __all__ = ["DIAGNOSES", "MODALITIES", "SubjectPlan", "SynthParams", "make_cohort", "read_truth",
            "rigid_matrix", "subject_id", "subject_plan", "write_subject"]
@@ -906,7 +906,8 @@ def write_subject(bids_dir: str | Path, plan: SubjectPlan, params: SynthParams |
         (d / f"sub-{s}_dwi.bval").write_text(" ".join(f"{int(b)}" for b in bvals) + "\n")
         (d / f"sub-{s}_dwi.bvec").write_text("\n".join(" ".join(f"{v:.6f}" for v in row) for row in bvecs) + "\n")
         _write_json({"EchoTime": 0.08, "RepetitionTime": 7.0, "MagneticFieldStrength": 3,
-                     "Manufacturer": "synthetic (neuromoe.synth)", "ImageType": ["ORIGINAL", "PRIMARY", "DIFFUSION"]},
+                     "Manufacturer": "synthetic (neuromoe.synth)",
+                     "ImageType": ["ORIGINAL", "PRIMARY", "DIFFUSION"]},
                     d / f"sub-{s}_dwi.json")
         _motion_frame(motion).to_csv(truth / f"sub-{s}_dwi_motion.tsv", sep="\t", index=False, float_format="%.6f")
         _write_json(_MOTION_DOC, truth / f"sub-{s}_dwi_motion.json")
@@ -932,7 +933,7 @@ def write_subject(bids_dir: str | Path, plan: SubjectPlan, params: SynthParams |
                  "rotation_deg": list(plan.rotation_deg), "translation_mm": list(plan.translation_mm),
                  "Description": "Rigid pose of the head, the same for T1w, DWI and BOLD: x_scanner = R x_mni + t "
                                 "(mm), R = Rz @ Ry @ Rx about the world origin. Its inverse maps a native world "
-                                "point to the template (neuromoe.templates.roi_mask(..., world_to_mni=...))."},
+                                "point to the template (neuromoe.inputs.templates.roi_mask(..., world_to_mni=...))."},
                 truth / f"sub-{s}_pose.json")
     _write_json(_profile_json(plan, mods), truth / f"sub-{s}_profile.json")
     return seconds
@@ -961,7 +962,7 @@ def read_truth(bids_dir: str | Path, subject: str) -> dict:
     f = d / f"sub-{s}_profile.json"
     if not f.exists():
         raise InputError("no synthetic ground truth for this subject", subject=f"sub-{s}", path=f,
-                         fix="only cohorts written by neuromoe.synth.make_cohort have a synth-truth folder")
+                         fix="only cohorts written by neuromoe.inputs.synth.make_cohort have a synth-truth folder")
     out = json.loads(f.read_text())
     out["pose"] = np.array(json.loads((d / f"sub-{s}_pose.json").read_text())["matrix"])
     out["mask"] = d / f"sub-{s}_desc-truth_mask.nii.gz"

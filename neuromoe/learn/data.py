@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from neuromoe.bids import SEX_CODES  # one sex coding for the whole package
-from neuromoe.cache import MODALITIES, CohortCache, open_cohort
+from neuromoe.cache.store import MODALITIES, CohortCache, open_cohort
+from neuromoe.inputs.bids import SEX_CODES  # one sex coding for the whole package
 
 
 class CohortDataset(Dataset):
@@ -33,7 +33,7 @@ class CohortDataset(Dataset):
         or a cache folder (opened with ``verify=False``: sizes only, no config check).
     rows: cache rows this dataset serves, in order (default all); item ``i`` is cache row ``rows[i]``.
     clinical: (N, F) float32 indexed by *cache row* (N = len(cache)), already imputed and scaled
-        (``neuromoe.clinical.ClinicalPreprocessor``); None gives ``clin`` of shape (0,).
+        (``neuromoe.learn.clinical.ClinicalPreprocessor``); None gives ``clin`` of shape (0,).
 
     The arrays are memory-mapped copy-on-write (``mmap_mode='c'``): ``torch.from_numpy`` on a row is a
     zero-copy view of the page cache, and an in-place op on it can never reach the file. Maps are
@@ -60,7 +60,7 @@ class CohortDataset(Dataset):
             raise ValueError(f"clinical must be (N, F) with N = {n} cache rows, got {clinical.shape}")
         if not np.isfinite(clinical).all():
             raise ValueError("clinical features contain NaN/inf; impute them first "
-                             "(neuromoe.clinical.ClinicalPreprocessor)")
+                             "(neuromoe.learn.clinical.ClinicalPreprocessor)")
         self.clinical = torch.tensor(clinical)
         self._arrays: dict[str, np.ndarray] | None = None
 

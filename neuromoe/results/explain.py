@@ -32,12 +32,12 @@ import torch
 from nilearn.image import resample_to_img
 
 from neuromoe import MNI_SPACE
-from neuromoe.model import MRI_MODALITIES, NeuroMoE, expert_presence
+from neuromoe.learn.model import MRI_MODALITIES, NeuroMoE, expert_presence
 
 
 def mni_template() -> nib.Nifti1Image:
-    """The MNI152 2009a symmetric T1 template at 2 mm (99 x 117 x 95), as ``neuromoe.templates`` ships it."""
-    from neuromoe.templates import mni_t1
+    """The MNI152 2009a symmetric T1 template at 2 mm (99 x 117 x 95), as ``neuromoe.inputs.templates`` ships it."""
+    from neuromoe.inputs.templates import mni_t1
 
     return mni_t1()
 
@@ -187,7 +187,7 @@ def explain_cohort(model: NeuroMoE, items: Sequence[Mapping[str, torch.Tensor]],
 
     Returns ``{"gates": tsv, "<modality>": group NIfTI, ..., "figure": png}``.
     """
-    from neuromoe.figures import saliency_slices
+    from neuromoe.results.figures import saliency_slices
 
     reference = reference if reference is not None else mni_template()
     out_dir = Path(out_dir)
@@ -225,17 +225,17 @@ def explain_cohort(model: NeuroMoE, items: Sequence[Mapping[str, torch.Tensor]],
 def explain_run(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Path, *, part: str = "test",
                 target: str | int = "pred", max_subjects: int | None = None, figure: bool = True,
                 device: str = "cpu") -> dict[str, Path]:
-    """Explain the ``part`` subjects of a trained run (``neuromoe.train.train_run``'s folder).
+    """Explain the ``part`` subjects of a trained run (``neuromoe.learn.train.train_run``'s folder).
 
     Loads ``model.safetensors`` (weights, configs, the clinical preprocessor fitted on the run's
     training part), opens the cohort cache, takes the subjects the run's ``predictions.tsv`` lists
     for ``part`` (default the test part: explanations of subjects the model did not train on), and
     runs ``explain_cohort`` with the cache's grid affine. ``max_subjects`` keeps the first N (by id).
     """
-    from neuromoe.cache import open_cohort
-    from neuromoe.clinical import ClinicalPreprocessor
-    from neuromoe.data import CohortDataset
-    from neuromoe.train import load_model
+    from neuromoe.cache.store import open_cohort
+    from neuromoe.learn.clinical import ClinicalPreprocessor
+    from neuromoe.learn.data import CohortDataset
+    from neuromoe.learn.train import load_model
 
     run_dir = Path(run_dir)
     model, meta = load_model(run_dir / "model.safetensors", device=device)

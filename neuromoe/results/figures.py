@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from neuromoe.errors import NeuroMoEError
-from neuromoe.metrics import (
+from neuromoe.learn.metrics import (
     GATE_PREFIX,
     classes_of,
     compute_metrics,
@@ -284,7 +284,7 @@ def saliency_slices(maps: Mapping[str, str | Path | nib.Nifti1Image], out_png: s
     if not maps:
         raise NothingToPlotError("saliency_slices: no maps")
     if template is None:
-        from neuromoe.templates import mni_t1
+        from neuromoe.inputs.templates import mni_t1
 
         template = mni_t1()
     bg = np.asarray(template.dataobj, dtype=float)

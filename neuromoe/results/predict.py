@@ -48,10 +48,10 @@ def predict_cohort(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
     gate_<expert>..., missing (comma-separated absent modalities, empty if none), flagged (True when a
     modality was missing and its expert masked). Returns the TSV path.
     """
-    from neuromoe.cache import open_cohort
-    from neuromoe.clinical import ClinicalPreprocessor
-    from neuromoe.data import CohortDataset
-    from neuromoe.train import load_model, predict
+    from neuromoe.cache.store import open_cohort
+    from neuromoe.learn.clinical import ClinicalPreprocessor
+    from neuromoe.learn.data import CohortDataset
+    from neuromoe.learn.train import load_model, predict
 
     run_dir, cache_dir, out_dir = Path(run_dir), Path(cache_dir), Path(out_dir)
     model_path = run_dir / "model.safetensors"
@@ -94,7 +94,7 @@ def predict_cohort(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
     out = out_dir / "predictions.tsv"
     table.to_csv(out, sep="\t", index=False, float_format="%.6g")
     if explain:
-        from neuromoe.explain import explain_cohort
+        from neuromoe.results.explain import explain_cohort
 
         items = [dataset[k] for k in range(len(dataset))]
         explain_cohort(model, items, list(table["participant_id"]), cohort.affine, out_dir / "explain",

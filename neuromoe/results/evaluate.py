@@ -1,10 +1,10 @@
 """Gather finished runs into tables: per run, per variant (ablation table), pooled, per subject.
 
 A run folder holds ``predictions.tsv`` (val and test rows) and ``metrics.json`` (with ``variant`` and
-``split_id``), as ``neuromoe.train.train_run`` and ``neuromoe.baseline.run_baseline`` write them. When
+``split_id``), as ``neuromoe.learn.train.train_run`` and ``neuromoe.learn.baseline.run_baseline`` write them. When
 metrics.json lacks them, the variant and split are read from the path ``.../<variant>/<split_id>/``.
 
-Metrics are recomputed here from each run's test predictions (``neuromoe.metrics``), so the deep runs
+Metrics are recomputed here from each run's test predictions (``neuromoe.learn.metrics``), so the deep runs
 and the baseline are scored by the same code.
 
 Tables:
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from neuromoe.metrics import (
+from neuromoe.learn.metrics import (
     GATE_PREFIX,
     PROB_PREFIX,
     SCALAR_METRICS,
@@ -39,7 +39,7 @@ from neuromoe.metrics import (
     compute_metrics,
     summarise,
 )
-from neuromoe.splits import is_split_id, parse_split_id
+from neuromoe.learn.splits import is_split_id, parse_split_id
 
 METRIC_LABELS = {"accuracy": "Accuracy (%)", "balanced_accuracy": "Balanced acc. (%)",
                  "macro_f1": "Macro F1 (%)", "auc": "ROC AUC", "ece": "ECE"}
@@ -281,7 +281,7 @@ def pooled_table(pooled: pd.DataFrame) -> pd.DataFrame:
 
 
 def _fmt(table: pd.DataFrame, i: int, metric: str) -> str:
-    from neuromoe.metrics import Summary
+    from neuromoe.learn.metrics import Summary
 
     r = table.iloc[i]
     s = Summary(r[f"{metric}_mean"], r[f"{metric}_sd"], r[f"{metric}_ci_low"], r[f"{metric}_ci_high"],
@@ -348,7 +348,7 @@ def write_evaluation(runs: Sequence[Run] | str | Path | Iterable[str | Path], ou
     ``confusion``, ``roc``, ``calibration``, ``gates`` (mixture variants) and ``training_curves``
     (when the runs have history.csv).
     """
-    from neuromoe import figures as F
+    from neuromoe.results import figures as F
 
     runs = _runs(runs)
     out_dir = Path(out_dir)
