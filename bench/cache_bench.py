@@ -27,7 +27,6 @@ import ctypes
 import json
 import mmap
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine  # noqa: E402
+
 from neuromoe import paths  # noqa: E402
 from neuromoe.cache import store as C  # noqa: E402
 from neuromoe.learn.data import CohortDataset  # noqa: E402
@@ -199,20 +201,6 @@ def epoch(ds: Dataset, batch_size: int, workers: int, seed: int = 0) -> tuple[fl
     for batch in dl:
         n += len(batch["label"])
     return time.perf_counter() - t0, n
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), cpu)
-    import nilearn
-    import scipy
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
-            "load_avg_1m_at_start": os.getloadavg()[0], "platform": platform.platform(),
-            "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-            "nibabel": nib.__version__, "nilearn": nilearn.__version__, "scipy": scipy.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +35,9 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _machine import machine  # noqa: E402
 
 from neuromoe.cache import store as C  # noqa: E402
 from neuromoe.learn.data import CohortDataset  # noqa: E402
@@ -47,26 +48,6 @@ from neuromoe.learn.train import resolve_device, train_step  # noqa: E402
 PEAK_BF16 = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100 NVL": 835.0e12, "H100": 989.4e12,
              "A100": 312.0e12}
 LABELS = ["HC", "PD", "iRBD"]
-
-
-def machine() -> dict:
-    """CPU model, cores, torch version, threads, and the CUDA device if any."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        info["device_name"] = torch.cuda.get_device_name()
-    if hasattr(os, "getloadavg"):  # a shared machine's load explains slow CPU figures
-        info["loadavg_1min"] = os.getloadavg()[0]
-    return info
 
 
 def peak_flops(dev: torch.device) -> float | None:
@@ -185,9 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
 
-    print(f"machine: {out['machine']['cpu']} ({out['machine']['cpu_count']} cores, "
-          f"{out['machine']['torch_threads']} torch threads), torch {out['machine']['torch']}, "
-          f"device {out['machine'].get('device_name', 'cpu')}")
+    print(f"machine: {mach['cpu']} ({mach['cores']} cores, {mach['torch_threads']} torch threads), "
+          f"torch {mach['torch']}, device {mach['gpu'] or 'cpu'}")
     head = f"{'case':6} {'grid':>5} {'params':>8} {'batch':>5} {'s/step':>8} {'samples/s':>10} " \
            f"{'TFLOP/s':>8} {'MFU':>6} {'data wait':>9}"
     print(head)

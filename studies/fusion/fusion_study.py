@@ -25,7 +25,8 @@ ground truth in ``derivatives/synth-truth``):
   that size and design, so a design in which routing does not beat the best single modality here cannot
   pass issue 7 with any encoder. About a minute; no workflow needed.
 
-Results are printed and written as JSON (machine noted) under ``bench/results/``.
+Results are printed and written as JSON (machine noted) under ``studies/fusion/results/``; what they
+showed is in ``studies/fusion/README.md``.
 
 The working folder for ``signal`` and ``variants``: a fresh clone, optionally with more subjects in
 ``config.yaml`` (``synthetic.subjects``; a finished demo folder works as it is), run up to the splits,
@@ -38,11 +39,11 @@ which need the cache (about 37 s CPU per subject). Recorded results: ``*_demo120
 
 Usage::
 
-    python bench/fusion_study.py oracle --subjects 60 --folds 5 --synth control_profile_distractors=True \\
+    python studies/fusion/fusion_study.py oracle --subjects 60 --folds 5 --synth control_profile_distractors=True \\
         marker_separation=2.4 --tag first_design_60
-    python bench/fusion_study.py signal --workdir /path/to/finished/workflow
-    python bench/fusion_study.py learnability --workdir W --splits cv-s0-f0,cv-s0-f1 --tag demo60
-    python bench/fusion_study.py variants --workdir W --variants full,no_gate,only_dwi \\
+    python studies/fusion/fusion_study.py signal --workdir /path/to/finished/workflow
+    python studies/fusion/fusion_study.py learnability --workdir W --splits cv-s0-f0,cv-s0-f1 --tag demo60
+    python studies/fusion/fusion_study.py variants --workdir W --variants full,no_gate,only_dwi \\
         --splits cv-s0-f0,cv-s0-f1,cv-s0-f2 --set model.pooling=max train.lr=0.003 --jobs 2 --tag max
 """
 
@@ -62,11 +63,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/_machine.py
 
-from train_bench import machine  # noqa: E402  (CPU model, cores, torch, CUDA device, load)
+from _machine import machine  # noqa: E402  (CPU model, cores, RAM, torch, GPU, load)
 
 from neuromoe.learn.splits import PARTS  # noqa: E402
 
@@ -371,7 +373,7 @@ def experts(workdir: Path, runs: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from neuromoe.learn.data import CohortDataset
-    from neuromoe.learn.train import _to_device, load_model, prepare_data
+    from neuromoe.learn.train import expert_log_probs, load_model, predict, prepare_data
 
     torch.set_num_threads(1)
     cfg, bids, cache_dir, splits = load_workdir(workdir)
@@ -387,18 +389,17 @@ def experts(workdir: Path, runs: Path) -> dict:
         out = {}
         for part in ("train", "val", "test"):
             ds = CohortDataset(data.cohort, data.rows[part], data.clinical)
-            with torch.no_grad():
-                b = next(iter(DataLoader(ds, batch_size=len(ds))))
-                images, clin, present, y = _to_device(b, exps, torch.device("cpu"))
-                o = model(images, clin, present)
-            prof = truth.loc[pids.str.removeprefix("sub-").to_numpy()[np.asarray(b["row"])]].to_numpy()
-            out[part] = (o, clin, y, prof)
-        o, clin, y, prof = out["test"]
-        lp = o.expert_log_probs
-        pred = {"run": o.log_probs.argmax(1), "uniform": torch.logsumexp(lp, 1).argmax(1),
+            loader = DataLoader(ds, batch_size=len(ds))  # one batch, dataset order: both passes align
+            # The experts' log-probs do not depend on the gate; the run's own (gated) output from predict.
+            lp, clin, _, y = expert_log_probs(model, loader, torch.device("cpu"))
+            run = predict(model, loader, torch.device("cpu"))
+            prof = truth.loc[pids.str.removeprefix("sub-").to_numpy()[run["row"]]].to_numpy()
+            out[part] = (lp, clin, y, prof, torch.from_numpy(run["log_probs"]))
+        lp, clin, y, prof, run_lp = out["test"]
+        pred = {"run": run_lp.argmax(1), "uniform": torch.logsumexp(lp, 1).argmax(1),
                 "true_profile_expert": lp[torch.arange(len(y)), [exps.index(p) for p in prof]].argmax(1)}
         for part in ("train", "val"):
-            g = _refit_gate(out[part][0].expert_log_probs, out[part][1], out[part][2], data.weights)
+            g = _refit_gate(out[part][0], out[part][1], out[part][2], data.weights)
             with torch.no_grad():
                 lw = torch.log_softmax(g(clin), -1)
             pred[f"gate_refit_on_{part}"] = torch.logsumexp(lw.unsqueeze(-1) + lp, 1).argmax(1)
@@ -445,7 +446,7 @@ def main() -> None:
     v.add_argument("--runs-dir", type=Path, default=Path("/tmp/neuromoe_fusion_study"))
     for p in (o, s, lr, e, v):
         p.add_argument("--tag", default="")
-        p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+        p.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
     if a.cmd == "oracle":
         res = oracle(a.subjects, a.synth, a.folds, [int(x) for x in a.seeds.split(",")])
