@@ -122,14 +122,14 @@ def test_repository_config_is_valid() -> None:
 
 
 def test_paper_preset_is_the_papers_protocol() -> None:
-    """config/paper.yaml merged over config.yaml the way Snakemake merges --configfile: none of the demo's
+    """presets/paper.yaml merged over config.yaml the way Snakemake merges --configfile: none of the demo's
     departures from the paper (flat pooling, crossfit gate, last-epoch weights) leaks into the preset."""
     from snakemake.utils import update_config
 
     from neuromoe.config import validate_config
 
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    update_config(cfg, yaml.safe_load((REPO / "config" / "paper.yaml").read_text()))
+    update_config(cfg, yaml.safe_load((REPO / "presets" / "paper.yaml").read_text()))
     cfg = validate_config(cfg)
     assert cfg["cache"]["grid"] == [64, 64, 64]
     assert (cfg["model"]["dim"], cfg["model"]["depth"], cfg["model"]["pooling"]) == (256, 4, "mean")
