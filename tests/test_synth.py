@@ -1,5 +1,5 @@
-"""Tests of neuromoe.inputs.synth (the synthetic BIDS cohort) and neuromoe.inputs.templates
-(template, tissue maps, regions).
+"""Tests of the synthetic BIDS cohort (neuromoe.inputs.synth, synth_plan, synth_images) and
+neuromoe.inputs.templates (template, tissue maps, regions).
 
 The shared ``synth_cohort`` fixture (tests/conftest.py, 6 subjects at the default parameters) is checked
 for BIDS structure, and its planted effects are measured in its images (FA with dipy's TensorModel,
@@ -155,8 +155,9 @@ def test_effects_follow_profile_and_distractor_rate(plans):
 
 
 def test_first_design_distracts_controls_profile_modality():
-    """``control_profile_distractors=True`` (the first design): a control's profile modality gets
-    distractors at the usual rate; patients' profile modality still shows only the disease."""
+    """``control_profile_distractors=True`` (the first design; experimental, kept for studies/fusion): a
+    control's profile modality gets distractors at the usual rate; patients' profile modality still shows
+    only the disease. The demo cohort never sets it."""
     first = SynthParams(control_profile_distractors=True)
     draws = hits = 0
     for i in range(1, 1201):

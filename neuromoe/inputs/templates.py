@@ -4,7 +4,7 @@ Everything comes from the files nilearn ships (no download): the ICBM 2009a nonl
 template at 2 mm (99 x 117 x 95 voxels, RAS, origin at the anterior commissure; space label
 ``neuromoe.MNI_SPACE``), its brain mask, and its grey- and white-matter probability maps and masks.
 The shipped T1 is brain-only (skull-stripped, zero outside the brain mask), so the head around it
-(skull, scalp) is built by :mod:`neuromoe.inputs.synth`.
+(skull, scalp) is built by :mod:`neuromoe.inputs.synth_images`.
 
 Loaders are cached (one load per process) and return images whose arrays are read-only, so one caller
 cannot change what the next one sees.

@@ -1,0 +1,228 @@
+"""The synthetic cohort's design: every knob of the generator (``SynthParams``) and each subject's plan.
+
+A subject plan is everything about a subject except its images: diagnosis, latent expression profile,
+planted effects (region, cause, strength), clinical scores and serum markers, head pose. Plans are cheap
+(tests draw hundreds); ``neuromoe.inputs.synth_images`` turns a plan into images and
+``neuromoe.inputs.synth`` writes the cohort. The design and its reasons: docs/synthetic_cohort.md.
+
+Subject k's numbers come from its own ``np.random.SeedSequence([seed, k])``, split into independent
+streams for the plan, the clinical table and each modality, so subject k is the same whatever
+``n_subjects`` and whichever modalities are omitted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DIAGNOSES", "DISEASE_ROLE", "MODALITIES", "SubjectPlan", "SynthParams", "rigid_matrix", "subject_id",
+           "subject_plan"]
+
+MODALITIES = ("anat", "dwi", "func")
+DIAGNOSES = ("HC", "PD", "iRBD")
+DISEASE_ROLE = {"PD": "A", "iRBD": "B"}
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    """Every knob of the generator. Defaults make the demo cohort (about 2.5 s of one core and 11 MB per
+    subject: T1w 0.7 MB, DWI 4 MB, BOLD 6 MB)."""
+
+    # sizes
+    t1_voxel_mm: float = 2.0
+    dwi_voxel_mm: float = 3.0
+    bold_voxel_mm: float = 4.0
+    n_b0: int = 2
+    n_directions: int = 30           # taken from dipy's small_64D table (64 directions)
+    n_dummy: int = 4                 # bright volumes at the start (config: preprocessing.func.dummy_scans)
+    n_bold: int = 100                # volumes after the dummies
+    tr_s: float = 2.0
+    # pose and motion
+    max_rotation_deg: float = 8.0
+    max_translation_mm: float = 8.0
+    dwi_motion_mm: float = 1.0       # per-volume motion bound (each translation), mm
+    dwi_motion_deg: float = 1.0      # per-volume motion bound (each rotation), degrees
+    bold_walk_mm: float = 0.03       # random-walk step per volume (translations mm, rotations deg)
+    bold_spikes: int = 3             # one-volume jerks
+    bold_spike_mm: float = 0.8       # their size (mm; the same number in degrees for the rotation part)
+    # image quality
+    t1_scale: float = 500.0          # int16 value of white matter
+    t1_snr: float = 30.0             # WM / noise sigma
+    dwi_scale: float = 80.0          # int16 value of WM at b=0
+    dwi_snr: float = 25.0            # WM b=0 / noise sigma
+    bold_scale: float = 100.0        # int16 value of grey matter
+    bold_snr: float = 100.0          # GM / thermal noise sigma
+    t1_bias: float = 0.12            # standard deviation of the log bias field over the field of view
+    epi_bias: float = 0.08
+    # BOLD signal (fractions of the tissue baseline)
+    lf_amplitude: float = 0.015      # GM band-limited fluctuation (std)
+    wm_lf_fraction: float = 0.25     # WM fluctuation relative to GM
+    lf_fwhm_mm: float = 8.0          # spatial smoothness of the shared fluctuation
+    global_amplitude: float = 0.003  # slow signal shared by all tissue
+    csf_noise: float = 0.02          # broadband physiological noise in CSF
+    drift: float = 0.01              # slow scanner drift (std of its coefficients)
+    flip_angle_deg: float = 70.0
+    # planted effects (at a region's centre; jittered by +-effect_jitter per subject)
+    anat_effect: float = 0.45        # fraction of grey matter replaced by CSF
+    dwi_effect: float = 0.5          # fractional loss of the WM tensor's anisotropic part (FA)
+    dwi_md_increase: float = 0.25    # fractional MD increase at full effect (scaled by dwi_effect)
+    func_effect: float = 0.7         # fractional loss of the GM low-frequency amplitude
+    effect_jitter: float = 0.2
+    p_distractor: float = 1.0 / 3.0
+    # EXPERIMENTAL, study-only (studies/fusion): True brings back the first design, whose distractors also
+    # hit a control's profile modality. Not a supported setting of the demo cohort.
+    control_profile_distractors: bool = False
+    # clinical table
+    marker_separation: float = 4.0   # profile marker shift, in standard deviations
+    clinical_missing: float = 0.03   # probability that one score/marker is n/a
+    # output
+    zero_air: bool = True            # air beyond 4 mm of the skin is 0 (vendor background masking; small files)
+    gzip_level: int = 1
+
+    def __post_init__(self) -> None:
+        positive = ["t1_voxel_mm", "dwi_voxel_mm", "bold_voxel_mm", "tr_s", "t1_scale", "t1_snr", "dwi_scale",
+                    "dwi_snr", "bold_scale", "bold_snr", "lf_fwhm_mm"]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SynthParams.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ["p_distractor", "clinical_missing", "anat_effect", "dwi_effect", "func_effect",
+                     "effect_jitter"]:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"SynthParams.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.n_b0 < 1 or not 6 <= self.n_directions <= 64:
+            raise ValueError(f"SynthParams needs n_b0 >= 1 and 6 <= n_directions <= 64 (dipy's table), "
+                             f"got n_b0={self.n_b0}, n_directions={self.n_directions}")
+        if self.n_dummy < 0 or self.n_bold < 16:
+            raise ValueError(f"SynthParams needs n_dummy >= 0 and n_bold >= 16, got {self.n_dummy}, {self.n_bold}")
+        if not 1 <= self.gzip_level <= 9:
+            raise ValueError(f"SynthParams.gzip_level must be in 1..9, got {self.gzip_level}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Subject plans: everything about a subject except its images (cheap; tests draw hundreds)
+# --------------------------------------------------------------------------------------------------------
+def subject_id(index: int) -> str:
+    """BIDS label of subject ``index`` (1-based): ``01`` ... ``99``, then ``100`` ..."""
+    if index < 1:
+        raise ValueError(f"subject index must be >= 1, got {index}")
+    return f"{index:02d}"
+
+
+def rigid_matrix(rotation_rad: Iterable[float], translation_mm: Iterable[float]) -> np.ndarray:
+    """4x4 rigid transform x' = R x + t, R = Rz @ Ry @ Rx (angles in radians about the world origin)."""
+    rx, ry, rz = (float(a) for a in rotation_rad)
+    cx, sx, cy, sy, cz, sz = math.cos(rx), math.sin(rx), math.cos(ry), math.sin(ry), math.cos(rz), math.sin(rz)
+    r_x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    r_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    r_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    m = np.eye(4)
+    m[:3, :3] = r_z @ r_y @ r_x
+    m[:3, 3] = list(translation_mm)
+    return m
+
+
+@dataclass(frozen=True)
+class SubjectPlan:
+    """A subject's latent truth and clinical values. ``effects[m][role]`` is the planted strength (0: none)
+    and ``causes[m][role]`` is ``"disease"``, ``"distractor"`` or None."""
+
+    index: int
+    seed: int
+    diagnosis: str
+    profile: str
+    effects: dict[str, dict[str, float]]
+    causes: dict[str, dict[str, str | None]]
+    clinical: dict[str, float | str | None]
+    rotation_deg: tuple[float, float, float]
+    translation_mm: tuple[float, float, float]
+
+    @property
+    def subject(self) -> str:
+        return subject_id(self.index)
+
+    @property
+    def pose(self) -> np.ndarray:
+        """4x4 MNI mm -> scanner mm rigid transform of the head (the same for all three modalities)."""
+        return rigid_matrix(np.deg2rad(self.rotation_deg), self.translation_mm)
+
+    def streams(self) -> dict[str, np.random.Generator]:
+        """Independent generators for the images: anat, dwi, func."""
+        kids = np.random.SeedSequence([self.seed, self.index]).spawn(5)
+        return {m: np.random.default_rng(k) for m, k in zip(MODALITIES, kids[2:], strict=True)}
+
+
+def _diagnosis(index: int, seed: int) -> str:
+    # Balanced within each block of three consecutive subjects, so any cohort of 3n is exactly balanced
+    # and subject k's label does not depend on how many subjects are made.
+    block = (index - 1) // 3
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 0, block])).permutation(3)
+    return DIAGNOSES[int(perm[(index - 1) % 3])]
+
+
+def _profile(index: int, seed: int, diagnosis: str) -> str:
+    # Balanced within each diagnosis in blocks of nine consecutive subjects (three blocks of three): the
+    # three subjects of a diagnosis in a block get the three profiles in a random order. So profile and
+    # diagnosis are independent, every (diagnosis, profile) cell of a cohort of 9n holds n subjects, and a
+    # small cohort cannot, by chance, hold one profile twice as often as another.
+    block, third = (index - 1) // 9, ((index - 1) % 9) // 3
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 1, block, DIAGNOSES.index(diagnosis)])).permutation(3)
+    return MODALITIES[int(perm[third])]
+
+
+def subject_plan(index: int, seed: int, params: SynthParams | None = None) -> SubjectPlan:
+    """Diagnosis, latent profile, planted effects, clinical values and head pose of subject ``index``."""
+    p = params or SynthParams()
+    kids = np.random.SeedSequence([seed, index]).spawn(5)
+    rng, crng = np.random.default_rng(kids[0]), np.random.default_rng(kids[1])
+    diagnosis = _diagnosis(index, seed)
+    rng.integers(3)                     # the first design's profile draw, kept so the later draws do not move
+    profile = _profile(index, seed, diagnosis)
+    draws = rng.random((3, 2))          # always drawn, so the stream does not depend on the branch taken
+    jitter = rng.uniform(1 - p.effect_jitter, 1 + p.effect_jitter, size=(3, 2))
+    effects: dict[str, dict[str, float]] = {}
+    causes: dict[str, dict[str, str | None]] = {}
+    for i, m in enumerate(MODALITIES):
+        size = {"anat": p.anat_effect, "dwi": p.dwi_effect, "func": p.func_effect}[m]
+        effects[m], causes[m] = {}, {}
+        for j, role in enumerate(("A", "B")):
+            if m == profile and (diagnosis != "HC" or not p.control_profile_distractors):
+                cause = "disease" if diagnosis != "HC" and DISEASE_ROLE[diagnosis] == role else None
+            else:
+                cause = "distractor" if draws[i, j] < p.p_distractor else None
+            causes[m][role] = cause
+            effects[m][role] = float(min(1.0, size * jitter[i, j])) if cause else 0.0
+    rot = tuple(float(a) for a in rng.uniform(-p.max_rotation_deg, p.max_rotation_deg, 3))
+    trans = tuple(float(a) for a in rng.uniform(-p.max_translation_mm, p.max_translation_mm, 3))
+    return SubjectPlan(index, seed, diagnosis, profile, effects, causes, _clinical(crng, diagnosis, profile, p),
+                       rot, trans)  # type: ignore[arg-type]
+
+
+def _clinical(rng: np.random.Generator, diagnosis: str, profile: str, p: SynthParams) -> dict:
+    """Clinical scores and serum markers. Diagnosis moves rbdsq, updrs3 (and slightly sex); the latent
+    profile moves moca (anat), serum_nfl (dwi) and serum_asyn (func), independently of diagnosis."""
+    z = rng.standard_normal(8)
+    u = rng.random(6)
+    age = int(np.clip(round(66 + 7 * z[0]), 45, 85))
+    sex = "M" if u[0] < {"HC": 0.5, "PD": 0.58, "iRBD": 0.65}[diagnosis] else "F"
+    up_mu, up_sd = {"HC": (5.5, 4.0), "PD": (9.5, 6.0), "iRBD": (6.5, 4.5)}[diagnosis]
+    rb_mu, rb_sd = {"HC": (3.5, 2.3), "PD": (5.0, 2.5), "iRBD": (5.8, 2.5)}[diagnosis]
+    s = p.marker_separation
+    moca_sd, log_sd = 1.6, 0.3
+    values: dict[str, float | str | None] = {
+        "age": age,
+        "sex": sex,
+        "updrs3": int(np.clip(round(up_mu + up_sd * z[1]), 0, 132)),
+        "moca": int(np.clip(round(27.5 - 0.08 * (age - 66) + moca_sd * (z[2] - s * (profile == "anat"))), 0, 30)),
+        "rbdsq": int(np.clip(round(rb_mu + rb_sd * z[3]), 0, 13)),
+        # NfL rises ~2 %/year of age; plasma/serum NfL of older adults is ~10-20 pg/mL.
+        "serum_nfl": round(float(np.exp(np.log(14.0) + 0.02 * (age - 66)
+                                        + log_sd * (z[4] + s * (profile == "dwi")))), 1),
+        "serum_asyn": int(round(float(np.exp(np.log(1500.0) + log_sd * (z[5] + s * (profile == "func")))))),
+    }
+    for k, col in enumerate(["updrs3", "moca", "rbdsq", "serum_nfl", "serum_asyn"]):
+        if u[1 + k] < p.clinical_missing:
+            values[col] = None
+    return values
