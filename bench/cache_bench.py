@@ -45,8 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
 
 from neuromoe import paths  # noqa: E402
+from neuromoe.cache import grid as G  # noqa: E402
 from neuromoe.cache import store as C  # noqa: E402
+from neuromoe.config import schema_defaults  # noqa: E402
 from neuromoe.learn.data import CohortDataset  # noqa: E402
+
+PATCH = schema_defaults("model")["patch_size"]  # the grid must tile into the model's patches
 
 KEYS = {"anat": ["anat_brain_mni"], "dwi": ["dwi_fa_mni", "dwi_md_mni"],
         "func": ["func_falff_mni", "func_reho_mni"]}
@@ -102,7 +106,7 @@ def make_cohort(work: Path, n: int, grid: tuple[int, int, int], dtype: str, seed
     records = []
     for sub in subjects:
         op = {m: work / "subject_cache" / f"sub-{sub}" / f"sub-{sub}_{m}.npy" for m in C.MODALITIES}
-        C.cache_subject(maps[sub], op, grid, dtype, sub)
+        C.cache_subject(maps[sub], op, grid, dtype, sub, patch=PATCH)
         records.append(str(C.default_record_path(op, sub)))
     t_subj = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -127,7 +131,7 @@ class NiftiResampleDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {}
         for m, files in self.maps[i].items():
-            item[m] = torch.from_numpy(np.stack([C.normalise_map(f, self.grid)[0] for f in files]))
+            item[m] = torch.from_numpy(np.stack([G.normalise_map(f, self.grid)[0] for f in files]))
         item["label"] = torch.tensor(i % 3)
         return item
 
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="cold = drop the whole page cache (root only; affects other processes)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "cache.json")
     args = ap.parse_args(argv)
-    grid = C.check_grid(args.grid[0] if len(args.grid) == 1 else args.grid)
+    grid = G.check_grid(args.grid[0] if len(args.grid) == 1 else args.grid, PATCH)
     torch.set_num_threads(1)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -324,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = {"benchmark": "cohort cache vs NIfTI loading, one DataLoader epoch",
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": meta,
-           "params": {"subjects": len(maps), "grid": list(grid), "voxel_mm": C.model_grid(grid).voxel_mm,
+           "params": {"subjects": len(maps), "grid": list(grid), "voxel_mm": G.model_grid(grid).voxel_mm,
                       "dtype": args.dtype, "batch_size": args.batch_size, "num_workers": args.workers,
                       "torch_threads": 1, "cohort_reused": reused, "cold_method": cold_method},
            "sizes": sizes, "build_s": {**info["build_s"], "open_cohort_verify_sha256": t_verify},

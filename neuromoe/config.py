@@ -104,17 +104,20 @@ def _migrate(cfg: dict) -> list[str]:
 
 def semantic_problems(cfg: Mapping[str, Any]) -> list[str]:
     """Checks a schema cannot express, on a config whose schema checks passed."""
-    problems = []
-    grid, patch = cfg["cache"]["grid"], cfg["model"]["patch_size"]
-    if any(g % patch for g in grid):
-        problems.append(f"cache.grid: {grid} is not divisible by model.patch_size {patch}; "
-                        f"use multiples of {patch}, e.g. {[patch * 8] * 3}")
+    problems = grid_problems(cfg["cache"]["grid"], cfg["model"]["patch_size"])
     if cfg["model"]["dim"] % cfg["model"]["heads"]:
         problems.append(f"model.heads: {cfg['model']['heads']} does not divide model.dim {cfg['model']['dim']}")
-    if "full" not in cfg["evaluation"]["variants"]:
-        problems.append("evaluation.variants: must include 'full' (the report and explanations use it)")
+    problems += _variant_problems(cfg["evaluation"]["variants"])
     problems += _band_problems(cfg["preprocessing"]["func"]["band_hz"])
     return problems
+
+
+def grid_problems(grid: list[int] | tuple[int, ...], patch: int) -> list[str]:
+    """The model grid must tile into patches: each of cache.grid's sizes divisible by model.patch_size."""
+    if not any(g % patch for g in grid):
+        return []
+    return [f"cache.grid: {list(grid)} is not divisible by model.patch_size {patch}; "
+            f"use multiples of {patch}, e.g. {[patch * 8] * 3}"]
 
 
 def _band_problems(band: list[float]) -> list[str]:
@@ -224,3 +227,61 @@ class FslConfig(Section):
     bet_gradient: float = 0.0
     bet_robust: bool = True
     dwi_correction: str = "eddy_correct"
+
+
+def _lr_problems(v: Mapping[str, Any]) -> list[str]:
+    return [] if v["min_lr"] <= v["lr"] else [f"train.min_lr: {v['min_lr']} is above train.lr {v['lr']}"]
+
+
+def _variant_problems(variants: list[str]) -> list[str]:
+    return [] if "full" in variants else ["evaluation.variants: must include 'full' (the report and "
+                                          "explanations use it)"]
+
+
+@dataclass(frozen=True)
+class CacheConfig(Section):
+    KEY: ClassVar[str] = "cache"
+    grid: tuple[int, int, int] = (64, 64, 64)
+    dtype: str = "float16"
+    dwi_maps: tuple[str, ...] = ("FA", "MD")
+    func_maps: tuple[str, ...] = ("fALFF", "ReHo")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Section):
+    """The ``train:`` section: optimisation, schedule, gate fitting and which weights a run keeps."""
+
+    KEY: ClassVar[str] = "train"
+    CHECKS: ClassVar[tuple] = (_lr_problems,)
+    # Field order is the order of the train_config written into checkpoints: append new keys at the end.
+    epochs: int = 150
+    batch_size: int = 8
+    lr: float = 0.0001
+    weight_decay: float = 0.01
+    warmup_epochs: int = 5
+    patience: int = 20
+    balance_lambda: float = 0.1
+    num_workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+    min_lr: float = 0.0
+    grad_clip: float = 1.0
+    flip_lr: float = 0.0
+    gate_fit: str = "joint"
+    gate_fit_steps: int = 300
+    crossfit_folds: int = 3
+    select: str = "val_loss"
+
+
+@dataclass(frozen=True)
+class EvaluationConfig(Section):
+    KEY: ClassVar[str] = "evaluation"
+    CHECKS: ClassVar[tuple] = (lambda v: _variant_problems(v["variants"]),)
+    protocol: str = "cv"
+    folds: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2)
+    val_fraction: float = 0.2
+    variants: tuple[str, ...] = ("full", "no_gate", "drop_anat", "drop_dwi", "drop_func", "only_anat", "only_dwi",
+                                 "only_func", "only_clin")
+    lambda_sweep: tuple[float, ...] = (0.0, 1.0)
+    baseline: str = "logreg"

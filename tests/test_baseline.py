@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from neuromoe.cache import grid as G
 from neuromoe.cache import store as C
 from neuromoe.learn.baseline import (
     baseline_features,
@@ -39,7 +40,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
     iRBD: ReHo raised in the upper half (z index >= 8). updrs3 is higher in PD, a few values missing."""
     root = tmp_path_factory.mktemp("baseline")
     rng = np.random.default_rng(0)
-    mask = C.grid_mask(GRID)
+    mask = G.grid_mask(GRID)
     dx = np.repeat(np.arange(3), N_PER_CLASS)
     ids = [f"{i + 1:02d}" for i in range(len(dx))]
     records = []

@@ -1,4 +1,4 @@
-"""Tests of neuromoe.cache.store: model grid, resampling/normalisation, per-subject and cohort caches.
+"""Tests of neuromoe.cache.grid and .store: model grid, resampling/normalisation, subject and cohort caches.
 
 Synthetic MNI-space maps on the template's 2 mm grid: the nilearn MNI152 template (T1w), linear ramps in
 mm (FA, MD: their resampled values are known exactly in the brain interior) and noise (fALFF, ReHo).
@@ -18,6 +18,7 @@ import pytest
 from scipy import ndimage
 
 from neuromoe import paths
+from neuromoe.cache import grid as G
 from neuromoe.cache import store as C
 from neuromoe.errors import CacheError, InputError, StageError
 
@@ -93,7 +94,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for sub in SUBJECTS:
         maps[sub] = write_subject_maps(root / "out", sub, rng, with_func=(sub != "03"))
         op = out_paths(root / "subjects", sub)
-        C.cache_subject(maps[sub], op, GRID, "float16", sub)
+        C.cache_subject(maps[sub], op, GRID, "float16", sub, patch=4)
         records.append(C.default_record_path(op, sub))
     pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03", "sub-99"],
                   "diagnosis": ["PD", "HC", "iRBD", "HC"], "age": [61.0, 58.5, np.nan, 70.0],
@@ -107,9 +108,9 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
 # --- model grid -------------------------------------------------------------------------------------
 def test_model_grid_covers_and_centres_the_brain() -> None:
     mask, affine = mni_mask()
-    lo, hi = C._voxel_box_mm(mask, affine)
+    lo, hi = G._voxel_box_mm(mask, affine)
     for n, voxel in [(32, 5.625), (64, 2.8125)]:
-        g = C.model_grid(n)
+        g = G.model_grid(n)
         assert g.shape == (n, n, n)
         assert np.allclose(g.affine[:3, :3], np.diag([voxel] * 3)) and np.isclose(g.voxel_mm, voxel)
         first = g.affine[:3, 3] - voxel / 2
@@ -117,23 +118,47 @@ def test_model_grid_covers_and_centres_the_brain() -> None:
         assert np.all(first <= lo + 1e-6) and np.all(last >= hi - 1e-6)  # brain box inside the grid
         assert np.allclose((first + last) / 2, (lo + hi) / 2, atol=1e-6)  # centred on it
     # non-cubic grids keep isotropic voxels, sized by the tightest axis
-    g = C.model_grid([32, 40, 32])
+    g = G.model_grid([32, 40, 32])
     assert g.shape == (32, 40, 32) and np.isclose(g.voxel_mm, max((hi - lo) / np.array([32, 40, 32])))
 
 
-@pytest.mark.parametrize("bad", [30, [32, 32, 30], [32, 32], [0, 32, 32], [-4, 32, 32]])
-def test_grid_must_be_divisible_by_4(bad: object) -> None:
+@pytest.mark.parametrize("bad", [[32, 32], [0, 32, 32], [-4, 32, 32]])
+def test_grid_is_three_positive_sizes(bad: object) -> None:
     with pytest.raises(ValueError, match="grid"):
-        C.model_grid(bad)  # type: ignore[arg-type]
+        G.model_grid(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="grid"):
-        C.cache_subject({}, {}, bad, "float16", "01")  # type: ignore[arg-type]
+        C.cache_subject({}, {}, bad, "float16", "01", patch=4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("grid", "patch"), [(30, 4), ([32, 32, 30], 4), ([18, 18, 18], 4), ([32, 32, 32], 6)])
+def test_grid_must_be_divisible_by_the_patch(grid: object, patch: int) -> None:
+    with pytest.raises(ValueError, match=f"cache.grid.*not divisible by model.patch_size {patch}"):
+        G.check_grid(grid, patch)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not divisible"):
+        C.cache_subject({}, {}, grid, "float16", "01", patch=patch)  # type: ignore[arg-type]
+
+
+def test_patch_size_flows_from_the_config(tmp_path: Path) -> None:
+    """model.patch_size 6 with an 18^3 grid: the subject cache, the cohort and its opening all accept it."""
+    maps = write_subject_maps(tmp_path / "out", "01", np.random.default_rng(1))
+    op = out_paths(tmp_path / "subjects", "01")
+    C.cache_subject(maps, op, [18, 18, 18], "float16", "01", patch=6)
+    pd.DataFrame({"participant_id": ["sub-01"], "diagnosis": ["PD"], "age": [60.0], "sex": ["M"],
+                  "updrs3": [20]}).to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
+    cfg = {**CFG, "cache": {**CFG["cache"], "grid": [18, 18, 18]}, "model": {"patch_size": 6}}
+    C.build_cohort([C.default_record_path(op, "01")], tmp_path / "participants.tsv", tmp_path / "cache", cfg)
+    cc = C.open_cohort(tmp_path / "cache", cfg)
+    assert cc.grid == (18, 18, 18) and cc.arrays["dwi"].shape == (1, 2, 18, 18, 18)
+    with pytest.raises(ValueError, match="not divisible by model.patch_size 4"):  # the schema's default patch
+        C.build_cohort([C.default_record_path(op, "01")], tmp_path / "participants.tsv", tmp_path / "c2",
+                       {k: v for k, v in cfg.items() if k != "model"})
 
 
 def test_grid_mask_is_the_brain() -> None:
-    m = C.grid_mask(32)
+    m = G.grid_mask(32)
     mask, _ = mni_mask()
     # the grid mask's volume matches the 2 mm mask's within 3 % (partial voxels thresholded at 1/2)
-    vol_grid = m.sum() * C.model_grid(32).voxel_mm ** 3
+    vol_grid = m.sum() * G.model_grid(32).voxel_mm ** 3
     assert abs(vol_grid / (mask.sum() * 8.0) - 1) < 0.03
     assert m.dtype == bool and ndimage.label(m)[1] == 1
 
@@ -144,13 +169,13 @@ def test_resample_reproduces_a_linear_ramp() -> None:
     mask, affine = mni_mask()
     xyz = mm_coords(affine, mask.shape)
     img = nib.Nifti1Image(np.where(mask, ramp("dwi_fa_mni", xyz), 0).astype(np.float32), affine)
-    values, valid = C.resample_to_grid(img, GRID)
-    g = C.model_grid(GRID)
+    values, valid = G.resample_to_grid(img, GRID)
+    g = G.model_grid(GRID)
     truth = ramp("dwi_fa_mni", mm_coords(g.affine, g.shape))
     interior = ndimage.binary_erosion(valid, iterations=2)
     assert interior.sum() > 2000
     assert np.max(np.abs(values[interior] - truth[interior])) < 1e-4  # values ~0.5: float32 rounding
-    assert not values[~valid].any() and np.all(valid <= C.grid_mask(GRID))
+    assert not values[~valid].any() and np.all(valid <= G.grid_mask(GRID))
     # at the edge the weighted average only uses brain voxels: still within the ramp's local range
     edge = valid & ~interior
     assert np.max(np.abs(values[edge] - truth[edge])) < 0.004 * 2 * g.voxel_mm * 3
@@ -160,12 +185,12 @@ def test_resample_antialiases() -> None:
     """A 4 mm checkerboard (above the 5.6 mm grid's Nyquist) must vanish, not alias into a pattern."""
     mask, affine = mni_mask()
     board = (np.indices(mask.shape).sum(0) % 2 * 2 - 1).astype(np.float32)
-    values, valid = C.resample_to_grid(nib.Nifti1Image(np.where(mask, board, 0), affine), GRID)
+    values, valid = G.resample_to_grid(nib.Nifti1Image(np.where(mask, board, 0), affine), GRID)
     interior = ndimage.binary_erosion(valid, iterations=2)
     assert np.std(values[interior]) < 1e-3  # input std is 1.0
     # plain trilinear sampling (what we avoid) leaves a large aliased pattern
-    g = C.model_grid(GRID)
-    naive = ndimage.map_coordinates(board, C._grid_coords(g, affine), order=1).reshape(g.shape)
+    g = G.model_grid(GRID)
+    naive = ndimage.map_coordinates(board, G._grid_coords(g, affine), order=1).reshape(g.shape)
     assert np.std(naive[interior]) > 0.1
 
 
@@ -174,7 +199,7 @@ def test_robust_zscore_properties() -> None:
     x = rng.normal(3.0, 2.0, (16, 16, 16)).astype(np.float32)
     valid = np.zeros(x.shape, bool)
     valid[2:14, 2:14, 2:14] = True
-    z, st = C.robust_zscore(x, valid)
+    z, st = G.robust_zscore(x, valid)
     assert abs(st["median"] - 3.0) < 0.1 and abs(st["scale"] / 2.0 - 1) < 0.06  # 1728 samples
     assert not z[~valid].any() and z.dtype == np.float32
     assert abs(np.median(z[valid])) < 1e-6
@@ -182,10 +207,10 @@ def test_robust_zscore_properties() -> None:
     y = x.copy()
     idx = np.flatnonzero(valid)[::20]
     y.flat[idx] = 1e4
-    z2, st2 = C.robust_zscore(y, valid)
-    assert abs(st2["scale"] / st["scale"] - 1) < 0.1 and z2.max() == C.ZSCORE_CLIP
+    z2, st2 = G.robust_zscore(y, valid)
+    assert abs(st2["scale"] / st["scale"] - 1) < 0.1 and z2.max() == G.ZSCORE_CLIP
     # a constant map is all zeros, not NaN
-    zc, _ = C.robust_zscore(np.full(x.shape, 5.0, np.float32), valid)
+    zc, _ = G.robust_zscore(np.full(x.shape, 5.0, np.float32), valid)
     assert np.all(zc == 0)
 
 
@@ -225,7 +250,7 @@ def test_absent_modality_removes_a_stale_tensor(cohort: dict, tmp_path: Path) ->
     maps = dict(cohort["maps"]["03"])
     maps["anat"] = []
     maps["dwi"] = []
-    rec = C.cache_subject(maps, op, GRID, "float16", "03")
+    rec = C.cache_subject(maps, op, GRID, "float16", "03", patch=4)
     assert not op["func"].exists() and not rec["modalities"]["func"]["present"]
 
 
@@ -233,14 +258,14 @@ def test_a_4d_map_is_a_stage_error(tmp_path: Path) -> None:
     p = tmp_path / "sub-01_space-MNI152NLin2009aSym_desc-brain_T1w.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), p)
     with pytest.raises(StageError, match="sub-01"):
-        C.cache_subject({"anat": [p]}, {"anat": tmp_path / "a.npy"}, GRID, "float16", "01")
+        C.cache_subject({"anat": [p]}, {"anat": tmp_path / "a.npy"}, GRID, "float16", "01", patch=4)
 
 
 # --- cohort cache --------------------------------------------------------------------------------
 def test_round_trip_maps_to_cache(cohort: dict) -> None:
     """Each cached channel equals normalise_map of its input within float16 rounding; ramps match truth."""
     cc = C.open_cohort(cohort["cache_dir"], CFG)
-    g = C.model_grid(GRID)
+    g = G.model_grid(GRID)
     truth_xyz = mm_coords(g.affine, g.shape)
     for row, sub in enumerate(SUBJECTS):
         rec = json.loads(Path(cohort["records"][row]).read_text())
@@ -251,7 +276,7 @@ def test_round_trip_maps_to_cache(cohort: dict) -> None:
                 assert not got.any()
                 continue
             for c, f in enumerate(files):
-                ref, _ = C.normalise_map(f, GRID)
+                ref, _ = G.normalise_map(f, GRID)
                 np.testing.assert_allclose(got[c], ref, rtol=FP16_RTOL, atol=1e-7)
                 key = MAP_KEYS[modality][c]
                 if key in RAMP:  # independent check: z = (ramp(mm) - median) / scale in the interior
@@ -277,15 +302,15 @@ def test_cohort_layout_index_and_manifest(cohort: dict) -> None:
     assert idx["sex"].tolist() == ["M", "F", "F"]
     man = json.loads((d / "manifest.json").read_text())
     assert man["n_subjects"] == 3 and man["grid"] == list(GRID) and man["dtype"] == "float16"
-    assert np.isclose(man["voxel_mm"], 5.625) and np.allclose(man["affine"], C.model_grid(GRID).affine)
+    assert np.isclose(man["voxel_mm"], 5.625) and np.allclose(man["affine"], G.model_grid(GRID).affine)
     assert man["channels"] == {"anat": ["T1w"], "dwi": ["FA", "MD"], "func": ["fALFF", "ReHo"]}
     assert man["config"]["cache"] == CFG["cache"] and man["labels"] == ["HC", "PD", "iRBD"]
     assert set(man["files"]) == {"anat.npy", "dwi.npy", "func.npy", "mask.npy", "index.tsv"}
     assert all(len(f["sha256"]) == 64 for f in man["files"].values())
-    assert np.array_equal(cc.mask, C.grid_mask(GRID)) and cc.present[:, 2].tolist() == [True, True, False]
+    assert np.array_equal(cc.mask, G.grid_mask(GRID)) and cc.present[:, 2].tolist() == [True, True, False]
     # values are zero outside the brain mask and robust z-scores inside
     anat = cc.image("anat", 0)[0]
-    assert not anat[~cc.mask].any() and np.abs(anat).max() <= C.ZSCORE_CLIP
+    assert not anat[~cc.mask].any() and np.abs(anat).max() <= G.ZSCORE_CLIP
     assert not list(d.glob("*.tmp"))
 
 

@@ -58,7 +58,7 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         records = []
         for sub in SUBJECTS:
             op = {m: root / dtype / f"sub-{sub}" / f"sub-{sub}_{m}.npy" for m in C.MODALITIES}
-            C.cache_subject(maps[sub], op, GRID, dtype, sub)
+            C.cache_subject(maps[sub], op, GRID, dtype, sub, patch=4)
             records.append(C.default_record_path(op, sub))
         C.build_cohort(records, root / "participants.tsv", root / dtype / "cohort", cfg(dtype))
         out[dtype] = root / dtype / "cohort"

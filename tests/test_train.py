@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neuromoe.cache import store as C
+from neuromoe.config import ConfigError, TrainConfig
 from neuromoe.errors import InputError
 from neuromoe.learn.checkpoint import (
     CheckpointError,
@@ -36,7 +37,6 @@ from neuromoe.learn.train import (
     HISTORY_COLUMNS,
     EpochSampler,
     StopRun,
-    TrainConfig,
     augment,
     check_flip_grid,
     load_model,
@@ -147,11 +147,14 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch() -> None:
 
 
 def test_train_config_checks() -> None:
-    assert TrainConfig.from_dict({"lr": 0.5, "unrelated": 1}).lr == 0.5
-    with pytest.raises(ValueError, match="train.batch_size"):
-        TrainConfig.from_dict({"batch_size": 0})
-    with pytest.raises(ValueError, match="train.flip_lr"):
-        TrainConfig.from_dict({"flip_lr": 1.5})
+    """The train section's checks are the schema's (plus min_lr <= lr), each naming the key."""
+    assert TrainConfig.of({"lr": 0.5}).lr == 0.5
+    assert TrainConfig.from_config(make_cfg(epochs=3)).epochs == 3
+    for bad, key in [({"batch_size": 0}, "train.batch_size"), ({"flip_lr": 1.5}, "train.flip_lr"),
+                     ({"unrelated": 1}, "unrelated"), ({"lr": 1e-3, "min_lr": 1e-2}, "train.min_lr"),
+                     ({"device": "tpu"}, "train.device")]:
+        with pytest.raises(ConfigError, match=key):
+            TrainConfig.of(bad)
 
 
 def test_flip_augmentation_mirrors_whole_subjects_left_right() -> None:
@@ -387,8 +390,8 @@ def test_heldout_gate_fit_pairs_experts_with_no_gate_and_fits_the_gate_on_val(co
     # on the validation part: there its mixture beats the uniform one the best epoch was selected on.
     hist = pd.read_csv(tmp_path / "history.csv")
     assert m["val"]["loss"] < hist["val_loss"].iloc[m["best_epoch"] - 1]
-    with pytest.raises(ValueError, match="gate_fit"):
-        TrainConfig.from_dict({"gate_fit": "later"})
+    with pytest.raises(ConfigError, match="gate_fit"):
+        TrainConfig.of({"gate_fit": "later"})
 
 
 def test_crossfit_gate_is_fitted_on_predictions_of_models_that_never_saw_the_subject(
@@ -427,8 +430,8 @@ def test_crossfit_gate_is_fitted_on_predictions_of_models_that_never_saw_the_sub
     assert m2["test"]["loss"] == m["test"]["loss"]
     b = load_checkpoint(tmp_path / "b" / "model.safetensors").model_state
     assert all(torch.equal(final[k], b[k]) for k in final)
-    with pytest.raises(ValueError, match="crossfit_folds"):
-        TrainConfig.from_dict({"gate_fit": "crossfit", "crossfit_folds": 1})
+    with pytest.raises(ConfigError, match="crossfit_folds"):
+        TrainConfig.of({"gate_fit": "crossfit", "crossfit_folds": 1})
 
 
 def test_select_last_keeps_the_final_weights_and_never_stops_early(cohort: dict[str, Path],
@@ -446,8 +449,8 @@ def test_select_last_keeps_the_final_weights_and_never_stops_early(cohort: dict[
     assert not (tmp_path / "checkpoint" / "best.safetensors").exists()  # no second copy written per epoch
     hist = pd.read_csv(tmp_path / "history.csv")
     assert m["val"]["loss"] == pytest.approx(hist["val_loss"].iloc[-1], rel=1e-5)
-    with pytest.raises(ValueError, match="train.select"):
-        TrainConfig.from_dict({"select": "best"})
+    with pytest.raises(ConfigError, match="train.select"):
+        TrainConfig.of({"select": "best"})
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(cohort: dict[str, Path],

@@ -14,9 +14,7 @@ Two steps, one Snakemake rule each:
 ``open_cohort`` memory-maps a cache and refuses one that does not match the config or its checksums
 (``CacheError``); nothing is ever loaded with pickle.
 
-Spaces and axes: the model grid is an isotropic RAS grid in MNI152NLin2009aSym mm. Array axes
-``(D, H, W)`` are the NIfTI voxel axes ``(i, j, k)`` of that grid: left->right, posterior->anterior,
-inferior->superior. ``ModelGrid.affine`` maps ``(i, j, k, 1)`` to MNI mm.
+The model grid, the resampling and the normalisation are ``neuromoe.cache.grid``'s.
 
 Storage dtype: ``float16`` is stored as numpy ``float16``. numpy has no bfloat16, so ``bfloat16`` is
 stored as ``uint16`` holding the bfloat16 bit patterns (torch's round-to-nearest-even conversion);
@@ -28,237 +26,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from neuromoe import __version__
+from neuromoe.cache.grid import MIN_SUPPORT, ZSCORE_CLIP, check_grid, grid_mask, model_grid, normalise_map
+from neuromoe.config import CacheConfig, schema_defaults
 from neuromoe.errors import CacheError, InputError, StageError
 
 MODALITIES: tuple[str, ...] = ("anat", "dwi", "func")
 ANAT_CHANNELS: tuple[str, ...] = ("T1w",)
 DTYPES: tuple[str, ...] = ("float16", "bfloat16")
 CACHE_FORMAT = 1  # bump when the layout or the normalisation changes: old caches are then refused
-PATCH = 4  # the grid must be divisible by the model's patch size
-ZSCORE_CLIP = 6.0  # robust z-scores are clipped to [-6, 6]
-MAD_TO_SD = 1.4826  # MAD of a normal distribution times this is its standard deviation
-MIN_SUPPORT = 0.25  # grid voxels with less valid source weight than this are treated as missing
 COHORT_RULE = "cache_cohort"  # rule names used in the fix hints of errors
 SUBJECT_RULE = "cache_subject"
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 _HASH_CHUNK = 8 << 20
-
-
-# ---------------------------------------------------------------------------------------------
-# Model grid
-# ---------------------------------------------------------------------------------------------
-class ModelGrid(NamedTuple):
-    """The isotropic grid the model sees: ``affine`` (4, 4) voxel -> MNI mm, ``shape`` (D, H, W)."""
-
-    affine: np.ndarray
-    shape: tuple[int, int, int]
-
-    @property
-    def voxel_mm(self) -> float:
-        """Edge length of one (isotropic) voxel in mm."""
-        return float(self.affine[0, 0])
-
-
-def check_grid(grid: int | Sequence[int], patch: int = PATCH) -> tuple[int, int, int]:
-    """Validate a grid spec (an int for a cube, or three ints) and return it as ``(D, H, W)``.
-
-    Raises ValueError naming the value when it is not three positive ints divisible by ``patch``.
-    """
-    dims = (int(grid),) * 3 if isinstance(grid, (int, np.integer)) else tuple(int(g) for g in grid)
-    if len(dims) != 3 or any(d <= 0 for d in dims):
-        raise ValueError(f"cache grid must be three positive ints (D, H, W), got {grid!r}")
-    bad = [d for d in dims if d % patch]
-    if bad:
-        raise ValueError(f"cache grid {list(dims)} is not divisible by the patch size {patch} "
-                         f"(bad: {bad}); use e.g. {[max(patch, d // patch * patch) for d in dims]}")
-    return dims  # type: ignore[return-value]
-
-
-@lru_cache(maxsize=1)
-def _mni_mask() -> tuple[np.ndarray, np.ndarray]:
-    """The MNI152 brain mask nilearn ships (2 mm, 99 x 117 x 95): (bool mask, affine). No download."""
-    from nilearn.datasets import load_mni152_brain_mask
-
-    img = load_mni152_brain_mask(resolution=2)
-    mask = np.asarray(img.dataobj) > 0
-    mask.setflags(write=False)
-    return mask, np.asarray(img.affine, dtype=np.float64)
-
-
-def _voxel_box_mm(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(min, max) corners in mm of the box that holds every True voxel, voxel extents included."""
-    ijk = np.argwhere(mask)
-    lo, hi = ijk.min(0) - 0.5, ijk.max(0) + 0.5
-    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
-                        for c in (lo[2], hi[2])])
-    mm = (affine @ corners.T).T[:, :3]
-    return mm.min(0), mm.max(0)
-
-
-def model_grid(grid: int | Sequence[int], patch: int = PATCH) -> ModelGrid:
-    """The model grid: isotropic voxels covering the MNI brain's bounding box, centred on it.
-
-    The voxel size is the smallest that fits the box of the MNI152 brain mask (2 mm) on every axis:
-    32^3 -> 5.625 mm, 64^3 -> 2.8125 mm (the box is 146 x 180 x 156 mm). Raises ValueError when the
-    grid is not divisible by ``patch``.
-    """
-    shape = check_grid(grid, patch)
-    lo, hi = _voxel_box_mm(*_mni_mask())
-    voxel = float(np.max((hi - lo) / np.array(shape)))
-    centre = (lo + hi) / 2.0
-    affine = np.diag([voxel, voxel, voxel, 1.0])
-    affine[:3, 3] = centre - voxel * (np.array(shape) - 1) / 2.0
-    return ModelGrid(affine, shape)
-
-
-def _antialias_sigma(src_affine: np.ndarray, voxel_mm: float) -> np.ndarray:
-    """Gaussian sigma (source voxels, per axis) whose FWHM is one target voxel, less the source voxel.
-
-    A target voxel averages ``r = target / source`` source voxels along an axis; a Gaussian of FWHM
-    ``sqrt(r^2 - 1)`` (the source voxel's own extent subtracted in quadrature) approximates that area
-    average and removes the frequencies the coarser grid cannot hold. No smoothing when upsampling.
-    """
-    src_vox = np.linalg.norm(src_affine[:3, :3], axis=0)
-    ratio = voxel_mm / src_vox
-    return np.sqrt(np.clip(ratio**2 - 1.0, 0.0, None)) * _FWHM_TO_SIGMA
-
-
-def _grid_coords(mg: ModelGrid, src_affine: np.ndarray) -> np.ndarray:
-    """Source voxel coordinates (3, D*H*W) of the model grid's voxel centres."""
-    ijk = np.indices(mg.shape, dtype=np.float64).reshape(3, -1)
-    vox2vox = np.linalg.inv(src_affine) @ mg.affine
-    return vox2vox[:3, :3] @ ijk + vox2vox[:3, 3:4]
-
-
-def _smooth_sample(data: np.ndarray, weights: np.ndarray, src_affine: np.ndarray,
-                   mg: ModelGrid) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted (normalised-convolution) anti-aliased resampling of a 3D array onto the model grid.
-
-    ``data`` and ``weights`` (X, Y, Z) are on the source grid (``src_affine``: voxel -> mm). Returns
-    ``(values, support)``, both (D, H, W) float32: ``values = G*(w x) / G*w`` sampled trilinearly, so
-    voxels outside the weights (background, NaN) never leak into the brain edge; ``support`` is the
-    sampled ``G*w`` (the fraction of the local kernel that had valid data).
-    """
-    sigma = _antialias_sigma(src_affine, mg.voxel_mm)
-    w = weights.astype(np.float32, copy=False)
-    num = np.where(w > 0, data, 0.0).astype(np.float32) * w
-    if np.any(sigma > 0):
-        num = ndimage.gaussian_filter(num, sigma, mode="constant", cval=0.0, truncate=3.0)
-        w = ndimage.gaussian_filter(w, sigma, mode="constant", cval=0.0, truncate=3.0)
-    coords = _grid_coords(mg, src_affine)
-    num_g = ndimage.map_coordinates(num, coords, order=1, mode="constant", cval=0.0)
-    den_g = ndimage.map_coordinates(w, coords, order=1, mode="constant", cval=0.0)
-    values = np.divide(num_g, den_g, out=np.zeros_like(num_g), where=den_g > 1e-6)
-    return values.reshape(mg.shape).astype(np.float32), den_g.reshape(mg.shape).astype(np.float32)
-
-
-@lru_cache(maxsize=8)
-def _grid_mask_cached(shape: tuple[int, int, int], patch: int) -> np.ndarray:
-    mask, affine = _mni_mask()
-    mg = model_grid(shape, patch)
-    frac, _ = _smooth_sample(mask.astype(np.float32), np.ones(mask.shape, np.float32), affine, mg)
-    out = frac >= 0.5
-    out.setflags(write=False)
-    return out
-
-
-def grid_mask(grid: int | Sequence[int], patch: int = PATCH) -> np.ndarray:
-    """MNI brain mask on the model grid, (D, H, W) bool: voxels at least half inside the 2 mm mask."""
-    return _grid_mask_cached(check_grid(grid, patch), patch)
-
-
-def _template_weights(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """The MNI brain mask on a source grid (X, Y, Z) float32 (nearest neighbour when grids differ)."""
-    mask, m_aff = _mni_mask()
-    if tuple(shape) == mask.shape and np.allclose(affine, m_aff, atol=1e-4):
-        return mask.astype(np.float32)
-    ijk = np.indices(shape, dtype=np.float64).reshape(3, -1)
-    vox2vox = np.linalg.inv(m_aff) @ affine
-    coords = vox2vox[:3, :3] @ ijk + vox2vox[:3, 3:4]
-    out = ndimage.map_coordinates(mask.astype(np.float32), coords, order=0, mode="constant", cval=0.0)
-    return out.reshape(shape)
-
-
-def _load_map(img: nib.Nifti1Image | str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(data (X, Y, Z) float32, affine) of a 3D map (a trailing singleton 4th axis is dropped)."""
-    if not isinstance(img, nib.spatialimages.SpatialImage):
-        img = nib.load(str(img))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"expected a 3D map, got shape {data.shape}")
-    return data, np.asarray(img.affine, dtype=np.float64)
-
-
-def resample_to_grid(img: nib.Nifti1Image | str | Path, grid: int | Sequence[int],
-                     patch: int = PATCH) -> tuple[np.ndarray, np.ndarray]:
-    """Resample one MNI-space 3D map onto the model grid, inside the MNI brain mask.
-
-    Anti-aliased (Gaussian of one target voxel FWHM, then trilinear) and restricted to source voxels
-    inside the MNI brain mask with finite values (normalised convolution). Returns ``(values,
-    valid)``: (D, H, W) float32 map in the input's units, zero where not valid, and the (D, H, W) bool
-    voxels that are in the grid brain mask with at least ``MIN_SUPPORT`` of valid source weight.
-    """
-    mg = model_grid(grid, patch)
-    data, affine = _load_map(img)
-    weights = _template_weights(data.shape, affine) * np.isfinite(data)
-    values, support = _smooth_sample(np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0), weights,
-                                     affine, mg)
-    valid = grid_mask(mg.shape, patch) & (support >= MIN_SUPPORT)
-    values[~valid] = 0.0
-    return values, valid
-
-
-def robust_zscore(values: np.ndarray, valid: np.ndarray, clip: float = ZSCORE_CLIP
-                  ) -> tuple[np.ndarray, dict[str, float]]:
-    """Per-subject robust z-score of one channel: ``(x - median) / (1.4826 * MAD)`` inside ``valid``.
-
-    Statistics come from this map's ``valid`` voxels only (no other subject). Clipped to
-    ``[-clip, clip]``, zero outside ``valid``. If the MAD is 0 (over half the voxels equal) the standard
-    deviation is used; a constant map gives zeros. Returns ``(z (D, H, W) float32, stats)`` with stats
-    ``median``, ``scale`` (input units), ``n_voxels``, ``clipped_fraction``.
-    """
-    v = values[valid].astype(np.float64)
-    if v.size == 0:
-        return np.zeros(values.shape, np.float32), {"median": 0.0, "scale": 0.0, "n_voxels": 0,
-                                                     "clipped_fraction": 0.0}
-    med = float(np.median(v))
-    scale = MAD_TO_SD * float(np.median(np.abs(v - med)))
-    if not scale > 0:
-        scale = float(v.std())
-    z = np.zeros(values.shape, np.float32)
-    if scale > 0:
-        zv = (v - med) / scale
-        clipped = float(np.mean(np.abs(zv) > clip))
-        z[valid] = np.clip(zv, -clip, clip)
-    else:
-        clipped = 0.0
-    return z, {"median": med, "scale": scale, "n_voxels": int(v.size), "clipped_fraction": clipped}
-
-
-def normalise_map(img: nib.Nifti1Image | str | Path, grid: int | Sequence[int], clip: float = ZSCORE_CLIP,
-                  patch: int = PATCH) -> tuple[np.ndarray, dict[str, float]]:
-    """``resample_to_grid`` then ``robust_zscore``: the (D, H, W) float32 channel the cache stores."""
-    values, valid = resample_to_grid(img, grid, patch)
-    return robust_zscore(values, valid, clip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,9 +157,9 @@ def subject_maps(output_dir: str | Path, subject: str, cfg: Mapping[str, Any]) -
 # Per subject
 # ---------------------------------------------------------------------------------------------
 def cache_subject(maps: Mapping[str, Sequence[str | Path] | None], out_paths: Mapping[str, str | Path],
-                  grid: int | Sequence[int], dtype: str, subject: str, *,
+                  grid: int | Sequence[int], dtype: str, subject: str, *, patch: int,
                   json_path: str | Path | None = None, channels: Mapping[str, Sequence[str]] | None = None,
-                  clip: float = ZSCORE_CLIP, patch: int = PATCH) -> dict[str, Any]:
+                  clip: float = ZSCORE_CLIP) -> dict[str, Any]:
     """Write one subject's model-grid tensors: one uncompressed ``.npy`` per modality + a JSON record.
 
     maps: modality -> MNI-space 3D map paths, in channel order (anat: [brain T1w]; dwi: e.g. [FA, MD];
@@ -381,10 +173,12 @@ def cache_subject(maps: Mapping[str, Sequence[str | Path] | None], out_paths: Ma
         presence, channels, the .npy (relative to the JSON), input paths with sha256 and per-channel
         median / scale. Returns the record.
 
+    patch: the model's patch size (config ``model.patch_size``); each grid size must be a multiple of it.
+
     Raises ValueError for a bad grid or dtype; StageError naming the subject and file for a map that
     is not a 3D image.
     """
-    mg = model_grid(grid, patch)
+    mg = model_grid(check_grid(grid, patch))
     store = storage_dtype(dtype)
     json_path = Path(json_path) if json_path is not None else default_record_path(out_paths, subject)
     record: dict[str, Any] = {
@@ -413,7 +207,7 @@ def cache_subject(maps: Mapping[str, Sequence[str | Path] | None], out_paths: Ma
         stats = []
         for c, p in enumerate(paths):
             try:
-                stack[c], st = normalise_map(p, mg.shape, clip, patch)
+                stack[c], st = normalise_map(p, mg.shape, clip)
             except (ValueError, nib.filebasedimages.ImageFileError) as e:
                 raise StageError(str(e), subject=f"sub-{subject}", stage="cache", path=p,
                                  fix="check the MNI-space map; it must be a 3D NIfTI image") from e
@@ -443,12 +237,12 @@ def expected_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     ``cfg`` is the workflow config (needs ``cache`` and ``participants`` sections).
     """
-    c, p = cfg["cache"], cfg["participants"]
+    c, p = CacheConfig.from_config(cfg), cfg["participants"]
     return _jsonable({
         "cache_format": CACHE_FORMAT,
-        "grid": list(check_grid(c["grid"])),
-        "dtype": c["dtype"],
-        "channels": {"anat": list(ANAT_CHANNELS), "dwi": list(c["dwi_maps"]), "func": list(c["func_maps"])},
+        "grid": list(c.grid),
+        "dtype": c.dtype,
+        "channels": {"anat": list(ANAT_CHANNELS), "dwi": list(c.dwi_maps), "func": list(c.func_maps)},
         "labels": list(p["labels"]),
         "diagnosis_column": p.get("diagnosis_column", "diagnosis"),
         "clinical_columns": list(p["clinical_columns"]),
@@ -513,6 +307,9 @@ def build_cohort(subject_records: Sequence[str | Path], participants_tsv: str | 
     has_anat, has_dwi, has_func, then the config's clinical columns raw from participants.tsv, ``n/a``
     for missing); ``manifest.json`` last, so a crash never leaves a cache that opens.
 
+    ``cfg``: the ``cache`` and ``participants`` sections, and ``model.patch_size`` (the schema's default if
+    absent) that the grid must be a multiple of.
+
     Raises CacheError when a subject's record disagrees with the config (grid, dtype, channels) and
     InputError for a subject missing from participants.tsv or with a diagnosis not in the labels.
     """
@@ -522,7 +319,9 @@ def build_cohort(subject_records: Sequence[str | Path], participants_tsv: str | 
     if manifest_path.exists():
         manifest_path.unlink()  # the cache is invalid from here until the new manifest is written
     exp = expected_from_config(cfg)
-    grid, dtype, channels = tuple(exp["grid"]), exp["dtype"], exp["channels"]
+    patch = cfg.get("model", {}).get("patch_size", schema_defaults("model")["patch_size"])
+    grid = check_grid(exp["grid"], patch)
+    dtype, channels = exp["dtype"], exp["channels"]
     labels, clin_cols, diag_col = exp["labels"], exp["clinical_columns"], exp["diagnosis_column"]
     store = storage_dtype(dtype)
     participants_tsv = Path(participants_tsv)

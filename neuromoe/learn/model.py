@@ -278,7 +278,7 @@ class NeuroMoE(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, images: dict[str, Tensor], clin: Tensor, present: Tensor | None = None,
-                uniform_gate: bool = False) -> MoEOutput:
+                uniform_weights: bool = False) -> MoEOutput:
         """Mixture prediction.
 
         Args:
@@ -286,7 +286,7 @@ class NeuroMoE(nn.Module):
             clin: (B, F) preprocessed clinical features (gate input and clinical-expert input).
             present: (B, E) bool, E = len(cfg.experts); False masks that expert (weight 0, gate renormalised).
                 None: all present. Every row needs at least one expert present.
-            uniform_gate: weight the experts present equally and leave the gate out of the graph (expert
+            uniform_weights: weight the experts present equally and leave the gate out of the graph (expert
                 training under ``train.gate_fit: heldout`` or ``crossfit``; what ``use_gate=False`` always does).
         """
         cfg = self.cfg
@@ -316,7 +316,7 @@ class NeuroMoE(nn.Module):
                 h = self.encoders[m](x)  # (B, dim)
             logits.append(self.heads[m](h))  # (B, C)
         expert_lp = F.log_softmax(torch.stack(logits, dim=1).float(), dim=-1)  # (B, E, C)
-        if self.gate is not None and not uniform_gate:
+        if self.gate is not None and not uniform_weights:
             gate_logits = self.gate(clin).float()  # (B, E)
         else:
             gate_logits = clin.new_zeros(B, E).float()

@@ -5,37 +5,12 @@ Run folder (``out_dir``)::
     checkpoint/last.safetensors (+ .json)   every epoch: model, AdamW, RNG states, history, early-stop state
     checkpoint/best.safetensors (+ .json)   select val_loss: the weights with the lowest validation loss so far
     history.csv                              one row per epoch
-    model.safetensors, model.json            best weights + configs, classes, clinical preprocessor, metrics
+    model.safetensors, model.json            kept weights + configs, classes, clinical preprocessor, metrics
     predictions.tsv                          val and test: participant_id, part, label, prob_*, gate_*
     metrics.json                             val/test accuracy, balanced accuracy, loss, mean gate per expert
 
-Choices (docs/MODEL.md leaves them open):
-
-- Validation loss (early stopping, best checkpoint) = the class-weighted NLL of the mixture over the whole
-  validation part, with the training fold's class weights; the balance term is logged, not stopped on.
-- ``gate_fit``: ``joint`` (the paper) trains gate and experts together on the training part. ``heldout``
-  trains the experts under uniform weights (as the no-gate variant of the same split does; the initial
-  draws differ, the gate's parameters being created in between), selects their epoch on the validation
-  loss of that uniform mixture, then fits the gate alone to the frozen experts on the validation part
-  (``fit_gate``). Fitted on the training part, a gate learns which expert memorised each subject best,
-  not which is right for whom (docs/fusion_study.md). ``crossfit`` trains the experts in the same way,
-  then fits the gate on more held-out subjects: stacked generalisation. The training part is cut into
-  ``crossfit_folds`` stratified folds; per fold, fresh experts train on the others for the kept epoch count
-  and predict it (``crossfit_log_probs``); the gate is fitted on these out-of-fold predictions plus the kept
-  experts' on the validation part. Costs ``crossfit_folds`` extra expert trainings.
-- ``select``: ``val_loss`` keeps the epoch with the lowest validation loss and stops after ``patience``
-  epochs without a better one; ``last`` runs all ``epochs`` and keeps the final weights (with ~10
-  validation subjects the lowest loss can come before the experts learned; docs/fusion_study.md).
-- Learning rate per optimiser step: linear warm-up over ``warmup_epochs`` then cosine to ``min_lr`` at
-  ``epochs``; a pure function of the step count, so it needs no scheduler state beyond that count.
-- Weight decay on matrices, convolutions and the positional embedding only (nanoGPT), not biases/norms.
-- Seeds: ``seed`` (train.seed, default 0) and the split id give the run seed; every variant of a split shares
-  it (same initial draws, same batches) so ablations are paired. Each epoch reseeds torch from (run seed,
-  epoch) and draws its own shuffling permutation, so a resumed run replays exactly what an uninterrupted
-  one does: on CPU a killed-and-resumed run ends with bit-identical weights.
-- Subjects missing an MRI modality: with ``participants.missing_modality: exclude`` they are left out of every
-  part; with ``keep`` the model masks the absent experts, and only subjects with none of the variant's
-  experts (e.g. no fMRI for ``only_func``) are left out. Both counts go to metrics.json.
+The choices the paper leaves open (validation loss, ``gate_fit``, ``select``, schedule, weight decay, seeds,
+missing modalities) are in docs/model.md.
 """
 
 from __future__ import annotations
@@ -48,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +35,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from neuromoe.config import TrainConfig
 from neuromoe.errors import InputError
 from neuromoe.learn.checkpoint import (
     CheckpointError,
@@ -80,6 +56,7 @@ from neuromoe.learn.model import (
     expert_presence,
     moe_loss,
 )
+from neuromoe.learn.splits import split_rows
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_wce", "train_balance", "train_acc", "val_loss", "val_acc",
                    "val_balanced_acc", "val_balance", "lr", "seconds"]
@@ -116,62 +93,6 @@ def variant_spec(name: str) -> tuple[tuple[str, ...], bool, float | None]:
             return EXPERTS, True, lam
     raise ValueError(f"unknown variant {name!r}; expected full, no_gate, drop_<m>, only_<m> "
                      f"(m in {', '.join(EXPERTS)}) or lambda_<value >= 0> (e.g. lambda_0.0)")
-
-
-GATE_FITS = ("joint", "heldout", "crossfit")
-
-
-@dataclass
-class TrainConfig:
-    """The ``train:`` section of config.yaml (defaults are the paper protocol's)."""
-
-    epochs: int = 150
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 1e-2
-    warmup_epochs: int = 5
-    patience: int = 20
-    balance_lambda: float = 0.1
-    num_workers: int = 0
-    device: str = "auto"
-    seed: int = 0
-    min_lr: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    flip_lr: float = 0.0  # probability of mirroring a training sample left-right (see ``augment``)
-    # How the gate is fitted: "joint" (the paper: with the experts, on the training part), "heldout" (the
-    # experts train under uniform weights, then the gate alone is fitted to them on the validation part) or
-    # "crossfit" (the same, the gate fitted on out-of-fold predictions of the training part + validation).
-    gate_fit: str = "joint"
-    gate_fit_steps: int = 300
-    crossfit_folds: int = 3  # gate_fit "crossfit": folds of the training part
-    # Which weights the run keeps: "val_loss" (the epoch with the lowest validation loss, early stopping after
-    # ``patience`` epochs without a better one) or "last" (the whole schedule, the final weights).
-    select: str = "val_loss"
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """Known keys only (others belong to other consumers and are ignored); ValueError on bad values."""
-        known = {f.name for f in fields(cls)}
-        tc = cls(**{k: v for k, v in d.items() if k in known})
-        for name in ("epochs", "batch_size"):
-            if getattr(tc, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(tc, name)}")
-        if tc.lr <= 0 or tc.min_lr < 0 or tc.min_lr > tc.lr:
-            raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= lr, got lr={tc.lr} "
-                             f"min_lr={tc.min_lr}")
-        if tc.patience < 1 or tc.warmup_epochs < 0 or tc.num_workers < 0:
-            raise ValueError(f"train.patience >= 1, warmup_epochs >= 0, num_workers >= 0; got {tc}")
-        if tc.gate_fit not in GATE_FITS or tc.gate_fit_steps < 1 or tc.crossfit_folds < 2:
-            raise ValueError(f"train.gate_fit must be one of {GATE_FITS}, train.gate_fit_steps >= 1 and "
-                             f"train.crossfit_folds >= 2, got {tc.gate_fit!r}, {tc.gate_fit_steps}, "
-                             f"{tc.crossfit_folds}")
-        if tc.select not in ("val_loss", "last"):
-            raise ValueError(f"train.select must be val_loss or last, got {tc.select!r}")
-        if not 0.0 <= tc.flip_lr <= 1.0:
-            raise ValueError(f"train.flip_lr is a probability in [0, 1], got {tc.flip_lr}")
-        if tc.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"train.device must be auto, cpu or cuda, got {tc.device!r}")
-        return tc
 
 
 def derive_seed(*parts: Any) -> int:
@@ -218,7 +139,7 @@ class EpochSampler(Sampler[int]):
 # ---------------------------------------------------------------------------------------------
 # One pass
 # ---------------------------------------------------------------------------------------------
-def _to_device(batch: Mapping[str, Tensor], experts: Sequence[str], dev: torch.device
+def to_device(batch: Mapping[str, Tensor], experts: Sequence[str], dev: torch.device
                ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
     """Dataset batch -> (images {m: (B,C,D,H,W) float32}, clin (B,F), present (B,E) bool, y (B,))."""
     nb = dev.type == "cuda"
@@ -260,18 +181,18 @@ def check_flip_grid(affine: Sequence[Sequence[float]], grid: Sequence[int]) -> N
 
 def train_step(model: NeuroMoE, opt: torch.optim.Optimizer, batch: Mapping[str, Tensor],
                dev: torch.device, weights: Tensor | None, balance_lambda: float,
-               grad_clip: float = 0.0, flip_lr: float = 0.0, uniform_gate: bool = False) -> dict[str, float]:
+               grad_clip: float = 0.0, flip_lr: float = 0.0, uniform_weights: bool = False) -> dict[str, float]:
     """One optimiser step on a collated batch (bf16 autocast on CUDA); the learning rate is the caller's.
 
-    ``uniform_gate``: experts weighted equally, the gate not trained (``gate_fit: heldout`` / ``crossfit``).
+    ``uniform_weights``: experts weighted equally, the gate not trained (``gate_fit: heldout`` / ``crossfit``).
 
     Returns {"loss", "wce", "balance"} (batch means), {"correct", "n"} (counts) as floats.
     """
     model.train()
-    images, clin, present, y = _to_device(batch, model.cfg.experts, dev)
+    images, clin, present, y = to_device(batch, model.cfg.experts, dev)
     images = augment(images, flip_lr)
     with _autocast(dev):
-        out = model(images, clin, present, uniform_gate=uniform_gate)
+        out = model(images, clin, present, uniform_weights=uniform_weights)
     loss, parts = moe_loss(out, y, weights, balance_lambda)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -300,7 +221,7 @@ def fit_gate(model: NeuroMoE, loader: DataLoader, dev: torch.device, weights: Te
 
 def train_epoch(model: NeuroMoE, opt: torch.optim.Optimizer, batches: Iterable[Mapping[str, Any]],
                 dev: torch.device, weights: Tensor | None, lam: float, tc: TrainConfig, step: int, warmup: int,
-                total: int, uniform_gate: bool) -> tuple[dict[str, float], int, float]:
+                total: int, uniform_weights: bool) -> tuple[dict[str, float], int, float]:
     """One pass of ``train_step`` over ``batches``, the learning rate set per step by the run's schedule.
 
     ``step``: optimiser steps taken before this epoch. Returns (sums of loss/wce/balance weighted by batch
@@ -313,7 +234,7 @@ def train_epoch(model: NeuroMoE, opt: torch.optim.Optimizer, batches: Iterable[M
         lr = lr_at(step, tc.lr, warmup, total, tc.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        r = train_step(model, opt, batch, dev, weights, lam, tc.grad_clip, tc.flip_lr, uniform_gate)
+        r = train_step(model, opt, batch, dev, weights, lam, tc.grad_clip, tc.flip_lr, uniform_weights)
         step += 1
         for k in ("loss", "wce", "balance"):
             sums[k] += r[k] * r["n"]
@@ -331,8 +252,8 @@ def expert_log_probs(model: NeuroMoE, loader: DataLoader, dev: torch.device
     lps, clins, presents, ys = [], [], [], []
     model.eval()
     for batch in loader:
-        images, clin, present, y = _to_device(batch, model.cfg.experts, dev)
-        lps.append(model(images, clin, present, uniform_gate=True).expert_log_probs.float())
+        images, clin, present, y = to_device(batch, model.cfg.experts, dev)
+        lps.append(model(images, clin, present, uniform_weights=True).expert_log_probs.float())
         clins.append(clin)
         presents.append(present)
         ys.append(y)
@@ -365,15 +286,15 @@ def fit_gate_to(gate: torch.nn.Module, expert_log_probs: Tensor, clin: Tensor, p
 
 
 @torch.no_grad()
-def predict(model: NeuroMoE, loader: DataLoader, dev: torch.device, uniform_gate: bool = False
+def predict(model: NeuroMoE, loader: DataLoader, dev: torch.device, uniform_weights: bool = False
             ) -> dict[str, np.ndarray]:
     """Eval-mode pass -> numpy {"log_probs" (N,C), "gate" (N,E), "label" (N,), "row" (N,)}, loader order."""
     model.eval()
     out: dict[str, list[Tensor]] = {"log_probs": [], "gate": [], "label": [], "row": []}
     for batch in loader:
-        images, clin, present, y = _to_device(batch, model.cfg.experts, dev)
+        images, clin, present, y = to_device(batch, model.cfg.experts, dev)
         with _autocast(dev):
-            o = model(images, clin, present, uniform_gate=uniform_gate)
+            o = model(images, clin, present, uniform_weights=uniform_weights)
         out["log_probs"].append(o.log_probs.float().cpu())
         out["gate"].append(o.gate.float().cpu())
         out["label"].append(y.cpu())
@@ -410,18 +331,6 @@ def part_metrics(pred: Mapping[str, np.ndarray], weights: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # train_run
 # ---------------------------------------------------------------------------------------------
-def _split_rows(index: pd.DataFrame, splits_tsv: str | Path, split_id: str) -> dict[str, list[int]]:
-    """Cache rows of each part of ``split_id`` (``neuromoe.learn.splits.split_rows``); train and val non-empty."""
-    from neuromoe.learn.splits import split_rows
-
-    out = split_rows(index, splits_tsv, split_id)
-    for part in ("train", "val"):
-        if not out.get(part):
-            raise InputError(f"split {split_id} has no {part} subjects", path=splits_tsv,
-                             fix="regenerate the splits (each needs train and val subjects)")
-    return out
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -469,7 +378,11 @@ def prepare_data(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, e
 
     cohort = open_cohort(cache_dir, expected=cfg)
     index = cohort.index
-    rows = _split_rows(index, splits_tsv, split_id)
+    rows = split_rows(index, splits_tsv, split_id)
+    for part in ("train", "val"):
+        if not rows.get(part):
+            raise InputError(f"split {split_id} has no {part} subjects", path=splits_tsv,
+                             fix="regenerate the splits (each needs train and val subjects)")
     has = index.set_index("row")[[f"has_{m}" for m in MRI_MODALITIES]].astype(bool)
     has.columns = list(MRI_MODALITIES)
     needed = [m for m in experts if m in MRI_MODALITIES]
@@ -538,6 +451,160 @@ def _fresh_state() -> dict[str, Any]:
             "finished": False, "stopped_early": False}
 
 
+@dataclass
+class Run:
+    """One (split, variant) being trained: its settings, data, model, optimiser and loaders (see ``train_run``)."""
+
+    tag: str
+    out_dir: Path
+    split_id: str
+    variant: str
+    experts: tuple[str, ...]
+    use_gate: bool
+    # Experts trained under uniform weights, the gate fitted after them (gate_fit heldout / crossfit).
+    uniform_weights: bool
+    tc: TrainConfig
+    lam: float  # balance lambda
+    dev: torch.device
+    seed: int
+    data: RunData
+    mcfg: ModelConfig
+    fingerprint: dict[str, Any]  # a checkpoint resumes only a run with the same
+    model: NeuroMoE
+    opt: torch.optim.Optimizer
+    sampler: EpochSampler
+    train_loader: DataLoader
+    eval_loaders: dict[str, DataLoader]
+    loader_kw: dict[str, Any]
+    warmup: int  # optimiser steps
+    total: int
+    weights: Tensor  # class weights on dev
+    progress: bool
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "checkpoint" / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "checkpoint" / "best.safetensors"
+
+
+def _resume(run: Run) -> dict[str, Any]:
+    """The run's state: fresh, or restored (model, optimiser, RNG) from ``checkpoint/last.safetensors``."""
+    if not run.last_path.exists():
+        return _fresh_state()
+    ck = load_checkpoint(run.last_path, device=run.dev)
+    if ck.meta.get("fingerprint") != run.fingerprint:
+        raise CheckpointError(f"{run.last_path}: written by a run with another configuration (split, "
+                              "variant, model, train settings or subjects differ).\n"
+                              f"  fix: delete {run.last_path.parent} to start this run over")
+    run.model.load_state_dict(ck.model_state)
+    run.opt.load_state_dict(ck.optimizer_state)
+    state = ck.meta["state"]
+    if ck.rng_state is not None:
+        restore_rng_state(ck.rng_state)
+    tqdm.write(f"{run.tag} resuming after epoch {state['epoch']}", file=sys.stderr)
+    return state
+
+
+def _run_epoch(run: Run, state: dict[str, Any]) -> dict[str, Any]:
+    """Train one epoch, validate, update ``state`` and write the checkpoints; returns the history row."""
+    tc, epoch, experts = run.tc, state["epoch"], run.experts
+    torch.manual_seed(derive_seed(run.seed, "epoch", epoch))  # dropout draws: a function of the epoch
+    run.sampler.set_epoch(epoch)
+    t0 = time.time()
+    bar = tqdm(run.train_loader, desc=f"{run.tag} epoch {epoch + 1}/{tc.epochs}", file=sys.stderr,
+               leave=False, disable=not run.progress, mininterval=1.0)
+    sums, state["step"], lr = train_epoch(run.model, run.opt, bar, run.dev, run.weights, run.lam, tc,
+                                          state["step"], run.warmup, run.total, run.uniform_weights)
+    bar.close()
+    val = predict(run.model, run.eval_loaders["val"], run.dev, uniform_weights=run.uniform_weights)
+    vm = part_metrics(val, run.data.weights.numpy(), experts)
+    n = max(sums["n"], 1.0)
+    row = {"epoch": epoch + 1, "train_loss": sums["loss"] / n, "train_wce": sums["wce"] / n,
+           "train_balance": sums["balance"] / n, "train_acc": sums["correct"] / n,
+           "val_loss": vm["loss"], "val_acc": vm["accuracy"], "val_balanced_acc": vm["balanced_accuracy"],
+           "val_balance": float(np.mean((val["gate"].mean(0) - 1.0 / len(experts)) ** 2)),
+           "lr": lr, "seconds": time.time() - t0}
+    state["history"].append(row)
+    state["epoch"] = epoch + 1
+    if tc.select == "last":  # the kept weights are last.safetensors' (written below)
+        state.update(best_val=vm["loss"], best_epoch=epoch + 1)
+    elif vm["loss"] < state["best_val"]:
+        state.update(best_val=vm["loss"], best_epoch=epoch + 1, bad_epochs=0)
+        save_checkpoint(run.best_path, run.model.state_dict(), {"epoch": epoch + 1, "val": vm})
+    else:
+        state["bad_epochs"] += 1
+    if state["bad_epochs"] >= tc.patience:
+        state.update(finished=True, stopped_early=True)
+    elif state["epoch"] >= tc.epochs:
+        state["finished"] = True
+    # best before last: a kill in between replays this epoch, which rewrites the same best.
+    save_checkpoint(run.last_path, run.model.state_dict(), {"fingerprint": run.fingerprint, "state": state},
+                    optimizer_state=run.opt.state_dict(), rng_state=capture_rng_state())
+    _write_history(run.out_dir / "history.csv", state["history"])
+    tqdm.write(f"{run.tag} epoch {epoch + 1}: train loss {row['train_loss']:.4f} val loss {row['val_loss']:.4f} "
+               f"acc {row['val_acc']:.3f} bacc {row['val_balanced_acc']:.3f} lr {lr:.2e} "
+               f"({row['seconds']:.1f} s)", file=sys.stderr)
+    return row
+
+
+def _fit_gate_after(run: Run, state: dict[str, Any]) -> None:
+    """Fit the gate to the kept experts when they trained under uniform weights (``gate_fit``)."""
+    if not run.uniform_weights:  # joint: the gate trained with the experts
+        return
+    if run.tc.gate_fit == "heldout":
+        fit_gate(run.model, run.eval_loaders["val"], run.dev, run.weights, run.lam, run.tc.gate_fit_steps,
+                 derive_seed(run.seed, "gate"))
+        return
+    oof = crossfit_log_probs(run.mcfg, run.data, run.tc, run.dev, run.lam, run.seed, state["best_epoch"],
+                             run.loader_kw, run.tag, run.progress)
+    val = expert_log_probs(run.model, run.eval_loaders["val"], run.dev)  # the kept experts did not train on these
+    fit_gate_to(run.model.gate, *(torch.cat(t) for t in zip(oof, val, strict=True)), run.weights, run.lam,
+                run.tc.gate_fit_steps, derive_seed(run.seed, "gate"))
+
+
+def _finish(run: Run, state: dict[str, Any]) -> dict[str, Any]:
+    """Kept weights (+ gate fit) -> model.safetensors, predictions.tsv, metrics.json; returns the metrics.
+
+    The history is rewritten too: a run that finished its epochs but lost its final files (killed in this
+    stage; Snakemake removes an incomplete job's outputs before rerunning it) comes back here from its
+    checkpoint.
+    """
+    tc, data, model, classes = run.tc, run.data, run.model, run.data.cohort.labels
+    _write_history(run.out_dir / "history.csv", state["history"])
+    kept_path = run.last_path if tc.select == "last" else run.best_path
+    if not kept_path.exists():
+        raise RuntimeError(f"{run.tag} no epoch had a finite validation loss (training diverged); "
+                           "lower train.lr or check the inputs for NaNs")
+    model.load_state_dict(load_checkpoint(kept_path, device=run.dev).model_state)
+    _fit_gate_after(run, state)
+    results: dict[str, dict[str, Any]] = {}
+    tables = []
+    for part, loader in run.eval_loaders.items():
+        pred = predict(model, loader, run.dev)
+        results[part] = part_metrics(pred, data.weights.numpy(), run.experts)
+        tables.append(_predictions_table(pred, part, data.cohort.index, classes, run.experts))
+    pd.concat(tables, ignore_index=True).to_csv(run.out_dir / "predictions.tsv", sep="\t", index=False,
+                                                float_format="%.6g")
+    metrics = {"finished": True, "split_id": run.split_id, "variant": run.variant, "experts": list(run.experts),
+               "use_gate": run.use_gate, "balance_lambda": run.lam, "classes": list(classes), "seed": run.seed,
+               "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+               "stopped_early": state["stopped_early"], "n_params": model.num_params(),
+               "flops_per_sample": model.estimate_flops(), "device": str(run.dev),
+               "train_seconds": float(sum(r["seconds"] for r in state["history"])),
+               "n": {p: len(rs) for p, rs in data.rows.items()},
+               "n_excluded": {p: len(rs) for p, rs in data.excluded.items()}, **results}
+    meta = {"model_config": run.mcfg.to_dict(), "train_config": asdict(tc),
+            "clinical": data.preprocessor.to_dict(), "classes": list(classes),
+            "channels": data.cohort.channels, "variant": run.variant, "split_id": run.split_id,
+            "epoch": state["best_epoch"], "metrics": metrics}
+    save_checkpoint(run.out_dir / "model.safetensors", model.state_dict(), meta)
+    write_json_atomic(run.out_dir / "metrics.json", metrics)
+    return metrics
+
+
 def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, variant: str,
               cfg: Mapping[str, Any], out_dir: str | Path, device: str = "auto", threads: int | None = None,
               *, max_epochs_this_run: int | None = None,
@@ -563,21 +630,19 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
         The metrics dict also written to metrics.json (``finished: True``).
     """
     out_dir = Path(out_dir)
-    tag = f"[{split_id}/{variant}]"
     experts, use_gate, lam_override = variant_spec(variant)
-    tc = TrainConfig.from_dict(cfg.get("train", {}))
+    tc = TrainConfig.from_config(cfg)
     lam = tc.balance_lambda if lam_override is None else lam_override
     dev = resolve_device(device, tc.device)
     if threads:
         torch.set_num_threads(int(threads))
     data = prepare_data(cache_dir, splits_tsv, split_id, experts, cfg)
-    classes = data.cohort.labels
     if tc.flip_lr > 0:
         check_flip_grid(data.cohort.manifest["affine"], data.cohort.grid)
     mcfg = ModelConfig.from_dict({**cfg.get("model", {}), "experts": experts, "use_gate": use_gate,
                                   "channels": {m: len(c) for m, c in data.cohort.channels.items()},
                                   "grid": data.cohort.grid, "n_clinical": len(data.preprocessor.columns),
-                                  "n_classes": len(classes)})
+                                  "n_classes": len(data.cohort.labels)})
     seed = derive_seed(tc.seed, split_id)
     run_keys = {k: v for k, v in asdict(tc).items() if k not in ("num_workers", "device")}
     fingerprint = {"split_id": split_id, "variant": variant, "seed": seed, "model_config": mcfg.to_dict(),
@@ -602,116 +667,24 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
         sampler = EpochSampler(len(datasets["train"]), seed)
         train_loader = DataLoader(datasets["train"], sampler=sampler,
                                   generator=torch.Generator().manual_seed(seed), **loader_kw)
-        eval_loaders = {p: DataLoader(ds, shuffle=False, **loader_kw)
-                        for p, ds in datasets.items() if p != "train"}
-        warmup, total = tc.warmup_epochs * len(train_loader), tc.epochs * len(train_loader)
-        weights_dev = data.weights.to(dev)
-
-        ckpt_dir = out_dir / "checkpoint"
-        last_path, best_path = ckpt_dir / "last.safetensors", ckpt_dir / "best.safetensors"
-        state = _fresh_state()
-        if last_path.exists():
-            ck = load_checkpoint(last_path, device=dev)
-            if ck.meta.get("fingerprint") != fingerprint:
-                raise CheckpointError(f"{last_path}: written by a run with another configuration (split, "
-                                      "variant, model, train settings or subjects differ).\n"
-                                      f"  fix: delete {ckpt_dir} to start this run over")
-            model.load_state_dict(ck.model_state)
-            opt.load_state_dict(ck.optimizer_state)
-            state = ck.meta["state"]
-            if ck.rng_state is not None:
-                restore_rng_state(ck.rng_state)
-            tqdm.write(f"{tag} resuming after epoch {state['epoch']}", file=sys.stderr)
-
+        run = Run(tag=f"[{split_id}/{variant}]", out_dir=out_dir, split_id=split_id, variant=variant,
+                  experts=experts, use_gate=use_gate, uniform_weights=use_gate and tc.gate_fit != "joint",
+                  tc=tc, lam=lam, dev=dev, seed=seed, data=data, mcfg=mcfg, fingerprint=fingerprint,
+                  model=model, opt=opt, sampler=sampler, train_loader=train_loader,
+                  eval_loaders={p: DataLoader(ds, shuffle=False, **loader_kw)
+                                for p, ds in datasets.items() if p != "train"},
+                  loader_kw=loader_kw, warmup=tc.warmup_epochs * len(train_loader),
+                  total=tc.epochs * len(train_loader), weights=data.weights.to(dev), progress=progress)
+        state = _resume(run)
         epochs_here = 0
         while not state["finished"]:
-            epoch = state["epoch"]
-            warm = use_gate and tc.gate_fit != "joint"  # experts first, under uniform weights
-            torch.manual_seed(derive_seed(seed, "epoch", epoch))  # dropout draws: a function of the epoch
-            sampler.set_epoch(epoch)
-            t0 = time.time()
-            bar = tqdm(train_loader, desc=f"{tag} epoch {epoch + 1}/{tc.epochs}", file=sys.stderr,
-                       leave=False, disable=not progress, mininterval=1.0)
-            sums, state["step"], lr = train_epoch(model, opt, bar, dev, weights_dev, lam, tc, state["step"],
-                                                  warmup, total, warm)
-            bar.close()
-            val = predict(model, eval_loaders["val"], dev, uniform_gate=warm)
-            vm = part_metrics(val, data.weights.numpy(), experts)
-            n = max(sums["n"], 1.0)
-            row = {"epoch": epoch + 1, "train_loss": sums["loss"] / n, "train_wce": sums["wce"] / n,
-                   "train_balance": sums["balance"] / n, "train_acc": sums["correct"] / n,
-                   "val_loss": vm["loss"], "val_acc": vm["accuracy"],
-                   "val_balanced_acc": vm["balanced_accuracy"],
-                   "val_balance": float(np.mean((val["gate"].mean(0) - 1.0 / len(experts)) ** 2)),
-                   "lr": lr, "seconds": time.time() - t0}
-            state["history"].append(row)
-            state["epoch"] = epoch + 1
-            if tc.select == "last":  # the kept weights are last.safetensors' (written below)
-                state.update(best_val=vm["loss"], best_epoch=epoch + 1)
-            elif vm["loss"] < state["best_val"]:
-                state.update(best_val=vm["loss"], best_epoch=epoch + 1, bad_epochs=0)
-                save_checkpoint(best_path, model.state_dict(), {"epoch": epoch + 1, "val": vm})
-            else:
-                state["bad_epochs"] += 1
-            if state["bad_epochs"] >= tc.patience:
-                state.update(finished=True, stopped_early=True)
-            elif state["epoch"] >= tc.epochs:
-                state["finished"] = True
-            # best before last: a kill in between replays this epoch, which rewrites the same best.
-            save_checkpoint(last_path, model.state_dict(), {"fingerprint": fingerprint, "state": state},
-                            optimizer_state=opt.state_dict(), rng_state=capture_rng_state())
-            _write_history(out_dir / "history.csv", state["history"])
-            tqdm.write(f"{tag} epoch {epoch + 1}: train loss {row['train_loss']:.4f} val loss "
-                       f"{row['val_loss']:.4f} acc {row['val_acc']:.3f} bacc {row['val_balanced_acc']:.3f} "
-                       f"lr {lr:.2e} ({row['seconds']:.1f} s)", file=sys.stderr)
+            row = _run_epoch(run, state)
             if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, row)
+                on_epoch_end(state["epoch"], row)
             epochs_here += 1
-            if (not state["finished"] and max_epochs_this_run is not None
-                    and epochs_here >= max_epochs_this_run):
-                return {"finished": False, "epochs_run": state["epoch"], "split_id": split_id,
-                        "variant": variant}
-
-        # Final: best weights -> model.safetensors, predictions, metrics. The history too: a run that finished
-        # its epochs but lost its final files (killed in this stage; Snakemake removes an incomplete job's
-        # outputs before rerunning it) comes back here straight from its checkpoint.
-        _write_history(out_dir / "history.csv", state["history"])
-        kept_path = last_path if tc.select == "last" else best_path
-        if not kept_path.exists():
-            raise RuntimeError(f"{tag} no epoch had a finite validation loss (training diverged); "
-                               "lower train.lr or check the inputs for NaNs")
-        model.load_state_dict(load_checkpoint(kept_path, device=dev).model_state)
-        if use_gate and tc.gate_fit == "heldout":
-            fit_gate(model, eval_loaders["val"], dev, weights_dev, lam, tc.gate_fit_steps,
-                     derive_seed(seed, "gate"))
-        elif use_gate and tc.gate_fit == "crossfit":
-            oof = crossfit_log_probs(mcfg, data, tc, dev, lam, seed, state["best_epoch"], loader_kw, tag, progress)
-            val = expert_log_probs(model, eval_loaders["val"], dev)  # the kept experts did not train on these
-            fit_gate_to(model.gate, *(torch.cat(t) for t in zip(oof, val, strict=True)), weights_dev, lam,
-                        tc.gate_fit_steps, derive_seed(seed, "gate"))
-        results: dict[str, dict[str, Any]] = {}
-        tables = []
-        for part, loader in eval_loaders.items():
-            pred = predict(model, loader, dev)
-            results[part] = part_metrics(pred, data.weights.numpy(), experts)
-            tables.append(_predictions_table(pred, part, data.cohort.index, classes, experts))
-        pd.concat(tables, ignore_index=True).to_csv(out_dir / "predictions.tsv", sep="\t", index=False,
-                                                    float_format="%.6g")
-        metrics = {"finished": True, "split_id": split_id, "variant": variant, "experts": list(experts),
-                   "use_gate": use_gate, "balance_lambda": lam, "classes": list(classes), "seed": seed,
-                   "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
-                   "stopped_early": state["stopped_early"], "n_params": model.num_params(),
-                   "flops_per_sample": model.estimate_flops(), "device": str(dev),
-                   "train_seconds": float(sum(r["seconds"] for r in state["history"])),
-                   "n": {p: len(rs) for p, rs in data.rows.items()},
-                   "n_excluded": {p: len(rs) for p, rs in data.excluded.items()}, **results}
-        meta = {"model_config": mcfg.to_dict(), "train_config": asdict(tc),
-                "clinical": data.preprocessor.to_dict(), "classes": list(classes),
-                "channels": data.cohort.channels, "variant": variant, "split_id": split_id,
-                "epoch": state["best_epoch"], "metrics": metrics}
-        save_checkpoint(out_dir / "model.safetensors", model.state_dict(), meta)
-        write_json_atomic(out_dir / "metrics.json", metrics)
-        return metrics
+            if not state["finished"] and max_epochs_this_run is not None and epochs_here >= max_epochs_this_run:
+                return {"finished": False, "epochs_run": state["epoch"], "split_id": split_id, "variant": variant}
+        return _finish(run, state)
     finally:
         torch.use_deterministic_algorithms(prev_det)
 
