@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuromoe.config import ConfigError, load_config, validate_config
+from neuromoe.config import load_config
 from neuromoe.errors import ValidationReport
 from neuromoe.inputs.bids import validate_dataset
 
@@ -145,14 +145,3 @@ def test_missing_modality_policy(bids: Path, cfg: dict, policy: str) -> None:
     else:
         assert ds.subjects["02"].has("anat") and not ds.subjects["02"].has("func")
         assert "02" not in ds.with_modality("func")
-
-
-def test_config_errors_name_the_key(cfg: dict) -> None:
-    cfg["cache"]["grid"] = [30, 32, 32]
-    with pytest.raises(ConfigError, match=r"cache\.grid.*divisible"):
-        validate_config(cfg)
-    bad = {"bids_dir": "x", "cahce": {}, "train": {"lr": -1}}
-    with pytest.raises(ConfigError) as exc:
-        validate_config(bad)
-    text = str(exc.value)
-    assert "unknown key(s) ['cahce']" in text and "train.lr" in text
