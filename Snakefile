@@ -17,7 +17,8 @@ include: "workflow/rules/anat.smk"
 include: "workflow/rules/dwi.smk"
 include: "workflow/rules/func.smk"
 include: "workflow/rules/cache.smk"
-include: "workflow/rules/model.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
