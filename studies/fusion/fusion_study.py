@@ -373,7 +373,7 @@ def experts(workdir: Path, runs: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from neuromoe.learn.data import CohortDataset
-    from neuromoe.learn.train import expert_log_probs, load_model, predict, prepare_data
+    from neuromoe.learn.train import load_model, prepare_data, to_device
 
     torch.set_num_threads(1)
     cfg, bids, cache_dir, splits = load_workdir(workdir)
@@ -389,17 +389,18 @@ def experts(workdir: Path, runs: Path) -> dict:
         out = {}
         for part in ("train", "val", "test"):
             ds = CohortDataset(data.cohort, data.rows[part], data.clinical)
-            loader = DataLoader(ds, batch_size=len(ds))  # one batch, dataset order: both passes align
-            # The experts' log-probs do not depend on the gate; the run's own (gated) output from predict.
-            lp, clin, _, y = expert_log_probs(model, loader, torch.device("cpu"))
-            run = predict(model, loader, torch.device("cpu"))
-            prof = truth.loc[pids.str.removeprefix("sub-").to_numpy()[run["row"]]].to_numpy()
-            out[part] = (lp, clin, y, prof, torch.from_numpy(run["log_probs"]))
-        lp, clin, y, prof, run_lp = out["test"]
-        pred = {"run": run_lp.argmax(1), "uniform": torch.logsumexp(lp, 1).argmax(1),
+            with torch.no_grad():
+                b = next(iter(DataLoader(ds, batch_size=len(ds))))
+                images, clin, present, y = to_device(b, exps, torch.device("cpu"))
+                o = model(images, clin, present)
+            prof = truth.loc[pids.str.removeprefix("sub-").to_numpy()[np.asarray(b["row"])]].to_numpy()
+            out[part] = (o, clin, y, prof)
+        o, clin, y, prof = out["test"]
+        lp = o.expert_log_probs
+        pred = {"run": o.log_probs.argmax(1), "uniform": torch.logsumexp(lp, 1).argmax(1),
                 "true_profile_expert": lp[torch.arange(len(y)), [exps.index(p) for p in prof]].argmax(1)}
         for part in ("train", "val"):
-            g = _refit_gate(out[part][0], out[part][1], out[part][2], data.weights)
+            g = _refit_gate(out[part][0].expert_log_probs, out[part][1], out[part][2], data.weights)
             with torch.no_grad():
                 lw = torch.log_softmax(g(clin), -1)
             pred[f"gate_refit_on_{part}"] = torch.logsumexp(lw.unsqueeze(-1) + lp, 1).argmax(1)
