@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from neuromoe.config import schema_defaults
 from neuromoe.learn.model import (
     EXPERTS,
     ModelConfig,
@@ -212,6 +213,16 @@ def test_paper_defaults() -> None:
     old = cfg.to_dict()
     del old["pooling"]  # a model saved before the key existed loads with the paper's pooling
     assert ModelConfig.from_dict(old) == cfg
+
+
+def test_defaults_are_the_schemas() -> None:
+    """Every ModelConfig field that is a ``model.*`` config key defaults to the schema's value; the grid to
+    ``cache.grid``'s."""
+    cfg = ModelConfig()
+    for key, default in schema_defaults("model").items():
+        got = getattr(cfg, key)
+        assert (list(got) if isinstance(got, tuple) else got) == default, key
+    assert list(cfg.grid) == schema_defaults("cache")["grid"]
 
 
 def test_max_pooling_passes_the_largest_token_and_mean_the_average() -> None:

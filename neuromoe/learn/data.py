@@ -1,6 +1,6 @@
 """torch Dataset over the cohort cache, and the clinical columns of its index as numbers.
 
-Items (``CohortDataset[i]``), per docs/contracts-dev.md::
+Items (``CohortDataset[i]``)::
 
     {"anat": (1, D, H, W), "dwi": (Cd, D, H, W), "func": (Cf, D, H, W),   # stored dtype, see below
      "present": (3,) bool (anat, dwi, func), "clin": (F,) float32, "label": () int64, "row": () int64}

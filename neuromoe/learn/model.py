@@ -1,21 +1,12 @@
 """NeuroMoE: a transformer mixture of experts over MRI modalities and clinical features (one module).
 
-Structure (docs/MODEL.md, arXiv 2506.14970)::
+    anat (B,1,D,H,W)  -> Conv3d patch embed + 3D pos. emb. -> K pre-norm blocks -> LN, pool -> h_anat
+    dwi, func         -> (same, own weights)                                      -> h_dwi, h_func
+    clin (B,F)        -> FCN                                                      -> h_clin
+    expert_m: FFN(h_m) -> logits_m (B,C);   gate: softmax(MLP(clin)) (B,E), absent experts masked
+    log P_out = logsumexp_m(log w_m + log_softmax(logits_m))
 
-    anat (B,1,D,H,W)  -> Conv3d patch embed (k=s=4) + 3D pos. emb. -> K pre-norm blocks -> LN, mean -> h_anat
-    dwi  (B,Cd,D,H,W) -> (same, own weights)                                                   -> h_dwi
-    func (B,Cf,D,H,W) -> (same, own weights)                                                   -> h_func
-    clin (B,F)        -> FCN F -> 128 -> 64 (ReLU, dropout 0.3)                                -> h_clin
-    expert_m: FFN(h_m) -> logits_m (B,C);   gate: w = softmax(Linear(Dropout(ReLU(Linear(clin))))) (B,E)
-    log P_out = logsumexp_m(log w_m + log_softmax(logits_m))        (the mixture sum_m w_m P_m, in log space)
-
-Missing modalities: ``present`` (B,E) masks absent experts with -inf in the gate logits before the softmax,
-so the gate renormalises over the experts present; an absent modality's input is replaced by zeros inside
-the model (so even NaNs there cannot leak into the output) and its weight is exactly 0.
-
-Choices beyond the paper (config keys, defaults in ModelConfig): attention dropout is its own key
-(``attn_dropout``, default 0): a non-zero ``dropout_p`` sends CPU ``scaled_dot_product_attention`` to its
-math path, which materialises the (N, N) map (2 GB and ~8x the time for one 8-head layer at 4,096 tokens).
+The structure, its sources and the choices beyond the paper: docs/model.md.
 """
 
 from __future__ import annotations
@@ -53,7 +44,7 @@ class ModelConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.1  # residual, MLP and expert-head dropout
-    attn_dropout: float = 0.0  # dropout_p of the attention; see the module docstring
+    attn_dropout: float = 0.0  # dropout_p of the attention; >0 is slow on CPU (docs/model.md)
     clin_hidden: tuple[int, ...] = (128, 64)
     expert_hidden: int = 128
     gate_hidden: int = 64
@@ -195,16 +186,9 @@ class Block(nn.Module):
 class VolumeEncoder(nn.Module):
     """One MRI modality (B, C_in, D, H, W) -> (B, dim): patch tokens + learnable 3D positions, pooled.
 
-    ``cfg.pooling``: ``mean`` (the paper's) averages the tokens, so a change confined to one or two of the
-    N patches is diluted N-fold in the subject's vector; ``max`` takes each feature's largest token value,
-    so a focal change reaches the head undiluted; ``flat`` keeps ``flat_channels`` features of every token
-    and reads them out with one linear layer over all positions (N * flat_channels -> dim), as the
-    flatten + fully-connected head of the 3D CNNs used on registered brains (ClinicaDL's Conv5_FC3): in
-    MNI space a region is always at the same token, and this readout can weight it by where it is. On the
-    demo cohort only ``flat`` lets an expert learn its regions from a dozen subjects (dwi expert, own-profile
-    test subjects: 100 % vs 57 % mean and 60 % max; docs/fusion_study.md). Its readout has
-    N * flat_channels * dim weights: 4.2 M per encoder at the paper's 64^3 grid and width 256 with 4
-    channels, 28 k at the demo's.
+    ``cfg.pooling``: ``mean`` (the paper's) averages the tokens; ``max`` takes each feature's largest token value;
+    ``flat`` keeps ``flat_channels`` features of every token and reads them out with one linear layer over all
+    positions (N * flat_channels -> dim). Why and what it costs: docs/model.md.
     """
 
     def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
