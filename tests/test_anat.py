@@ -20,9 +20,10 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from neuromoe import paths
+from neuromoe.config import AnatConfig
 from neuromoe.errors import StageError
 from neuromoe.inputs.imageio import new_image
-from neuromoe.preproc import anat
+from neuromoe.preproc import anat, masks
 from neuromoe.preproc import registration as reg
 
 POSE_DEG = (6.0, -5.0, 4.0)  # rotation about x, y, z (RAS), degrees
@@ -70,7 +71,7 @@ def stage(tmp_path_factory) -> tuple[dict[str, str], np.ndarray]:
     nib.save(img, str(t1_path))
     keys = list(anat.OUTPUT_KEYS) + list(anat.QC_KEYS)
     outputs = {k: paths.derivative(root / "out", "01", k) for k in keys}
-    anat.run_anat(t1_path, outputs, "01", {"preprocessing": {"anat": {"registration": "affine"}}}, threads=1)
+    anat.run_anat(t1_path, outputs, "01", AnatConfig(registration="affine"), threads=1)
     return outputs, truth
 
 
@@ -137,7 +138,7 @@ def test_mask_is_sane_on_a_real_head():
     # An adult brain is ~1.1-1.7 l; the field of view (120 mm high) cuts the vertex and cerebellum.
     assert 900 < ml < 2000
     assert ndimage.label(mask)[1] == 1  # one connected component
-    head = anat.head_mask(data, img.affine)
+    head = masks.head_mask(data, img.affine)
     centroid = np.round(np.argwhere(mask).mean(axis=0)).astype(int)
     assert head[tuple(centroid)] and mask[tuple(centroid)]  # centred in the head, and brain there
     # No brain on the in-plane borders of the field of view (background there).
@@ -195,3 +196,17 @@ def test_template_is_the_one_neuromoe_templates_serves():
     np.testing.assert_allclose(np.asarray(t1.dataobj), np.asarray(templates.mni_t1().dataobj), atol=1e-6)
     theirs = np.asarray(templates.brain_mask().dataobj) > 0
     np.testing.assert_array_equal(np.asarray(mask.dataobj) > 0, theirs)
+
+
+def test_mask_building_blocks():
+    """neuromoe.preproc.masks: Otsu splits a bimodal sample between its modes; the largest component wins."""
+    rng = np.random.default_rng(0)
+    low, high = rng.normal(10, 1, 5000), rng.normal(50, 2, 3000)
+    thr = masks.otsu_threshold(np.r_[low, high])
+    assert (low < thr).mean() > 0.99 and (high > thr).all()
+    m = np.zeros((20, 20, 20), bool)
+    m[2:5, 2:5, 2:5] = True  # 27 voxels
+    m[10:16, 10:16, 10:16] = True  # 216 voxels
+    big = masks.largest_component(m)
+    assert big.sum() == 216 and big[12, 12, 12] and not big[3, 3, 3]
+    assert masks.largest_component(np.zeros((4, 4, 4))).dtype == bool

@@ -21,6 +21,7 @@ import pytest
 from scipy import ndimage
 
 from neuromoe import paths
+from neuromoe.config import DwiConfig
 from neuromoe.errors import StageError
 from neuromoe.preproc.dwi import b0_mask, fit_tensor, run_dwi, tensor_scalars
 from neuromoe.preproc.motion import MOTION_COLUMNS, bvec_frame, rotation_matrix
@@ -250,7 +251,7 @@ def _write_subject(tmp: Path, tissue, subject: str, rng) -> tuple[dict, dict, np
     return inputs, truth, bvals
 
 
-CONFIG = {"preprocessing": {"backend": "python", "dwi": {"b0_threshold": 50, "fit_method": "WLS"}}}
+CONFIG = DwiConfig(b0_threshold=50, fit_method="WLS")
 
 
 @pytest.fixture(scope="module")

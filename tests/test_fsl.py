@@ -1,4 +1,4 @@
-"""Tests of neuromoe.preproc.fsl, the FSL backend.
+"""Tests of neuromoe.preproc.fsl (tools, transforms, stages), the FSL backend.
 
 Without FSL (the usual case on CI: FSL's conda channel is not a PyPI package) these still check everything that
 does not need the binaries: the exact argv each tool is given (nipype's ``.cmdline``, paths with spaces included),
@@ -27,13 +27,16 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from neuromoe import paths
+from neuromoe.config import ConfigError, FslConfig
 from neuromoe.errors import StageError
-from neuromoe.preproc import fsl as F
 from neuromoe.preproc import registration as reg
+from neuromoe.preproc import run_stage
+from neuromoe.preproc.fsl import tools as T
+from neuromoe.preproc.fsl import transforms as X
 from neuromoe.preproc.motion import MOTION_COLUMNS, rotation_matrix
 
 REPO = Path(__file__).resolve().parents[1]
-FSL_MISSING = F.fsl_problems()
+FSL_MISSING = T.fsl_problems()
 FSL_REASON = ("FSL is not installed here (" + "; ".join(p.split(" (")[0].removeprefix("FSL program ")
                                                         for p in FSL_MISSING) + ")") if FSL_MISSING else ""
 LPS = np.array([-1.0, -1.0, 1.0])
@@ -105,8 +108,8 @@ def image(shape, zooms, flip_x=False, oblique_deg=0.0, data=None) -> nib.Nifti1I
 # ------------------------------------------------------------------------------------------------ argv
 @pytest.mark.parametrize(("robust", "frac", "gradient"), [(True, 0.5, 0.0), (False, 0.3, -0.2)])
 def test_bet_argv_follows_config(data_dir, robust, frac, gradient):
-    opts = F.FslOptions(bet_frac=frac, bet_gradient=gradient, bet_robust=robust)
-    iface = F.bet_interface(data_dir / "t1 w.nii.gz", data_dir / "t1 w_brain.nii.gz", opts)
+    opts = FslConfig(bet_frac=frac, bet_gradient=gradient, bet_robust=robust)
+    iface = T.bet_interface(data_dir / "t1 w.nii.gz", data_dir / "t1 w_brain.nii.gz", opts)
     expected = ["bet", str(data_dir / "t1 w.nii.gz"), str(data_dir / "t1 w_brain.nii.gz"), "-f", f"{frac:.2f}",
                 "-m", *(["-R"] if robust else []), "-g", f"{gradient:.2f}"]
     assert argv(iface) == expected
@@ -117,23 +120,25 @@ def test_bet_argv_follows_config(data_dir, robust, frac, gradient):
 
 def test_bet_options_come_from_config():
     cfg = {"preprocessing": {"backend": "fsl", "fsl": {"bet_frac": 0.35, "bet_gradient": 0.1, "bet_robust": False,
-                                                       "dwi_correction": "eddy", "nonlinear": True}}}
-    assert F.fsl_options(cfg) == F.FslOptions(0.35, 0.1, False, "eddy", True)
-    assert F.fsl_options({}) == F.FslOptions()
-    with pytest.raises(ValueError, match="dwi_correction"):
-        F.fsl_options({"preprocessing": {"fsl": {"dwi_correction": "topup"}}})
-    with pytest.raises(ValueError, match="bet_frac"):
-        F.fsl_options({"preprocessing": {"fsl": {"bet_frac": 1.5}}})
+                                                       "dwi_correction": "eddy"}}}
+    assert FslConfig.from_config(cfg) == FslConfig(0.35, 0.1, False, "eddy")
+    assert FslConfig.from_config({}) == FslConfig()
+    with pytest.raises(ConfigError, match="dwi_correction"):
+        FslConfig.from_config({"preprocessing": {"fsl": {"dwi_correction": "topup"}}})
+    with pytest.raises(ConfigError, match="bet_frac"):
+        FslConfig.from_config({"preprocessing": {"fsl": {"bet_frac": 1.5}}})
+    with pytest.raises(ConfigError, match="nonlinear"):  # moved to preprocessing.anat.registration
+        FslConfig.from_config({"preprocessing": {"fsl": {"nonlinear": True}}})
 
 
 def test_flirt_and_applyxfm_argv(data_dir):
     d = data_dir
-    iface = F.flirt_interface(d / "t1 w.nii.gz", d / "ref.nii.gz", d / "out.nii.gz", d / "t1 w_to_mni.mat", dof=12)
+    iface = T.flirt_interface(d / "t1 w.nii.gz", d / "ref.nii.gz", d / "out.nii.gz", d / "t1 w_to_mni.mat", dof=12)
     assert argv(iface) == ["flirt", "-in", f"{d}/t1 w.nii.gz", "-ref", f"{d}/ref.nii.gz", "-out", f"{d}/out.nii.gz",
                            "-omat", f"{d}/t1 w_to_mni.mat", "-cost", "corratio", "-dof", "12", "-interp", "trilinear"]
-    iface = F.flirt_interface(d / "dwi.nii.gz", d / "t1 w.nii.gz", d / "o.nii.gz", d / "o.mat", dof=6)
+    iface = T.flirt_interface(d / "dwi.nii.gz", d / "t1 w.nii.gz", d / "o.nii.gz", d / "o.mat", dof=6)
     assert argv(iface)[argv(iface).index("-dof") + 1] == "6"
-    iface = F.applyxfm_interface(d / "mask.nii.gz", d / "ref.nii.gz", d / "x.mat", d / "mask mni.nii.gz")
+    iface = T.applyxfm_interface(d / "mask.nii.gz", d / "ref.nii.gz", d / "x.mat", d / "mask mni.nii.gz")
     assert argv(iface) == ["flirt", "-in", f"{d}/mask.nii.gz", "-ref", f"{d}/ref.nii.gz", "-out",
                            f"{d}/mask mni.nii.gz", "-omat", f"{d}/mask mni_applied.mat", "-applyxfm", "-init",
                            f"{d}/x.mat", "-interp", "trilinear"]
@@ -141,24 +146,24 @@ def test_flirt_and_applyxfm_argv(data_dir):
 
 def test_fnirt_and_applywarp_argv(data_dir):
     d = data_dir
-    iface = F.fnirt_interface(d / "t1 w.nii.gz", d / "ref.nii.gz", d / "x.mat", d / "mask.nii.gz",
+    iface = T.fnirt_interface(d / "t1 w.nii.gz", d / "ref.nii.gz", d / "x.mat", d / "mask.nii.gz",
                               d / "coef out.nii.gz", d / "warped.nii.gz", d / "fnirt log.txt")
     assert argv(iface) == ["fnirt", f"--aff={d}/x.mat", "--config=T1_2_MNI152_2mm", f"--cout={d}/coef out.nii.gz",
                            f"--in={d}/t1 w.nii.gz", f"--logout={d}/fnirt log.txt", f"--ref={d}/ref.nii.gz",
                            f"--refmask={d}/mask.nii.gz", f"--iout={d}/warped.nii.gz"]
-    iface = F.applywarp_interface(d / "dwi.nii.gz", d / "ref.nii.gz", d / "coef.nii.gz", d / "fa mni.nii.gz",
+    iface = T.applywarp_interface(d / "dwi.nii.gz", d / "ref.nii.gz", d / "coef.nii.gz", d / "fa mni.nii.gz",
                                   premat=d / "x.mat", relative=True)
     assert argv(iface) == ["applywarp", f"--in={d}/dwi.nii.gz", f"--ref={d}/ref.nii.gz", f"--out={d}/fa mni.nii.gz",
                            f"--warp={d}/coef.nii.gz", f"--premat={d}/x.mat", "--interp=trilinear", "--rel"]
-    iface = F.applywarp_interface(d / "dwi.nii.gz", d / "ref.nii.gz", d / "coef.nii.gz", d / "o.nii.gz")
+    iface = T.applywarp_interface(d / "dwi.nii.gz", d / "ref.nii.gz", d / "coef.nii.gz", d / "o.nii.gz")
     assert "--premat" not in iface.cmdline and "--rel" not in iface.cmdline
 
 
 def test_dwi_tools_argv(data_dir):
     d = data_dir
-    iface = F.eddy_correct_interface(d / "dwi.nii.gz", d / "dwi ec.nii.gz", ref_num=2)
+    iface = T.eddy_correct_interface(d / "dwi.nii.gz", d / "dwi ec.nii.gz", ref_num=2)
     assert argv(iface) == ["eddy_correct", f"{d}/dwi.nii.gz", f"{d}/dwi ec.nii.gz", "2"]
-    iface = F.eddy_interface(d / "dwi.nii.gz", d / "mask.nii.gz", d / "index.txt", d / "acqp.txt", d / "dwi.bvec",
+    iface = T.eddy_interface(d / "dwi.nii.gz", d / "mask.nii.gz", d / "index.txt", d / "acqp.txt", d / "dwi.bvec",
                              d / "dwi.bval", d / "eddy out", threads=3, command="eddy_cpu")
     got = argv(iface)
     assert got[0] == "eddy_cpu"
@@ -166,33 +171,33 @@ def test_dwi_tools_argv(data_dir):
                 f"--acqp={d}/acqp.txt", f"--bvecs={d}/dwi.bvec", f"--bvals={d}/dwi.bval", f"--out={d}/eddy out"):
         assert arg in got
     assert iface.inputs.environ["OMP_NUM_THREADS"] == "3"
-    iface = F.dtifit_interface(d / "dwi.nii.gz", d / "mask.nii.gz", d / "dwi.bvec", d / "dwi.bval", d / "dti out")
+    iface = T.dtifit_interface(d / "dwi.nii.gz", d / "mask.nii.gz", d / "dwi.bvec", d / "dwi.bval", d / "dti out")
     assert argv(iface) == ["dtifit", "-k", f"{d}/dwi.nii.gz", "-o", f"{d}/dti out", "-m", f"{d}/mask.nii.gz", "-r",
                            f"{d}/dwi.bvec", "-b", f"{d}/dwi.bval", "--wls"]
-    ols = F.dtifit_interface(d / "dwi.nii.gz", d / "mask.nii.gz", d / "dwi.bvec", d / "dwi.bval", d / "dti", wls=False)
+    ols = T.dtifit_interface(d / "dwi.nii.gz", d / "mask.nii.gz", d / "dwi.bvec", d / "dwi.bval", d / "dti", wls=False)
     assert "--wls" not in argv(ols)
 
 
 def test_func_tools_argv(data_dir):
     d = data_dir
-    assert argv(F.fslroi_interface(d / "bold.nii.gz", d / "bold trimmed.nii.gz", 4)) == [
+    assert argv(T.fslroi_interface(d / "bold.nii.gz", d / "bold trimmed.nii.gz", 4)) == [
         "fslroi", f"{d}/bold.nii.gz", f"{d}/bold trimmed.nii.gz", "4", "-1"]
-    assert argv(F.mcflirt_interface(d / "bold.nii.gz", d / "bold mc.nii.gz", ref_vol=48)) == [
+    assert argv(T.mcflirt_interface(d / "bold.nii.gz", d / "bold mc.nii.gz", ref_vol=48)) == [
         "mcflirt", "-in", f"{d}/bold.nii.gz", "-out", f"{d}/bold mc.nii.gz", "-refvol", "48", "-plots"]
-    assert argv(F.tmean_interface(d / "bold.nii.gz", d / "bold mean.nii.gz")) == [
+    assert argv(T.tmean_interface(d / "bold.nii.gz", d / "bold mean.nii.gz")) == [
         "fslmaths", f"{d}/bold.nii.gz", "-Tmean", f"{d}/bold mean.nii.gz"]
-    assert argv(F.binarise_interface(d / "mask.nii.gz", d / "mask bin.nii.gz")) == [
+    assert argv(T.binarise_interface(d / "mask.nii.gz", d / "mask bin.nii.gz")) == [
         "fslmaths", f"{d}/mask.nii.gz", "-thr", "0.5", "-bin", f"{d}/mask bin.nii.gz", "-odt", "char"]
 
 
 @pytest.mark.parametrize("correction", ["eddy_correct", "eddy"])
 def test_eddy_or_eddy_correct_follows_config(data_dir, correction):
     d = data_dir
-    opts = F.FslOptions(dwi_correction=correction)
-    tools = [alt for alt, _ in F.required_tools(opts, "dwi")]
+    opts = FslConfig(dwi_correction=correction)
+    tools = [alt for alt, _ in T.required_tools(opts, "dwi")]
     assert (("eddy_correct",) in tools) == (correction == "eddy_correct")
-    assert (F.EDDY_COMMANDS in tools) == (correction == "eddy")
-    iface = F.dwi_correction_interface(opts, d / "dwi.nii.gz", d, ref_num=0, mask=d / "mask.nii.gz",
+    assert (T.EDDY_COMMANDS in tools) == (correction == "eddy")
+    iface = T.dwi_correction_interface(opts, d / "dwi.nii.gz", d, ref_num=0, mask=d / "mask.nii.gz",
                                        index=d / "index.txt", acqp=d / "acqp.txt", bvecs=d / "dwi.bvec",
                                        bvals=d / "dwi.bval", command="eddy")
     assert argv(iface)[0] == ("eddy_correct" if correction == "eddy_correct" else "eddy")
@@ -210,14 +215,14 @@ def test_run_interface_passes_argv_without_a_shell(tmp_path, data_dir, monkeypat
     monkeypatch.setenv("PATH", str(bin_dir))
     weird = data_dir / "a $HOME; b.nii.gz"
     weird.touch()
-    F.run_interface(F.bet_interface(weird, data_dir / "out.nii.gz", F.FslOptions()), tmp_path, subject="01",
+    T.run_interface(T.bet_interface(weird, data_dir / "out.nii.gz", FslConfig()), tmp_path, subject="01",
                     stage="anat", step="bet")
     args, out_type = json.loads(record.read_text())
     assert args == [str(weird), str(data_dir / "out.nii.gz"), "-f", "0.50", "-m", "-R", "-g", "0.00"]
     assert out_type == "NIFTI_GZ"
     tool.write_text("#!/bin/sh\necho 'bet: cannot read image' >&2\nexit 3\n")
     with pytest.raises(StageError, match=r"sub-01.*status 3.*cannot read image"):
-        F.run_interface(F.bet_interface(weird, data_dir / "out.nii.gz", F.FslOptions()), tmp_path, subject="01",
+        T.run_interface(T.bet_interface(weird, data_dir / "out.nii.gz", FslConfig()), tmp_path, subject="01",
                         stage="anat", step="bet")
 
 
@@ -227,18 +232,18 @@ ALL_TOOLS = ["bet", "flirt", "mcflirt", "dtifit", "eddy_correct", "eddy", "fslma
 
 def test_fsl_problems_names_every_missing_tool(tmp_path):
     env = {"PATH": str(tmp_path / "empty")}
-    problems = F.fsl_problems(env)
+    problems = T.fsl_problems(env)
     text = "\n".join(problems)
     for tool in ["bet", "flirt", "mcflirt", "dtifit", "eddy_correct", "fslmaths", "fslroi"]:
         assert f"`{tool}`" in text, tool
     assert "fnirt" not in text and "applywarp" not in text  # linear registration by default
     assert any("FSLDIR" in p for p in problems) and any("FSLOUTPUTTYPE" in p for p in problems)
-    nonlinear = "\n".join(F.fsl_problems(env, {"preprocessing": {"fsl": {"nonlinear": True,
-                                                                         "dwi_correction": "eddy"}}}))
+    nonlinear = "\n".join(T.fsl_problems(env, {"preprocessing": {"anat": {"registration": "nonlinear"},
+                                                                  "fsl": {"dwi_correction": "eddy"}}}))
     assert "`fnirt`" in nonlinear and "`applywarp`" in nonlinear
     assert "`eddy` or `eddy_cpu` or `eddy_openmp`" in nonlinear and "`eddy_correct`" not in nonlinear
     for word in ("--use-conda", "envs/fsl.yaml", "FSLDIR", "backend: python"):
-        assert word in F.FSL_FIX
+        assert word in T.FSL_FIX
 
 
 def test_fsl_problems_none_with_fsl_on_path(tmp_path):
@@ -248,20 +253,21 @@ def test_fsl_problems_none_with_fsl_on_path(tmp_path):
         (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
         (bin_dir / tool).chmod(0o755)
     env = {"PATH": f"/nonexistent:{bin_dir}", "FSLDIR": str(tmp_path / "fsl"), "FSLOUTPUTTYPE": "NIFTI_GZ"}
-    assert F.fsl_problems(env) == []
-    assert F.fsl_problems(env, {"preprocessing": {"fsl": {"nonlinear": True, "dwi_correction": "eddy"}}}) == []
+    assert T.fsl_problems(env) == []
+    assert T.fsl_problems(env, {"preprocessing": {"anat": {"registration": "nonlinear"},
+                                                  "fsl": {"dwi_correction": "eddy"}}}) == []
     (bin_dir / "mcflirt").unlink()
-    assert F.fsl_problems(env) == ["FSL program `mcflirt` not found on PATH (needed for motion correction)."]
-    assert F.fsl_problems({**env, "FSLOUTPUTTYPE": "ANALYZE"}, stage="anat") == [
+    assert T.fsl_problems(env) == ["FSL program `mcflirt` not found on PATH (needed for motion correction)."]
+    assert T.fsl_problems({**env, "FSLOUTPUTTYPE": "ANALYZE"}, stage="anat") == [
         "FSLOUTPUTTYPE=ANALYZE is not an FSL output type (use NIFTI_GZ)."]
-    assert F.eddy_command(env) == "eddy"
+    assert T.eddy_command(env) == "eddy"
 
 
 def test_stage_without_fsl_fails_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     out = {k: str(tmp_path / k) for k in paths.OUTPUTS if k.startswith("anat_")}
     with pytest.raises(StageError, match="--use-conda") as err:
-        F.run_anat_fsl(tmp_path / "missing.nii.gz", out, "01", {"preprocessing": {"fsl": {}}})
+        run_stage("anat", {"t1w": tmp_path / "missing.nii.gz"}, out, "01", {"preprocessing": {"backend": "fsl"}})
     assert "sub-01" in str(err.value) and "`bet`" in str(err.value)
 
 
@@ -275,24 +281,24 @@ def test_flirt_matrix_to_itk_maps_the_same_points(rigid_out):
     ref = image((60, 70, 50), (2.0, 2.0, 2.0))
     world = rigid((4.0, -3.0, 7.0), (5.0, -2.0, 3.5), centre=(10.0, 0.0, -5.0))  # src world -> ref world
     mat = flirt_matrix(world, src, ref)
-    tf = F.flirt_to_itk(mat, src, ref, rigid=rigid_out)
+    tf = X.flirt_to_itk(mat, src, ref, rigid=rigid_out)
     assert isinstance(tf, sitk.Euler3DTransform if rigid_out else sitk.AffineTransform)
     pts = np.random.default_rng(0).uniform(-60, 60, size=(20, 3))  # ref world, RAS
     expected = (np.linalg.inv(world) @ np.c_[pts, np.ones(20)].T).T[:, :3]
     got = np.array([tf.TransformPoint(tuple(p * LPS)) for p in pts]) * LPS
     np.testing.assert_allclose(got, expected, atol=1e-4)  # mm; fslpy reads the header's float32 affines
-    np.testing.assert_allclose(F.itk_to_flirt(tf, src, ref), mat, atol=1e-6)
+    np.testing.assert_allclose(X.itk_to_flirt(tf, src, ref), mat, atol=1e-6)
     # The same conversion through fslpy's own definition of FSL coordinates.
-    np.testing.assert_allclose(F.flirt_to_world(mat, src, ref), world, atol=1e-4)
+    np.testing.assert_allclose(X.flirt_to_world(mat, src, ref), world, atol=1e-4)
 
 
 def test_flirt_file_round_trip_through_itk_text(tmp_path):
     src = image((30, 30, 20), (2.5, 2.5, 3.0), flip_x=True)
     ref = image((40, 40, 40), (2.0, 2.0, 2.0))
     mat = flirt_matrix(rigid((1.0, 2.0, -3.0), (1.0, 2.0, 3.0)), src, ref)
-    F.write_flirt(mat, tmp_path / "m.mat")
-    reg.write_transform(F.flirt_to_itk(F.read_flirt(tmp_path / "m.mat"), src, ref, rigid=True), tmp_path / "x.txt")
-    np.testing.assert_allclose(F.itk_to_flirt(reg.read_transform(tmp_path / "x.txt"), src, ref), mat, atol=1e-7)
+    X.write_flirt(mat, tmp_path / "m.mat")
+    reg.write_transform(X.flirt_to_itk(X.read_flirt(tmp_path / "m.mat"), src, ref, rigid=True), tmp_path / "x.txt")
+    np.testing.assert_allclose(X.itk_to_flirt(reg.read_transform(tmp_path / "x.txt"), src, ref), mat, atol=1e-7)
 
 
 def _composite(grid: nib.Nifti1Image, seed: int = 0) -> sitk.CompositeTransform:
@@ -303,7 +309,7 @@ def _composite(grid: nib.Nifti1Image, seed: int = 0) -> sitk.CompositeTransform:
     for c in range(3):
         a, b = rng.uniform(-3, 3, 2)
         disp[..., c] = a * np.sin(np.pi * g[(c + 1) % 3]) + b * np.cos(np.pi * g[(c + 2) % 3] * 1.5)
-    bs = F.fit_bspline(disp, grid, spacing_mm=12.0)
+    bs = X.fit_bspline(disp, grid, spacing_mm=12.0)
     aff = reg.ras_to_transform(rigid((3.0, -2.0, 5.0), (4.0, -6.0, 2.0)) @ np.diag([1.05, 0.97, 1.02, 1.0]))
     return sitk.CompositeTransform([aff, bs])
 
@@ -312,10 +318,10 @@ def test_bspline_fit_is_exact_for_a_bspline():
     grid = image((30, 36, 30), (6.0, 6.0, 6.0))
     tf = _composite(grid)
     bs = tf.GetNthTransform(1)
-    pts = F._grid_lps(grid).reshape(-1, 3)[::37]
+    pts = X.grid_lps(grid).reshape(-1, 3)[::37]
     disp = np.array([np.asarray(bs.TransformPoint(tuple(p))) - p for p in pts])
-    refit = F.fit_bspline(np.stack([np.asarray(bs.TransformPoint(tuple(p))) - p
-                                    for p in F._grid_lps(grid).reshape(-1, 3)]).reshape(grid.shape + (3,)), grid,
+    refit = X.fit_bspline(np.stack([np.asarray(bs.TransformPoint(tuple(p))) - p
+                                    for p in X.grid_lps(grid).reshape(-1, 3)]).reshape(grid.shape + (3,)), grid,
                           spacing_mm=12.0)
     again = np.array([np.asarray(refit.TransformPoint(tuple(p))) - p for p in pts])
     assert np.abs(disp).max() > 1.0  # a real deformation
@@ -329,13 +335,13 @@ def test_itk_nonlinear_to_fnirt_warp_and_back(tmp_path):
     grid = image((30, 36, 30), (6.0, 6.0, 6.0))  # stands for the MNI grid
     t1 = image((50, 60, 50), (3.0, 3.0, 3.0), flip_x=True)
     tf = _composite(grid)
-    warp = F.itk_to_fnirt_warp(tf, t1, grid, tmp_path / "warp field.nii.gz")
-    field = readFnirt(warp, src=F._fsl_image(t1), ref=F._fsl_image(grid))
-    x_lps = F._grid_lps(grid).reshape(-1, 3)
+    warp = X.itk_to_fnirt_warp(tf, t1, grid, tmp_path / "warp field.nii.gz")
+    field = readFnirt(warp, src=X.fsl_image(t1), ref=X.fsl_image(grid))
+    x_lps = X.grid_lps(grid).reshape(-1, 3)
     expected_ras = np.array([tf.TransformPoint(tuple(p)) for p in x_lps]) * LPS
     got_ras = field.transform(x_lps * LPS, from_="world", to="world")
     np.testing.assert_allclose(got_ras, expected_ras, atol=1e-3)  # float32 field
-    back = F.nonlinear_to_itk(field, tf.GetNthTransform(0), grid, spacing_mm=12.0)
+    back = X.nonlinear_to_itk(field, tf.GetNthTransform(0), grid, spacing_mm=12.0)
     assert isinstance(back, sitk.CompositeTransform) and back.GetNumberOfTransforms() == 2
     again = np.array([back.TransformPoint(tuple(p)) for p in x_lps[::11]]) * LPS
     np.testing.assert_allclose(again, expected_ras[::11], atol=1e-3)
@@ -373,10 +379,10 @@ def test_par_to_confounds_columns():
     v2f = vox_to_fsl(img.affine, img.shape)
     w = vol - vol.min()
     cog_fsl = (v2f @ np.r_[[np.sum(w * g) / w.sum() for g in np.indices(w.shape)], 1.0])[:3]
-    np.testing.assert_allclose(F.mcflirt_centre(vol, img), cog_fsl, atol=1e-9)
+    np.testing.assert_allclose(X.mcflirt_centre(vol, img), cog_fsl, atol=1e-9)
     ref3 = nib.Nifti1Image(vol, img.affine)
     par = np.array([fsl_decompose(flirt_matrix(np.linalg.inv(m), ref3, ref3), cog_fsl) for m in maps])
-    motion = F.par_to_motion(par, img, vol, centre)
+    motion = X.par_to_motion(par, img, vol, centre)
     assert list(motion.columns) == MOTION_COLUMNS
     np.testing.assert_allclose(motion.to_numpy(), table, atol=1e-9)
     # The .par text as mcflirt writes it (six numbers then two spaces each) reads back the same.
@@ -384,7 +390,7 @@ def test_par_to_confounds_columns():
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"neuromoe-test-{os.getpid()}.par"
     path.write_text(text + "\n")
     try:
-        np.testing.assert_allclose(F.read_par(path), par, atol=1e-5)
+        np.testing.assert_allclose(X.read_par(path), par, atol=1e-5)
     finally:
         path.unlink()
     # ... and feeds the confounds the python backend writes (FD from these columns).
@@ -407,9 +413,9 @@ def test_ecclog_matrices_to_motion_and_bvecs(tmp_path):
         rows = "\n".join(" ".join(f"{v:.9f}" for v in row) + " " for row in mat)
         blocks.append(f"processing dwi_ec_tmp{k:04d}\n\nFinal result: \n{rows}\n")
     (tmp_path / "dwi_ec.ecclog").write_text("\n".join(blocks))
-    mats = F.read_ecclog(tmp_path / "dwi_ec.ecclog")
+    mats = X.read_ecclog(tmp_path / "dwi_ec.ecclog")
     assert mats.shape == (6, 4, 4)
-    motion = F.flirt_motion(mats, img, centre)
+    motion = X.flirt_motion(mats, img, centre)
     np.testing.assert_allclose(motion.to_numpy(), table, atol=1e-7)
     bvecs = np.eye(3)[:, [0, 1, 2, 0, 1, 2]]
     rotated = rotate_bvecs(bvecs, motion.attrs["rotations"], img.affine)
@@ -429,9 +435,8 @@ def test_eddy_parameters_to_motion():
     for m in maps:
         p = fsl_decompose(flirt_matrix(m, ref3, ref3), fov_centre)
         params.append([*p[3:], *p[:3], 0.01, -0.02])  # eddy appends its eddy-current terms
-    mats = F.eddy_params_to_matrices(np.array(params)[:, :6], img)
-    fimg = F._fsl_image(ref3)
-    motion = F.motion_from_affines(np.stack([F._from_flirt_same(m, fimg) for m in mats]), centre)
+    mats = X.eddy_params_to_matrices(np.array(params)[:, :6], img)
+    motion = X.eddy_motion(mats, img, centre)
     np.testing.assert_allclose(motion.to_numpy(), table, atol=1e-9)
 
 
@@ -638,7 +643,7 @@ def install_fake_fsl(root: Path, monkeypatch: pytest.MonkeyPatch) -> list[list[s
     monkeypatch.setenv("PATH", f"{root / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FSLDIR", str(root))
     monkeypatch.setenv("FSLOUTPUTTYPE", "NIFTI_GZ")
-    monkeypatch.setattr(F, "subprocess", types.SimpleNamespace(run=run))
+    monkeypatch.setattr(T, "subprocess", types.SimpleNamespace(run=run))
     return calls
 
 
@@ -686,13 +691,13 @@ def test_stages_run_end_to_end_with_stand_in_fsl_tools(tmp_path, monkeypatch):
     cfg = {"preprocessing": {"backend": "fsl", "dwi": {"b0_threshold": 50, "fit_method": "WLS"},
                              "func": {"dummy_scans": 4, "band_hz": [0.01, 0.08], "nuisance": ["motion", "wm", "csf"]},
                              "fsl": {"bet_frac": 0.4, "bet_gradient": 0.0, "bet_robust": True,
-                                     "dwi_correction": "eddy_correct", "nonlinear": False}}}
-    F.run_anat_fsl(files["t1w"], {k: v for k, v in o.items() if k.startswith("anat_")}, "01", cfg)
+                                     "dwi_correction": "eddy_correct"}}}
+    run_stage("anat", {"t1w": files["t1w"]}, {k: v for k, v in o.items() if k.startswith("anat_")}, "01", cfg)
     anat_in = {k: o[k] for k in ("anat_brain", "anat_mask", "anat_xfm")}
-    F.run_dwi_fsl({"dwi": str(files["dwi"]), "bval": str(files["bval"]), "bvec": str(files["bvec"]), **anat_in},
-                  {k: v for k, v in o.items() if k.startswith("dwi_")}, "01", cfg)
-    F.run_func_fsl({"bold": str(files["bold"]), "bold_json": str(files["bold_json"]), **anat_in},
-                   {k: v for k, v in o.items() if k.startswith("func_")}, "01", cfg)
+    run_stage("dwi", {"dwi": str(files["dwi"]), "bval": str(files["bval"]), "bvec": str(files["bvec"]), **anat_in},
+              {k: v for k, v in o.items() if k.startswith("dwi_")}, "01", cfg)
+    run_stage("func", {"bold": str(files["bold"]), "bold_json": str(files["bold_json"]), **anat_in},
+              {k: v for k, v in o.items() if k.startswith("func_")}, "01", cfg)
 
     tpl = mni_template()[0]
     for key, path in o.items():
@@ -742,14 +747,14 @@ def fsl_run(tmp_path_factory) -> tuple[dict[str, str], Path]:
                              "dwi": {"b0_threshold": 50, "fit_method": "WLS"},
                              "func": {"dummy_scans": 4, "band_hz": [0.01, 0.08], "nuisance": ["motion", "wm", "csf"]},
                              "fsl": {"bet_frac": 0.5, "bet_gradient": 0.0, "bet_robust": True,
-                                     "dwi_correction": "eddy_correct", "nonlinear": False}}}
+                                     "dwi_correction": "eddy_correct"}}}
     o = {k: paths.derivative(out, "01", k) for k in paths.OUTPUTS}
-    F.run_anat_fsl(paths.raw(bids, "01", "T1w"), {k: v for k, v in o.items() if "anat" in k}, "01", cfg)
+    run_stage("anat", {"t1w": paths.raw(bids, "01", "T1w")}, {k: v for k, v in o.items() if "anat" in k}, "01", cfg)
     anat_in = {k: o[k] for k in ("anat_brain", "anat_mask", "anat_xfm")}
-    F.run_dwi_fsl({**{k: paths.raw(bids, "01", k) for k in ("dwi", "bval", "bvec")}, **anat_in},
-                  {k: v for k, v in o.items() if "dwi" in k}, "01", cfg)
-    F.run_func_fsl({"bold": paths.raw(bids, "01", "bold"), "bold_json": paths.raw(bids, "01", "bold_json"),
-                    **anat_in}, {k: v for k, v in o.items() if "func" in k}, "01", cfg)
+    run_stage("dwi", {**{k: paths.raw(bids, "01", k) for k in ("dwi", "bval", "bvec")}, **anat_in},
+              {k: v for k, v in o.items() if "dwi" in k}, "01", cfg)
+    run_stage("func", {"bold": paths.raw(bids, "01", "bold"), "bold_json": paths.raw(bids, "01", "bold_json"),
+                       **anat_in}, {k: v for k, v in o.items() if "func" in k}, "01", cfg)
     return o, bids
 
 
@@ -809,14 +814,14 @@ def test_par_matches_mcflirt_matrices(tmp_path):
 
     bids = make_cohort(tmp_path / "bids", 1, seed=5, params=SynthParams(n_bold=60))
     bold = nib.load(paths.raw(bids, "01", "bold"))
-    iface = F.mcflirt_interface(paths.raw(bids, "01", "bold"), tmp_path / "mc.nii.gz", ref_vol=bold.shape[3] // 2)
+    iface = T.mcflirt_interface(paths.raw(bids, "01", "bold"), tmp_path / "mc.nii.gz", ref_vol=bold.shape[3] // 2)
     iface.inputs.save_mats = True
-    F.run_interface(iface, tmp_path, subject="01", stage="func", step="mcflirt")
-    par = F.read_par(next(p for p in (tmp_path / "mc.nii.gz.par", tmp_path / "mc.par") if p.exists()))
+    T.run_interface(iface, tmp_path, subject="01", stage="func", step="mcflirt")
+    par = X.read_par(next(p for p in (tmp_path / "mc.nii.gz.par", tmp_path / "mc.par") if p.exists()))
     mats_dir = next(p for p in (tmp_path / "mc.nii.gz.mat", tmp_path / "mc.mat") if p.is_dir())
     mats = np.stack([np.loadtxt(mats_dir / f"MAT_{k:04d}") for k in range(bold.shape[3])])
     ref = np.asarray(bold.dataobj[..., bold.shape[3] // 2], np.float32)
-    ours = F.par_to_flirt(par, F.mcflirt_centre(ref, bold))
+    ours = X.par_to_flirt(par, X.mcflirt_centre(ref, bold))
     np.testing.assert_allclose(ours, mats, atol=2e-3)
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from neuromoe.config import FuncConfig
 from neuromoe.errors import StageError
 from neuromoe.preproc import func as F
 
@@ -390,8 +391,7 @@ def test_run_func_end_to_end(tmp_path):
     inputs, truth = make_func_inputs(tmp_path)
     keys = [k for k in paths.OUTPUTS if k.startswith(("func_", "qc_func_"))]
     outputs = {k: paths.derivative(tmp_path / "out", "01", k) for k in keys}
-    config = {"preprocessing": {"func": {"dummy_scans": 4, "band_hz": [0.01, 0.08],
-                                         "nuisance": ["motion", "wm", "csf"]}}}
+    config = FuncConfig.of({"dummy_scans": 4, "band_hz": [0.01, 0.08], "nuisance": ["motion", "wm", "csf"]})
     F.run_func(inputs, outputs, "01", config, threads=1)
     for k in keys:
         assert (tmp_path / outputs[k]).exists(), k

@@ -163,3 +163,21 @@ def test_cosmetic_config_edit_reruns_nothing(done: Path, config_edit: Path) -> N
     text = config_edit.read_text()
     config_edit.write_text("# a comment added at the top\n" + text.replace("band_hz:", "band_hz:  ") + "\n# end\n")
     assert planned(done, "--until", *UNTIL) == {}
+
+
+def test_editing_an_fsl_only_key_plans_no_python_backend_job(workflow_run: Path, tmp_path: Path) -> None:
+    """preprocessing.fsl is read by the fsl backend only (neuromoe.preproc.preproc_keys names each rule's params):
+    with backend python, editing bet_frac in a finished workflow plans no preprocessing or cache job."""
+    import yaml
+
+    work = tmp_path / "work"  # a copy of the finished workflow (outputs, mtimes, Snakemake's records)
+    shutil.copytree(workflow_run, work, copy_function=shutil.copy2, symlinks=True)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    pre = cfg.setdefault("preprocessing", {})
+    assert pre.get("backend", "python") == "python"
+    fsl = pre.setdefault("fsl", {})
+    fsl["bet_frac"] = 0.3 if fsl.get("bet_frac", 0.5) != 0.3 else 0.4
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    jobs, out = plan(work)
+    rerun = {r: n for r, n in jobs.items() if r in ("anat", "dwi", "func") or r.startswith("cache")}
+    assert not rerun, f"editing preprocessing.fsl.bet_frac plans python-backend jobs {rerun}:\n{out[-3000:]}"

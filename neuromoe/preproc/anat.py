@@ -3,9 +3,9 @@
 Brain extraction (``extract_brain``) is atlas-based, as in ANTs' antsBrainExtraction, in five steps on
 the native T1w grid:
 
-1. head mask: background threshold (Otsu on the smoothed image, halved so dark skull and CSF stay
-   in), largest component, holes filled slice by slice (the skull is a closed ring in each axial slice
-   even where the field of view cuts the neck);
+1. head mask (``masks.head_mask``): background threshold (Otsu on the smoothed image, halved so dark
+   skull and CSF stay in), largest component, holes filled slice by slice (the skull is a closed ring in
+   each axial slice even where the field of view cuts the neck);
 2. N4 bias-field correction (SimpleITK) estimated on a ~8 mm copy inside the head mask, applied at
    full resolution;
 3. localisation: the template brain's centre is placed under the top of the head (scalp + skull are
@@ -20,6 +20,7 @@ the native T1w grid:
 ``register_to_mni`` then registers the extracted brain to the template brain (affine, or affine +
 B-spline) and resamples brain and mask onto the template's 2 mm grid (99 x 117 x 95).
 All transforms follow registration.py's ITK convention; ``anat_xfm`` maps MNI points to T1w points.
+``write_outputs`` writes the stage's files for both backends (docs/preprocessing.md).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from neuromoe.config import AnatConfig
 from neuromoe.errors import StageError
 from neuromoe.inputs.imageio import load_image, new_image, save_map, save_mask, to_sitk
 from neuromoe.preproc import registration as reg
+from neuromoe.preproc.masks import head_mask, largest_component
 
 log = logging.getLogger(__name__)
 STAGE = "anat"
@@ -78,8 +81,8 @@ def mni_template() -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     data /= max(float(data.max()), 1e-6)
     affine = img.affine.copy()
     affine[:3, :3] *= 2.0
-    t1 = _mni_header(new_image(data[::2, ::2, ::2], affine))
-    mask = _mni_header(new_image(data[::2, ::2, ::2] > 0.2, affine, dtype=np.uint8))
+    t1 = mni_header(new_image(data[::2, ::2, ::2], affine))
+    mask = mni_header(new_image(data[::2, ::2, ::2] > 0.2, affine, dtype=np.uint8))
     return t1, mask
 
 
@@ -167,7 +170,7 @@ def brain_extraction(t1: nib.Nifti1Image, subject: str | None = None, *, n4: boo
     rim_img = new_image(rim, tpl.affine, dtype=np.uint8)
     tf = _register(tpl, corrected_img, "affine", rim_img, start, sub, threads)
     tf = reg.flatten_linear(tf)
-    _check_affine(tf, sub)
+    check_affine(tf, sub)
     times["register_template"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -191,24 +194,6 @@ def brain_extraction(t1: nib.Nifti1Image, subject: str | None = None, *, n4: boo
         template_to_t1w=tf,
         timings=times,
     )
-
-
-def head_mask(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Boolean (X, Y, Z) mask of the head: everything inside the scalp, background excluded."""
-    smooth = ndimage.gaussian_filter(data, 1.0)
-    thr = 0.5 * otsu_threshold(smooth[smooth > 0]) if np.any(smooth > 0) else 0.0
-    fg = smooth > thr
-    fg = _largest_component(ndimage.binary_opening(fg, iterations=1)) if fg.any() else fg
-    # Pad so the closing's erosion does not eat slices where the head touches the field of view.
-    fg = ndimage.binary_closing(np.pad(fg, 2), iterations=2)[2:-2, 2:-2, 2:-2]
-    # The skull ring is closed in each axial slice even where the neck leaves the field of view.
-    zaxis = int(np.argmax(np.abs(affine[2, :3])))
-    filled = np.zeros_like(fg)
-    for k in range(fg.shape[zaxis]):
-        sl = [slice(None)] * 3
-        sl[zaxis] = k
-        filled[tuple(sl)] = ndimage.binary_fill_holes(fg[tuple(sl)])
-    return ndimage.binary_fill_holes(filled)
 
 
 def n4_correct(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, threads: int | None = None,
@@ -275,7 +260,7 @@ def _clean(mask: np.ndarray, zooms: np.ndarray) -> np.ndarray:
     """Largest component after cutting thin bridges (opening), then closing and hole filling."""
     ball = _ball(2.0, zooms)
     opened = ndimage.binary_opening(mask, structure=ball)
-    out = _largest_component(opened if opened.any() else mask)
+    out = largest_component(opened if opened.any() else mask)
     out = ndimage.binary_closing(np.pad(out, 3), structure=_ball(4.0, zooms))[3:-3, 3:-3, 3:-3]
     return ndimage.binary_fill_holes(out)
 
@@ -309,29 +294,25 @@ def register_to_mni(brain_img: nib.Nifti1Image, mask_img: nib.Nifti1Image, kind:
     tf = _register(tpl_brain, moving, kind, new_image(rim, tpl.affine, dtype=np.uint8), initial, sub, threads)
     if kind == "affine":
         tf = reg.flatten_linear(tf)
-    _check_affine(tf if kind == "affine" else tf.GetNthTransform(0), sub)  # the B-spline's affine part
+    check_affine(tf if kind == "affine" else tf.GetNthTransform(0), sub)  # the B-spline's affine part
     brain_mni = reg.resample(brain_img, tpl, tf, interp="linear", threads=threads)
     soft = reg.resample(new_image(mask, mask_img.affine), tpl, tf, interp="linear", threads=threads)
     mask_mni = new_image(np.asarray(soft.dataobj) > 0.5, tpl.affine, dtype=np.uint8)
     brain_mni = new_image(np.asarray(brain_mni.dataobj) * np.asarray(mask_mni.dataobj), tpl.affine)
-    return tf, _mni_header(brain_mni), _mni_header(mask_mni)
+    return tf, mni_header(brain_mni), mni_header(mask_mni)
 
 
 # ---------------------------------------------------------------- the stage
 
-def run_anat(t1_path: str | Path, outputs: Mapping[str, str], subject: str, config: Mapping[str, Any],
+def run_anat(t1_path: str | Path, outputs: Mapping[str, str], subject: str, cfg: AnatConfig,
              threads: int | None = None) -> None:
     """The anat stage for one subject: brain extraction, registration to MNI, QC figures.
 
     ``outputs`` maps neuromoe.paths keys (anat_mask, anat_brain, anat_xfm, anat_brain_mni,
-    anat_mask_mni; optional qc_anat_mask, qc_anat_reg) to file paths. ``config`` is the workflow config
-    (or its ``preprocessing.anat`` section): ``registration`` = affine | nonlinear.
+    anat_mask_mni; optional qc_anat_mask, qc_anat_reg) to file paths. ``cfg.registration``: affine | nonlinear.
     """
-    missing = [k for k in OUTPUT_KEYS if k not in outputs]
-    if missing:
-        raise ValueError(f"run_anat: outputs lacks {missing}; needs {list(OUTPUT_KEYS)}")
-    section = config.get("preprocessing", {}).get("anat", {}) if "preprocessing" in config else config
-    kind = str(section.get("registration", "affine"))
+    check_outputs(outputs, "run_anat")
+    kind = str(cfg.registration)
     t0 = time.perf_counter()
     t1 = load_image(t1_path, subject=_sub(subject))
     res = brain_extraction(t1, subject, threads=threads)
@@ -339,9 +320,30 @@ def run_anat(t1_path: str | Path, outputs: Mapping[str, str], subject: str, conf
     tf, brain_mni, mask_mni = register_to_mni(res.brain, res.mask, kind=kind, initial=res.template_to_t1w,
                                               subject=subject, threads=threads)
     t_mni = time.perf_counter() - t
-    save_mask(res.mask, outputs["anat_mask"])
-    save_map(res.brain, outputs["anat_brain"])
-    reg.write_transform(tf, outputs["anat_xfm"])
+    write_outputs(outputs, subject, mask=res.mask, brain=res.brain, transform=tf, brain_mni=brain_mni,
+                  mask_mni=mask_mni, qc_background=res.corrected,
+                  mask_title="brain mask on the bias-corrected T1w", method=kind)
+    log.info("%s anat: done in %.1f s (extraction %.1f s, MNI %s %.1f s)", _sub(subject),
+             time.perf_counter() - t0, res.timings["total"], kind, t_mni)
+
+
+def check_outputs(outputs: Mapping[str, str], caller: str) -> None:
+    """ValueError unless ``outputs`` has every key of ``OUTPUT_KEYS`` (QC keys are optional)."""
+    missing = [k for k in OUTPUT_KEYS if k not in outputs]
+    if missing:
+        raise ValueError(f"{caller}: outputs lacks {missing}; needs {list(OUTPUT_KEYS)}")
+
+
+def write_outputs(outputs: Mapping[str, str], subject: str, *, mask: nib.Nifti1Image, brain: nib.Nifti1Image,
+                  transform: sitk.Transform, brain_mni: nib.Nifti1Image, mask_mni: nib.Nifti1Image,
+                  qc_background: nib.Nifti1Image, mask_title: str, method: str) -> None:
+    """Write the anat stage's files (both backends): the native brain (float32) and mask (uint8) on the T1w grid,
+    ``anat_xfm`` (ITK, MNI points -> T1w points), brain and mask on the MNI grid (sform/qform code MNI), and the QC
+    figures asked for: the mask outlined on ``qc_background`` (titled ``mask_title``) and the MNI brain under
+    the template's edges (``method`` names the registration)."""
+    save_mask(mask, outputs["anat_mask"])
+    save_map(brain, outputs["anat_brain"])
+    reg.write_transform(transform, outputs["anat_xfm"])
     save_map(brain_mni, outputs["anat_brain_mni"])
     save_mask(mask_mni, outputs["anat_mask_mni"])
     if any(k in outputs for k in QC_KEYS):
@@ -349,13 +351,10 @@ def run_anat(t1_path: str | Path, outputs: Mapping[str, str], subject: str, conf
 
         sub = _sub(subject)
         if "qc_anat_mask" in outputs:
-            qc.plot_mask_outline(res.corrected, res.mask, outputs["qc_anat_mask"],
-                                 f"{sub}: brain mask on the bias-corrected T1w")
+            qc.plot_mask_outline(qc_background, mask, outputs["qc_anat_mask"], f"{sub}: {mask_title}")
         if "qc_anat_reg" in outputs:
             qc.plot_registration_edges(mni_template()[0], brain_mni, outputs["qc_anat_reg"],
-                                       f"{sub}: T1w brain in MNI ({kind}), template edges")
-    log.info("%s anat: done in %.1f s (extraction %.1f s, MNI %s %.1f s)", _sub(subject),
-             time.perf_counter() - t0, res.timings["total"], kind, t_mni)
+                                       f"{sub}: T1w brain in MNI ({method}), template edges")
 
 
 # ---------------------------------------------------------------- helpers
@@ -406,7 +405,7 @@ def _inside_fov(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, tf: sitk.Transf
     return inside
 
 
-def _check_affine(tf: sitk.Transform, sub: str | None) -> None:
+def check_affine(tf: sitk.Transform, sub: str | None) -> None:
     """StageError when the fitted affine is implausible for a head (failed registration)."""
     m = np.asarray(reg.flatten_linear(tf).GetMatrix()).reshape(3, 3)
     scales = np.linalg.svd(m, compute_uv=False)
@@ -416,30 +415,10 @@ def _check_affine(tf: sitk.Transform, sub: str | None) -> None:
                          fix="check the T1w header orientation (superior must point up) and the image.")
 
 
-def _mni_header(img: nib.Nifti1Image) -> nib.Nifti1Image:
+def mni_header(img: nib.Nifti1Image) -> nib.Nifti1Image:
     img.set_sform(img.affine, code=4)  # 4 = MNI152 in the NIfTI standard
     img.set_qform(img.affine, code=4)
     return img
-
-
-def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
-    """Otsu's threshold of a 1D sample (maximises the between-class variance)."""
-    h, edges = np.histogram(values, bins=nbins)
-    mids = 0.5 * (edges[1:] + edges[:-1])
-    w0 = np.cumsum(h)
-    w1 = w0[-1] - w0
-    s0 = np.cumsum(h * mids)
-    m0 = s0 / np.maximum(w0, 1)
-    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
-    return float(mids[int(np.argmax(w0 * w1 * (m0 - m1) ** 2))])
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndimage.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, n + 1))
-    return lab == (int(np.argmax(sizes)) + 1)
 
 
 def _ball(radius_mm: float, zooms: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -24,7 +25,13 @@ import pandas as pd
 from scipy import ndimage
 
 from neuromoe.errors import InputError, StageError
+from neuromoe.preproc.masks import largest_component
 from neuromoe.preproc.motion import realign_series, rotate_bvecs, rotations_from_params
+
+if TYPE_CHECKING:  # SimpleITK costs ~1 s to import; run_dwi loads it (through registration) when it runs
+    import SimpleITK as sitk
+
+    from neuromoe.config import DwiConfig
 
 log = logging.getLogger("neuromoe.dwi")
 STAGE = "dwi"
@@ -62,11 +69,7 @@ def b0_mask(dwi: nib.Nifti1Image, bvals: np.ndarray, b0_threshold: float = 50.0)
     zoom = float(np.mean(dwi.header.get_zooms()[:3]))
     radius = max(1, int(round(4.0 / zoom)))
     _, mask = median_otsu(b0, median_radius=radius, numpass=2)
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask.astype(bool)
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-    mask = labels == (1 + int(np.argmax(sizes)))
+    mask = largest_component(mask)
     mask = ndimage.binary_closing(mask, iterations=1, border_value=0)
     return ndimage.binary_fill_holes(mask)
 
@@ -245,12 +248,6 @@ def check_gradients(bvals: np.ndarray, bvecs: np.ndarray, n_volumes: int, b0_thr
                          fix="a DTI fit needs >= 6 non-collinear diffusion directions")
 
 
-def _config(config: dict) -> tuple[float, str]:
-    """(b0_threshold, fit_method) from the stage config (``{"preprocessing": {"dwi": ...}}``)."""
-    dwi_cfg = config.get("preprocessing", {}).get("dwi", {})
-    return float(dwi_cfg.get("b0_threshold", 50.0)), str(dwi_cfg.get("fit_method", "WLS"))
-
-
 def _write_text(path: str, text: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
@@ -278,26 +275,26 @@ def load_inputs(inputs: Mapping[str, str], subject: str, b0_threshold: float
     return img, bvals, bvecs
 
 
-def run_dwi(inputs: dict[str, str], outputs: dict[str, str], subject: str, config: dict,
-            threads: int = 1) -> dict[str, str]:
+def run_dwi(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str, cfg: DwiConfig,
+            threads: int = 1) -> Mapping[str, str]:
     """The dwi stage for one subject; writes every ``dwi_*`` and ``qc_dwi_*`` output (see neuromoe.paths).
 
     inputs: ``dwi`` (4D NIfTI), ``bval``, ``bvec`` (BIDS/FSL text), ``anat_brain`` (skull-stripped T1w),
     ``anat_mask`` (its brain mask), ``anat_xfm`` (ITK .txt, T1w -> MNI in "image" mode, i.e. mapping MNI
-    points to T1w points). config: ``{"preprocessing": {"dwi": {"b0_threshold", "fit_method"}}}``.
+    points to T1w points). cfg: ``b0_threshold`` (s/mm^2), ``fit_method``.
 
     Steps: validate the gradient table; mean b=0 mask; realign the b=0 volumes to each other
     (correlation: same contrast) and take their mean as the reference; realign every volume to it (mutual
     information: contrasts differ), resampling each raw volume once; rotate the b-vectors by each
     volume's rotation; mask on the corrected mean b=0; fit the tensor; register the b=0 brain to the
     T1w brain (rigid, MI), compose with T1w -> MNI and resample the maps onto the MNI 2 mm grid in one
-    interpolation; QC figures. Returns ``outputs``.
+    interpolation; write everything (``write_outputs``). Returns ``outputs``.
     """
-    from neuromoe.inputs.imageio import load_image, new_image, save_map, save_mask
+    from neuromoe.inputs.imageio import load_image, new_image
     from neuromoe.preproc import registration as reg
 
     sub = _sub(subject)
-    b0_threshold, method = _config(config)
+    b0_threshold, method = float(cfg.b0_threshold), str(cfg.fit_method)
     img, bvals, bvecs = load_inputs(inputs, subject, b0_threshold)
     n_vol = img.shape[3]
     data = np.asarray(img.dataobj, dtype=np.float32)
@@ -331,38 +328,54 @@ def run_dwi(inputs: dict[str, str], outputs: dict[str, str], subject: str, confi
 
     # 3. tensor
     fit = fit_tensor(data_c, bvals, bvecs_rot, mask, method=method)
-
-    # 4. write native outputs
-    save_map(corrected_img, outputs["dwi_preproc"])
-    _write_text(outputs["dwi_bval"], " ".join(f"{b:g}" for b in bvals) + "\n")
-    _write_text(outputs["dwi_bvec"], "\n".join(" ".join(f"{v:.6f}" for v in row) for row in bvecs_rot) + "\n")
-    save_mask(mask, outputs["dwi_mask"], affine=img.affine)
-    Path(outputs["dwi_motion"]).parent.mkdir(parents=True, exist_ok=True)
-    motion.to_csv(outputs["dwi_motion"], sep="\t", index=False, float_format="%.6f")
     maps = {m: new_image(fit[m], img.affine) for m in MAPS}
-    for m in MAPS:
-        save_map(maps[m], outputs[f"dwi_{m.lower()}"])
 
-    # 5. b=0 brain -> T1w brain (rigid, MI), then through T1w -> MNI in one resampling.
+    # 4. b=0 brain -> T1w brain (rigid, MI), then through T1w -> MNI in one resampling.
     b0_brain = data_c[..., b0_idx].mean(axis=-1) * mask
     b0_img = new_image(b0_brain, img.affine)
     t1 = load_image(inputs["anat_brain"], subject=subject, ndim=3)
     t1_mask = load_image(inputs["anat_mask"], subject=subject, ndim=3)
     dwi_to_t1 = reg.register(t1, b0_img, kind="rigid", metric="mi", fixed_mask=t1_mask,
                              moving_mask=new_image(mask, img.affine, dtype=np.uint8), threads=threads)
-    reg.write_transform(dwi_to_t1, outputs["dwi_xfm"])
     t1_to_mni = reg.read_transform(inputs["anat_xfm"])
     mni_to_dwi = reg.compose(t1_to_mni, dwi_to_t1)  # MNI points -> T1w points -> dwi points
     template = _mni_grid()
-    for m in MAPS:
-        out = reg.resample(maps[m], template, mni_to_dwi, interp="linear", threads=threads)
-        save_map(out, outputs[f"dwi_{m.lower()}_mni"])
+    maps_mni = {m: reg.resample(maps[m], template, mni_to_dwi, interp="linear", threads=threads) for m in MAPS}
 
-    # 6. QC
-    _qc(outputs, subject, maps, new_image(mask, img.affine, dtype=np.uint8), motion)
+    # 5. files and QC
+    write_outputs(outputs, subject, dwi=img, corrected=data_c, bvals=bvals, bvecs=bvecs_rot, mask=mask,
+                  motion=motion, maps=maps, maps_mni=maps_mni, transform=dwi_to_t1)
     log.info("%s: dwi stage done; mask %d voxels, median FA %.2f, median MD %.2e mm^2/s", sub, mask.sum(),
              float(np.median(fit["FA"][mask])), float(np.median(fit["MD"][mask])))
     return outputs
+
+
+def write_outputs(outputs: Mapping[str, str], subject: str, *, dwi: nib.Nifti1Image, corrected: np.ndarray,
+                  bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray, motion: pd.DataFrame,
+                  maps: Mapping[str, nib.Nifti1Image], maps_mni: Mapping[str, nib.Nifti1Image],
+                  transform: sitk.Transform) -> None:
+    """Write the dwi stage's files (both backends).
+
+    ``dwi``: the raw series (grid and header of ``dwi_preproc``); ``corrected`` (X, Y, Z, N) the corrected series;
+    ``bvals`` (N,) s/mm^2 and ``bvecs`` (3, N) rotated with the motion; ``mask`` (X, Y, Z) bool; ``motion`` the
+    table of ``motion.MOTION_COLUMNS``; ``maps`` / ``maps_mni`` FA, MD, AD, RD on the DWI grid / the MNI grid;
+    ``transform`` (ITK) maps T1w points to DWI points. QC figures when their keys are in ``outputs``.
+    """
+    from neuromoe.inputs.imageio import new_image, save_map, save_mask
+    from neuromoe.preproc import registration as reg
+
+    save_map(new_image(corrected, dwi.affine, like=dwi), outputs["dwi_preproc"])
+    _write_text(outputs["dwi_bval"], " ".join(f"{b:g}" for b in bvals) + "\n")
+    _write_text(outputs["dwi_bvec"], "\n".join(" ".join(f"{v:.6f}" for v in row) for row in bvecs) + "\n")
+    save_mask(mask, outputs["dwi_mask"], affine=dwi.affine)
+    Path(outputs["dwi_motion"]).parent.mkdir(parents=True, exist_ok=True)
+    motion.to_csv(outputs["dwi_motion"], sep="\t", index=False, float_format="%.6f")
+    for m in MAPS:
+        save_map(maps[m], outputs[f"dwi_{m.lower()}"])
+        save_map(maps_mni[m], outputs[f"dwi_{m.lower()}_mni"])
+    reg.write_transform(transform, outputs["dwi_xfm"])
+    if "qc_dwi_fa" in outputs and "qc_dwi_motion" in outputs:
+        _qc(outputs, subject, maps, new_image(mask, dwi.affine, dtype=np.uint8), motion)
 
 
 def _mni_grid() -> nib.Nifti1Image:
@@ -372,7 +385,7 @@ def _mni_grid() -> nib.Nifti1Image:
     return mni_t1()
 
 
-def _qc(outputs: dict[str, str], subject: str, maps: dict[str, nib.Nifti1Image], mask: nib.Nifti1Image,
+def _qc(outputs: Mapping[str, str], subject: str, maps: dict[str, nib.Nifti1Image], mask: nib.Nifti1Image,
         motion: pd.DataFrame) -> None:
     """FA/MD slices (native) and the motion traces with framewise displacement (Power 2012: translations
     plus rotations as arc length on a 50 mm sphere)."""

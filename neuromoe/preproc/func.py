@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +26,8 @@ from neuromoe.errors import StageError
 
 if TYPE_CHECKING:  # SimpleITK costs ~1 s to import; only run_func and priors_to_native need it, lazily
     import SimpleITK as sitk
+
+    from neuromoe.config import FuncConfig
 
 STAGE = "func"
 MOTION_COLUMNS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
@@ -500,32 +503,22 @@ def tissue_mask(prob: np.ndarray, brain: np.ndarray, threshold: float,
 # The stage
 # --------------------------------------------------------------------------------------------------
 
-NUISANCE_CHOICES = ("motion", "wm", "csf")
+NUISANCE_COLUMNS = {"motion": MOTION_COLUMNS, "wm": ["white_matter"], "csf": ["csf"]}
 
 
-def _func_config(config: Mapping[str, Any]) -> tuple[int, tuple[float, float], list[str]]:
-    """(dummy_scans, band_hz, nuisance) from ``{"preprocessing": {"func": ...}}``; absent keys: defaults."""
-    cfg = config.get("preprocessing", {}).get("func", {})
-    dummies = int(cfg.get("dummy_scans", 4))
-    band = tuple(float(b) for b in cfg.get("band_hz", DEFAULT_BAND_HZ))
-    if len(band) != 2 or not 0 < band[0] < band[1]:
-        raise ValueError(f"preprocessing.func.band_hz must be [low, high] with 0 < low < high, "
-                         f"got {list(band)}")
-    nuisance = [str(n) for n in cfg.get("nuisance", list(NUISANCE_CHOICES))]
-    bad = sorted(set(nuisance) - set(NUISANCE_CHOICES))
-    if bad:
-        raise ValueError(f"preprocessing.func.nuisance: unknown {bad}; choose from {list(NUISANCE_CHOICES)}")
-    return dummies, (band[0], band[1]), nuisance
+def band_hz(cfg: FuncConfig) -> tuple[float, float]:
+    """``cfg.band_hz`` as (low, high) floats, Hz."""
+    return float(cfg.band_hz[0]), float(cfg.band_hz[1])
 
 
-def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str, config: Mapping[str, Any],
+def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str, cfg: FuncConfig,
              threads: int = 1) -> Mapping[str, str]:
     """The func stage for one subject; writes every ``func_*`` and ``qc_func_*`` output (see neuromoe.paths).
 
     inputs: ``bold`` (4D NIfTI), ``bold_json`` (sidecar with RepetitionTime, s), ``anat_brain``
     (skull-stripped T1w), optional ``anat_mask`` (its brain mask; default anat_brain > 0), ``anat_xfm``
     (ITK .txt, T1w -> MNI in "image" mode, i.e. mapping MNI points to T1w points).
-    config: ``{"preprocessing": {"func": {"dummy_scans", "band_hz", "nuisance"}}}``.
+    cfg: ``dummy_scans``, ``band_hz``, ``nuisance``.
 
     Steps:
       1. TR from the sidecar; drop ``dummy_scans`` (StageError if < 1/f_low seconds remain).
@@ -535,17 +528,10 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
       4. Mean BOLD -> T1w brain, rigid, mutual information, metric masks dilated by ~1 BOLD voxel so the
          brain edge counts (``func_xfm``: T1w points -> BOLD points); composed with ``anat_xfm`` it maps MNI
          points to BOLD points.
-      5. WM and CSF masks in BOLD space from the MNI template's priors (not from an intensity segmentation
-         of the mean BOLD, whose EPI contrast separates tissues poorly), pulled through that forward
-         MNI -> BOLD transform (see ``priors_to_native``), thresholded and eroded (``tissue_mask``).
-      6. Confounds TSV: 6 motion parameters, FD, DVARS, std_dvars, mean WM and CSF signals (of the realigned
-         series), fMRIPrep column names.
-      7. OLS nuisance regression (intercept, linear trend, the configured ``nuisance`` of motion/wm/csf) of
-         the in-mask series; the mean is kept. This is ``func_preproc`` (0 outside the brain mask).
-      8. fALFF of the cleaned series; ReHo (27 neighbours) of the cleaned series band-passed to ``band_hz``.
-         Native maps on the BOLD grid, and on the MNI 2 mm template grid (99 x 117 x 95) through the composed
-         transform in one linear interpolation.
-      9. QC: fALFF/ReHo slices and the motion traces with FD.
+      5-8. ``derive_maps``: tissue signals, confounds, nuisance regression, fALFF and ReHo (native); the maps
+         go onto the MNI 2 mm template grid (99 x 117 x 95) through the composed transform in one linear
+         interpolation.
+      9. ``write_outputs``: files and QC (fALFF/ReHo slices and the motion traces with FD).
     Returns ``outputs``.
     """
     import logging
@@ -553,7 +539,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
 
     from nilearn.masking import compute_epi_mask
 
-    from neuromoe.inputs.imageio import load_image, new_image, save_map, save_mask
+    from neuromoe.inputs.imageio import load_image, new_image
     from neuromoe.preproc import registration as reg
     from neuromoe.preproc.motion import realign_series
 
@@ -568,7 +554,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
         now = time.perf_counter()
         timings[step], last[0] = now - last[0], now
 
-    n_dummy, band, nuisance = _func_config(config)
+    n_dummy, band = int(cfg.dummy_scans), band_hz(cfg)
 
     # 1. inputs
     tr = repetition_time(inputs["bold_json"], subject)
@@ -619,47 +605,87 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     bold_to_t1 = reg.register(t1, mean_img, kind="rigid", metric="mi",
                               fixed_mask=new_image(fixed_mask, t1.affine, dtype=np.uint8),
                               moving_mask=new_image(moving_mask, affine, dtype=np.uint8), threads=threads)
-    reg.write_transform(bold_to_t1, outputs["func_xfm"])
     t1_to_mni = reg.read_transform(inputs["anat_xfm"])
     mni_to_bold = reg.compose(t1_to_mni, bold_to_t1)  # MNI points -> T1w points -> BOLD points
     lap("register")
 
-    # 5. WM / CSF masks in BOLD space
+    # 5-8. tissue signals, confounds, regression, maps; then MNI
+    derived = derive_maps(data, mask, affine, mean_img, motion, mni_to_bold, tr, cfg, subject=subject,
+                          bold_path=inputs["bold"], threads=threads)
+    lap("derive")
+    maps_mni = {name: reg.resample(m, derived.template, mni_to_bold, interp="linear", threads=threads)
+                for name, m in derived.maps.items()}
+    lap("mni")
+
+    # 9. files and QC
+    write_outputs(outputs, subject, bold=img, tr=tr, mask=mask, derived=derived, maps_mni=maps_mni,
+                  transform=bold_to_t1)
+    lap("write")
+    log.info("%s: func stage done in %.1f s (%s)", sub, time.perf_counter() - t_start,
+             ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    return outputs
+
+
+@dataclass
+class FuncDerivatives:
+    """What ``derive_maps`` computes from a realigned series (native BOLD grid)."""
+
+    confounds: pd.DataFrame  # one row per volume, CONFOUND_COLUMNS
+    preproc: np.ndarray  # (X, Y, Z, T) float32, the cleaned series inside the mask, 0 outside
+    maps: dict[str, nib.Nifti1Image]  # fALFF, ReHo (float32, BOLD grid)
+    template: nib.Nifti1Image  # the MNI 2 mm template the tissue priors came from (the grid of the MNI maps)
+
+
+def derive_maps(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_img: nib.Nifti1Image, motion: pd.DataFrame,
+                mni_to_bold: sitk.Transform, tr: float, cfg: FuncConfig, *, subject: str | None,
+                bold_path: str | Path, threads: int = 1) -> FuncDerivatives:
+    """Everything the func stage derives in Python from a realigned series (both backends; FSL has no fALFF/ReHo).
+
+    ``data`` (X, Y, Z, T) realigned BOLD with its ``affine``, ``mask`` (X, Y, Z) bool brain mask, ``mean_img`` its
+    mean over time,
+    ``motion`` the table of ``MOTION_COLUMNS`` (mm, radians), ``mni_to_bold`` (ITK) maps MNI points to BOLD
+    points, ``tr`` seconds. Steps:
+      1. WM and CSF masks in BOLD space from the MNI template's priors (not from an intensity segmentation of
+         the mean BOLD, whose EPI contrast separates tissues poorly), pulled through the forward MNI -> BOLD
+         transform (``priors_to_native``), thresholded and eroded (``tissue_mask``); StageError if one is empty.
+      2. Confounds: 6 motion parameters, FD, DVARS, std_dvars, mean WM and CSF signals, fMRIPrep column names.
+      3. OLS nuisance regression (intercept, linear trend, the configured ``cfg.nuisance`` of motion/wm/csf) of
+         the in-mask series; the mean is kept.
+      4. fALFF of the cleaned series; ReHo (27 neighbours) of the cleaned series band-passed to ``cfg.band_hz``.
+    """
+    import logging
+
+    from neuromoe.inputs.imageio import new_image
+
+    sub = _sub(subject)
+    band = band_hz(cfg)
+    # 1. WM / CSF masks in BOLD space
     template, priors = template_tissue_priors()
     native = priors_to_native(mean_img, mni_to_bold, priors, template, threads=threads)
     tissue = {k: tissue_mask(native[k], mask, TISSUE_THRESHOLDS[k]) for k in ("wm", "csf")}
     for k, m in tissue.items():
         if not m.any():
             raise StageError(f"no {k.upper()} voxels found in BOLD space", subject=sub, stage=STAGE,
-                             path=inputs["bold"],
+                             path=bold_path,
                              fix="check the BOLD -> T1w -> MNI registration (QC figures of the anat stage)")
-    log.info("%s: WM mask %d voxels, CSF mask %d voxels", sub, tissue["wm"].sum(), tissue["csf"].sum())
-    lap("tissue")
+    logging.getLogger("neuromoe.func").info("%s: WM mask %d voxels, CSF mask %d voxels", sub, tissue["wm"].sum(),
+                                            tissue["csf"].sum())
 
-    # 6. confounds
+    # 2. confounds
     series = data[mask]  # (V, T)
     fd = framewise_displacement(motion)
     dv, std_dv = dvars(series)
     wm_sig, csf_sig = data[tissue["wm"]].mean(axis=0), data[tissue["csf"]].mean(axis=0)
     confounds = confounds_table(motion, fd, dv, wm_sig, csf_sig, std_dvars=std_dv)
-    write_confounds(confounds, outputs["func_confounds"])
-    lap("confounds")
 
-    # 7. nuisance regression
-    cols = {"motion": MOTION_COLUMNS, "wm": ["white_matter"], "csf": ["csf"]}
-    chosen = [c for k in nuisance for c in cols[k]]
+    # 3. nuisance regression
+    chosen = [c for k in cfg.nuisance for c in NUISANCE_COLUMNS[k]]
     regressors = confounds[chosen].to_numpy() if chosen else None
     clean = regress_nuisance(series, regressors, detrend=True, keep_mean=True)  # (V, T)
     preproc = np.zeros(data.shape, dtype=np.float32)
     preproc[mask] = clean
-    preproc_img = new_image(preproc, affine, like=img)
-    preproc_img.header.set_xyzt_units("mm", "sec")
-    preproc_img.header.set_zooms(preproc_img.header.get_zooms()[:3] + (tr,))
-    save_map(preproc_img, outputs["func_preproc"])
-    save_mask(mask, outputs["func_mask"], affine=affine)
-    lap("regress")
 
-    # 8. maps, native and MNI
+    # 4. maps
     falff_vol = np.zeros(mask.shape, dtype=np.float32)
     falff_vol[mask] = falff(clean, tr, band)
     filtered = np.zeros(data.shape, dtype=np.float32)
@@ -667,20 +693,43 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     reho_vol = reho(filtered, mask, neighbourhood=27)
     del filtered
     maps = {"fALFF": new_image(falff_vol, affine), "ReHo": new_image(reho_vol, affine)}
-    for name, m in maps.items():
+    return FuncDerivatives(confounds=confounds, preproc=preproc, maps=maps, template=template)
+
+
+def write_outputs(outputs: Mapping[str, str], subject: str, *, bold: nib.Nifti1Image, tr: float, mask: np.ndarray,
+                  derived: FuncDerivatives, maps_mni: Mapping[str, nib.Nifti1Image], transform: sitk.Transform,
+                  qc_note: str = "", motion_source: str = "") -> None:
+    """Write the func stage's files (both backends).
+
+    ``bold``: the series after the dummy scans (grid and header of ``func_preproc``, whose TR is set to ``tr``);
+    ``mask`` (X, Y, Z) bool; ``maps_mni``: fALFF and ReHo on the MNI grid; ``transform`` (ITK) maps T1w points to
+    BOLD points. QC figures when their keys are in ``outputs``; ``qc_note`` and ``motion_source`` go into their
+    titles (e.g. "FSL", "mcflirt").
+    """
+    from neuromoe.inputs.imageio import new_image, save_map, save_mask
+    from neuromoe.preproc import registration as reg
+
+    sub = _sub(subject)
+    affine = bold.affine
+    write_confounds(derived.confounds, outputs["func_confounds"])
+    preproc_img = new_image(derived.preproc, affine, like=bold)
+    preproc_img.header.set_xyzt_units("mm", "sec")
+    preproc_img.header.set_zooms(preproc_img.header.get_zooms()[:3] + (tr,))
+    save_map(preproc_img, outputs["func_preproc"])
+    save_mask(mask, outputs["func_mask"], affine=affine)
+    reg.write_transform(transform, outputs["func_xfm"])
+    for name, m in derived.maps.items():
         save_map(m, outputs[f"func_{name.lower()}"])
-        save_map(reg.resample(m, template, mni_to_bold, interp="linear", threads=threads),
-                 outputs[f"func_{name.lower()}_mni"])
-    lap("maps")
+        save_map(maps_mni[name], outputs[f"func_{name.lower()}_mni"])
+    if "qc_func_maps" in outputs or "qc_func_motion" in outputs:
+        from neuromoe.preproc import qc
 
-    # 9. QC
-    from neuromoe.preproc import qc
-
-    qc.plot_map_slices(maps, outputs["qc_func_maps"], title=f"{sub} fALFF / ReHo (native)",
-                       mask=new_image(mask, affine, dtype=np.uint8))
-    qc.plot_motion(confounds[MOTION_COLUMNS], outputs["qc_func_motion"], title=f"{sub} BOLD motion",
-                   fd=confounds["framewise_displacement"].to_numpy())
-    lap("qc")
-    log.info("%s: func stage done in %.1f s (%s)", sub, time.perf_counter() - t_start,
-             ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-    return outputs
+        confounds = derived.confounds
+        if "qc_func_maps" in outputs:
+            qc.plot_map_slices(derived.maps, outputs["qc_func_maps"],
+                               title=f"{sub} fALFF / ReHo (native{', ' + qc_note if qc_note else ''})",
+                               mask=new_image(mask, affine, dtype=np.uint8))
+        if "qc_func_motion" in outputs:
+            qc.plot_motion(confounds[MOTION_COLUMNS], outputs["qc_func_motion"],
+                           title=f"{sub} BOLD motion{f' ({motion_source})' if motion_source else ''}",
+                           fd=confounds["framewise_displacement"].to_numpy())

@@ -31,6 +31,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from neuromoe.errors import StageError
+from neuromoe.preproc.masks import largest_component, otsu_threshold
 
 _MARGIN_MM = 20.0  # largest head displacement from the reference that the cropped moving image keeps
 # Metric samples per registration (drawn in the cropped box). Mattes MI estimates a joint histogram and
@@ -91,19 +92,6 @@ def params_to_affines(params: pd.DataFrame, center: np.ndarray) -> np.ndarray:
     return out
 
 
-def _otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
-    """Otsu's threshold of a 1D sample (maximises the between-class variance of the histogram)."""
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centres[int(np.argmax(between))])
-
-
 def head_mask(vol: np.ndarray) -> np.ndarray:
     """Rough head/brain mask (X, Y, Z) bool of one volume: Otsu threshold, largest component, holes filled.
 
@@ -113,12 +101,8 @@ def head_mask(vol: np.ndarray) -> np.ndarray:
     pos = vol[finite & (vol > 0)]
     if pos.size == 0:
         return np.zeros(vol.shape, bool)
-    fg = finite & (vol > _otsu_threshold(pos))
-    labels, n = ndimage.label(fg)
-    if n > 1:
-        sizes = ndimage.sum_labels(fg, labels, index=np.arange(1, n + 1))
-        fg = labels == (1 + int(np.argmax(sizes)))
-    return ndimage.binary_fill_holes(fg)
+    fg = finite & (vol > otsu_threshold(pos, nbins=128))
+    return ndimage.binary_fill_holes(largest_component(fg))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import ndimage
 
-from neuromoe.preproc.anat import otsu_threshold
+from neuromoe.preproc.masks import otsu_threshold
 
 MOTION_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 VIEWS = ("axial", "coronal", "sagittal")

@@ -29,8 +29,6 @@ rule anat:
         mem_mb=3000,
         runtime=30,
     params:
-        cfg=stage_config(
-            "preprocessing.backend", "preprocessing.anat", "preprocessing.fsl"
-        ),
+        cfg=stage_config(*preproc_keys("anat", BACKEND)),
     script:
         f"{SCRIPTS}/anat.py"

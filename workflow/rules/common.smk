@@ -12,6 +12,7 @@ from neuromoe import paths
 from neuromoe.inputs.bids import MODALITIES, validate_dataset
 from neuromoe.config import validate_config
 from neuromoe.errors import NeuroMoEError
+from neuromoe.preproc import preproc_keys
 
 try:
     validate_config(config)  # readable, every problem at once, semantic checks
@@ -34,7 +35,7 @@ if BACKEND == "fsl":
 
     # With --use-conda, envs/fsl.yaml brings FSL; otherwise it must be installed here already.
     if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-        from neuromoe.preproc.fsl import FSL_FIX, fsl_problems
+        from neuromoe.preproc.fsl.tools import FSL_FIX, fsl_problems
 
         _problems = fsl_problems(os.environ, config)
         if _problems:
@@ -87,7 +88,8 @@ def stage_config(*sections):
     """The config keys a stage uses (dotted paths), nested as in config.yaml.
 
     Passed as ``params``: Snakemake reruns a job when its params change, so editing another stage's
-    keys (or a comment) reruns nothing here.
+    keys (or a comment) reruns nothing here. Preprocessing rules pass ``preproc_keys(stage, BACKEND)``:
+    only the keys their backend reads (an fsl-only key reruns no python-backend job).
     """
     out = {}
     for dotted in sections:

@@ -34,8 +34,6 @@ rule dwi:
         mem_mb=4000,
         runtime=60,
     params:
-        cfg=stage_config(
-            "preprocessing.backend", "preprocessing.dwi", "preprocessing.fsl"
-        ),
+        cfg=stage_config(*preproc_keys("dwi", BACKEND)),
     script:
         f"{SCRIPTS}/dwi.py"

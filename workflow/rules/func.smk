@@ -33,8 +33,6 @@ rule func:
         mem_mb=4000,
         runtime=60,
     params:
-        cfg=stage_config(
-            "preprocessing.backend", "preprocessing.func", "preprocessing.fsl"
-        ),
+        cfg=stage_config(*preproc_keys("func", BACKEND)),
     script:
         f"{SCRIPTS}/func.py"

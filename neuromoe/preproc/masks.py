@@ -1,0 +1,51 @@
+"""Binary-mask building blocks shared by the stages and the QC figures: Otsu's threshold, the head mask of a
+T1w, the largest connected component. numpy/scipy only (no SimpleITK), so importing it is cheap."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
+    """Otsu's threshold of a 1D sample (maximises the between-class variance of its ``nbins`` histogram)."""
+    h, edges = np.histogram(values, bins=nbins)
+    mids = 0.5 * (edges[1:] + edges[:-1])
+    w0 = np.cumsum(h)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(h * mids)
+    m0 = s0 / np.maximum(w0, 1)
+    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
+    return float(mids[int(np.argmax(w0 * w1 * (m0 - m1) ** 2))])
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of ``mask`` (bool, same shape); ``mask`` itself when it has <= 1."""
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, n + 1))
+    return lab == (int(np.argmax(sizes)) + 1)
+
+
+def head_mask(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Boolean (X, Y, Z) mask of the head in a T1w array: everything inside the scalp, background excluded.
+
+    Background threshold = half of Otsu's on the smoothed image (dark skull and CSF stay in), largest component,
+    closing, holes filled slice by slice along the axis closest to superior (the skull is a closed ring in each
+    axial slice even where the field of view cuts the neck), then in 3D.
+    """
+    smooth = ndimage.gaussian_filter(data, 1.0)
+    thr = 0.5 * otsu_threshold(smooth[smooth > 0]) if np.any(smooth > 0) else 0.0
+    fg = smooth > thr
+    fg = largest_component(ndimage.binary_opening(fg, iterations=1)) if fg.any() else fg
+    # Pad so the closing's erosion does not eat slices where the head touches the field of view.
+    fg = ndimage.binary_closing(np.pad(fg, 2), iterations=2)[2:-2, 2:-2, 2:-2]
+    # The skull ring is closed in each axial slice even where the neck leaves the field of view.
+    zaxis = int(np.argmax(np.abs(affine[2, :3])))
+    filled = np.zeros_like(fg)
+    for k in range(fg.shape[zaxis]):
+        sl = [slice(None)] * 3
+        sl[zaxis] = k
+        filled[tuple(sl)] = ndimage.binary_fill_holes(fg[tuple(sl)])
+    return ndimage.binary_fill_holes(filled)
