@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from neuromoe import paths
 from neuromoe.cache import store as C
-from neuromoe.learn.data import CohortDataset, batch_to, read_clinical
+from neuromoe.learn.data import CohortDataset, read_clinical, to_device
 
 GRID = (16, 16, 16)
 LABELS = ["HC", "PD", "iRBD"]
@@ -112,12 +112,12 @@ def test_dataloader_batches_and_device_conversion(caches: dict[str, Path]) -> No
     batch = next(iter(DataLoader(ds, batch_size=4, shuffle=False)))
     assert batch["dwi"].shape == (4, 2, *GRID) and batch["present"].shape == (4, 3)
     assert batch["label"].tolist() == [LABELS.index(d) for d in SUBJECTS.values()]
-    dev = batch_to(batch, "cpu")
-    assert dev["anat"].dtype == torch.float32 and dev["label"].dtype == torch.int64
-    assert dev["present"].dtype == torch.bool
+    images, clin, present, label = to_device(batch, ("anat", "dwi", "func", "clin"), torch.device("cpu"))
+    assert images["anat"].dtype == torch.float32 and label.dtype == torch.int64 and clin.dtype == torch.float32
+    assert present.dtype == torch.bool and present.shape == (4, 4) and present[:, 3].all()  # clin: always
     # bfloat16 keeps 8 significant bits of the float16 cache's values (same inputs, same normalisation)
     f16 = C.open_cohort(caches["float16"]).arrays["func"][:].astype(np.float32)
-    assert np.allclose(dev["func"].numpy(), f16, rtol=2.0**-8 + 2.0**-11, atol=1e-6)
+    assert np.allclose(images["func"].numpy(), f16, rtol=2.0**-8 + 2.0**-11, atol=1e-6)
 
 
 def test_dataset_pickles_without_the_arrays(caches: dict[str, Path]) -> None:

@@ -396,18 +396,18 @@ def test_heldout_gate_fit_pairs_experts_with_no_gate_and_fits_the_gate_on_val(co
 
 def test_crossfit_gate_is_fitted_on_predictions_of_models_that_never_saw_the_subject(
         cohort: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import neuromoe.learn.data
+    import neuromoe.learn.train
 
     cfg = make_cfg(epochs=3, lr=5e-3, batch_size=4, gate_fit="crossfit", crossfit_folds=3, select="last",
                    gate_fit_steps=50)
     seen: list[list[int]] = []  # the rows of every dataset built, in creation order
 
-    class Spy(neuromoe.learn.data.CohortDataset):
+    class Spy(neuromoe.learn.train.CohortDataset):
         def __init__(self, cohort, rows, clinical, *a, **kw):  # noqa: ANN001, ANN002, ANN003
             super().__init__(cohort, rows, clinical, *a, **kw)
             seen.append(list(rows))
 
-    monkeypatch.setattr(neuromoe.learn.data, "CohortDataset", Spy)
+    monkeypatch.setattr(neuromoe.learn.train, "CohortDataset", Spy)
     gates: list[dict[str, torch.Tensor]] = []
 
     def gate_weights(epoch: int, row: dict) -> None:

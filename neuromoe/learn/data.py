@@ -7,7 +7,7 @@ Items (``CohortDataset[i]``)::
 
 Images come back in the cache's *stored* dtype without a copy: ``float16`` as torch.float16, ``bfloat16``
 (stored as uint16 bit patterns) reinterpreted as torch.bfloat16 with ``Tensor.view``. The conversion to
-float32 happens after the batch reaches the device (``batch_to``), so a DataLoader moves half the bytes.
+float32 happens after the batch reaches the device (``to_device``), so a DataLoader moves half the bytes.
 An absent modality is the zero row the cache holds for it, with ``present`` False.
 """
 
@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from neuromoe.cache.store import MODALITIES, CohortCache, open_cohort
 from neuromoe.inputs.bids import SEX_CODES  # one sex coding for the whole package
+from neuromoe.learn.model import MRI_MODALITIES, expert_presence
 
 
 class CohortDataset(Dataset):
@@ -94,14 +95,16 @@ class CohortDataset(Dataset):
         return item
 
 
-def batch_to(batch: Mapping[str, torch.Tensor], device: torch.device | str,
-             dtype: torch.dtype = torch.float32, non_blocking: bool = True) -> dict[str, torch.Tensor]:
-    """Move a collated batch to ``device``; images are converted to ``dtype`` there (after the copy)."""
-    out = {}
-    for k, v in batch.items():
-        v = v.to(device, non_blocking=non_blocking)
-        out[k] = v.to(dtype) if k in MODALITIES else v
-    return out
+def to_device(batch: Mapping[str, torch.Tensor], experts: Sequence[str], dev: torch.device
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A collated batch on ``dev`` in the model's terms: (images {m: (B,C,D,H,W) float32} for the MRI experts,
+    clin (B,F) float32, present (B,E) bool over ``experts``, label (B,) int64). Images become float32 on the
+    device, after the copy."""
+    nb = dev.type == "cuda"
+    images = {m: batch[m].to(dev, non_blocking=nb).float() for m in experts if m in MRI_MODALITIES}
+    clin = batch["clin"].to(dev, non_blocking=nb).float()
+    present = expert_presence(batch["present"].to(dev, non_blocking=nb), tuple(experts))
+    return images, clin, present, batch["label"].to(dev, non_blocking=nb).long()
 
 
 def read_clinical(index_df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:

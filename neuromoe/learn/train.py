@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
@@ -46,14 +45,14 @@ from neuromoe.learn.checkpoint import (
     write_json_atomic,
 )
 from neuromoe.learn.clinical import ClinicalPreprocessor
+from neuromoe.learn.data import CohortDataset, to_device
+from neuromoe.learn.gate import expert_log_probs, fit_gate, fit_gate_to
 from neuromoe.learn.model import (
     EXPERTS,
     MRI_MODALITIES,
     ModelConfig,
-    MoEOutput,
     NeuroMoE,
     class_weights,
-    expert_presence,
     moe_loss,
 )
 from neuromoe.learn.splits import split_rows
@@ -139,16 +138,6 @@ class EpochSampler(Sampler[int]):
 # ---------------------------------------------------------------------------------------------
 # One pass
 # ---------------------------------------------------------------------------------------------
-def to_device(batch: Mapping[str, Tensor], experts: Sequence[str], dev: torch.device
-               ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
-    """Dataset batch -> (images {m: (B,C,D,H,W) float32}, clin (B,F), present (B,E) bool, y (B,))."""
-    nb = dev.type == "cuda"
-    images = {m: batch[m].to(dev, non_blocking=nb).float() for m in experts if m in MRI_MODALITIES}
-    clin = batch["clin"].to(dev, non_blocking=nb).float()
-    present = expert_presence(batch["present"].to(dev, non_blocking=nb), tuple(experts))
-    return images, clin, present, batch["label"].to(dev, non_blocking=nb).long()
-
-
 def _autocast(dev: torch.device) -> Any:
     return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
@@ -203,22 +192,6 @@ def train_step(model: NeuroMoE, opt: torch.optim.Optimizer, batch: Mapping[str, 
     return {"loss": float(loss.detach()), **parts, "correct": correct, "n": float(y.shape[0])}
 
 
-def fit_gate(model: NeuroMoE, loader: DataLoader, dev: torch.device, weights: Tensor | None,
-             balance_lambda: float, steps: int, seed: int, lr: float = 1e-2, weight_decay: float = 1e-2
-             ) -> list[float]:
-    """Fit only ``model.gate`` to the frozen experts on ``loader``'s subjects (``gate_fit: heldout``).
-
-    The experts' log-probabilities are computed once (eval mode), then ``fit_gate_to`` fits the gate. A
-    gate fitted on the training part learns which expert memorised each subject best; fitted on subjects
-    the experts did not train on, it learns which expert is right for whom (docs/fusion_study.md).
-    Returns the loss per step.
-    """
-    losses = fit_gate_to(model.gate, *expert_log_probs(model, loader, dev), weights, balance_lambda, steps,
-                         seed, lr, weight_decay)
-    model.eval()
-    return losses
-
-
 def train_epoch(model: NeuroMoE, opt: torch.optim.Optimizer, batches: Iterable[Mapping[str, Any]],
                 dev: torch.device, weights: Tensor | None, lam: float, tc: TrainConfig, step: int, warmup: int,
                 total: int, uniform_weights: bool) -> tuple[dict[str, float], int, float]:
@@ -243,46 +216,6 @@ def train_epoch(model: NeuroMoE, opt: torch.optim.Optimizer, batches: Iterable[M
         if isinstance(batches, tqdm):
             batches.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['correct'] / sums['n']:.2f}")
     return sums, step, lr
-
-
-@torch.no_grad()
-def expert_log_probs(model: NeuroMoE, loader: DataLoader, dev: torch.device
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Eval-mode pass -> (experts' log-probs (N, E, C) float32, clin (N, F), present (N, E), y (N,))."""
-    lps, clins, presents, ys = [], [], [], []
-    model.eval()
-    for batch in loader:
-        images, clin, present, y = to_device(batch, model.cfg.experts, dev)
-        lps.append(model(images, clin, present, uniform_weights=True).expert_log_probs.float())
-        clins.append(clin)
-        presents.append(present)
-        ys.append(y)
-    return torch.cat(lps), torch.cat(clins), torch.cat(presents), torch.cat(ys)
-
-
-def fit_gate_to(gate: torch.nn.Module, expert_log_probs: Tensor, clin: Tensor, present: Tensor, y: Tensor,
-                weights: Tensor | None, balance_lambda: float, steps: int, seed: int, lr: float = 1e-2,
-                weight_decay: float = 1e-2) -> list[float]:
-    """``steps`` full-batch AdamW steps of ``gate`` (clinical -> expert logits) on the paper's loss
-    (class-weighted NLL of the mixture + lambda * R_balance) with fixed experts' log-probabilities
-    (N, E, C); ``present`` (N, E) masks absent experts. The gate is left in eval mode; returns the losses.
-    """
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
-    gate.train()
-    losses = []
-    for _ in range(steps):
-        logits = gate(clin).float().masked_fill(~present, float("-inf"))  # absent experts: weight 0
-        log_w = F.log_softmax(logits, dim=-1)
-        out = MoEOutput(torch.logsumexp(log_w.unsqueeze(-1) + expert_log_probs, dim=1), log_w.exp(),
-                        expert_log_probs)
-        loss, _ = moe_loss(out, y, weights, balance_lambda)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    gate.eval()
-    return losses
 
 
 @torch.no_grad()
@@ -416,8 +349,6 @@ def crossfit_log_probs(mcfg: ModelConfig, data: RunData, tc: TrainConfig, dev: t
     a gate can be fitted on subjects none of whose predictions come from a model that trained on them.
     """
     from sklearn.model_selection import StratifiedKFold
-
-    from neuromoe.learn.data import CohortDataset
 
     rows = np.asarray(data.rows["train"])
     labels = data.cohort.index["label"].to_numpy()[rows]
@@ -654,8 +585,6 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        from neuromoe.learn.data import CohortDataset
-
         torch.manual_seed(seed)
         model = NeuroMoE(mcfg).to(dev)
         opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr,
