@@ -348,7 +348,7 @@ def _refit_gate(expert_lp, clin, y, weights, n_steps: int = 300, seed: int = 0):
     import torch
     from torch import nn
 
-    from neuromoe.learn.train import fit_gate_to
+    from neuromoe.learn.gate import fit_gate_to
 
     torch.manual_seed(seed)
     gate = nn.Sequential(nn.Linear(clin.shape[1], 16), nn.ReLU(), nn.Linear(16, expert_lp.shape[1]))
@@ -372,8 +372,8 @@ def experts(workdir: Path, runs: Path) -> dict:
     from sklearn.metrics import balanced_accuracy_score
     from torch.utils.data import DataLoader
 
-    from neuromoe.learn.data import CohortDataset
-    from neuromoe.learn.train import load_model, prepare_data, to_device
+    from neuromoe.learn.data import CohortDataset, to_device
+    from neuromoe.learn.train import load_model, prepare_data
 
     torch.set_num_threads(1)
     cfg, bids, cache_dir, splits = load_workdir(workdir)
