@@ -4,12 +4,13 @@ from neuromoe.smk import run
 def main(s):
     import pandas as pd
 
+    from neuromoe.config import EvaluationConfig
     from neuromoe.learn.splits import make_splits, write_splits
 
-    ev = s.params.cfg["evaluation"]
+    ev = EvaluationConfig.from_config(s.params.cfg)
     index = pd.read_csv(s.input.index, sep="\t", dtype={"participant_id": str})
     index = index[index["label"] >= 0]  # unlabelled subjects are for prediction only
-    splits = make_splits(index, ev["protocol"], ev["folds"], ev["seeds"], ev["val_fraction"])
+    splits = make_splits(index, ev.protocol, ev.folds, list(ev.seeds), ev.val_fraction)
     write_splits(splits, s.output[0])
 
 
