@@ -34,13 +34,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from neuromoe.cache.store import MODALITIES
 from neuromoe.errors import InputError
 from neuromoe.learn.metrics import compute_metrics
 from neuromoe.learn.splits import split_rows
 
 VARIANT = "baseline"
 REGIONS = (2, 2, 2)
-MODALITIES = ("anat", "dwi", "func")
 _CHUNK = 16  # subjects decoded to float32 at a time (bounds memory at large grids)
 
 

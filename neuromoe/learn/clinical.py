@@ -29,8 +29,7 @@ import numpy as np
 import pandas as pd
 
 from neuromoe.errors import InputError
-
-_SEX_ORDER = {"m": 0, "male": 0, "f": 1, "female": 1}  # same codes as neuromoe.learn.data.SEX_CODES
+from neuromoe.inputs.bids import SEX_CODES  # one sex coding for the whole package
 
 
 class ClinicalPreprocessor:
@@ -88,8 +87,8 @@ class ClinicalPreprocessor:
                                      "participants.clinical_columns")
             if pd.to_numeric(observed, errors="coerce").isna().any():  # text -> two-level categorical
                 levels = sorted(set(observed.astype(str).str.strip().str.lower()))
-                if set(levels) <= set(_SEX_ORDER):
-                    levels.sort(key=_SEX_ORDER.__getitem__)
+                if set(levels) <= set(SEX_CODES):
+                    levels.sort(key=SEX_CODES.__getitem__)
                 if len(levels) != 2:
                     raise InputError(f"clinical column {col!r} is text with {len(levels)} level(s) "
                                      f"{levels} in the training fold; only two-level text columns "

@@ -39,12 +39,12 @@ from neuromoe.learn.metrics import (
     compute_metrics,
     summarise,
 )
+from neuromoe.learn.model import EXPERTS
 from neuromoe.learn.splits import is_split_id, parse_split_id
 
 METRIC_LABELS = {"accuracy": "Accuracy (%)", "balanced_accuracy": "Balanced acc. (%)",
                  "macro_f1": "Macro F1 (%)", "auc": "ROC AUC", "ece": "ECE"}
 _PERCENT = {"accuracy", "balanced_accuracy", "macro_f1"}
-_EXPERT_ORDER = ("anat", "dwi", "func", "clin")
 UNIT = (0.0, 1.0)  # every scalar metric and gate weight lies in [0, 1]; CIs are clipped to it
 
 
@@ -183,7 +183,7 @@ def collect_predictions(runs: Sequence[Run] | str | Path | Iterable[str | Path],
 
 def _expert_key(col: str) -> tuple[int, str]:
     e = col.removeprefix(GATE_PREFIX)
-    return (_EXPERT_ORDER.index(e) if e in _EXPERT_ORDER else len(_EXPERT_ORDER), e)
+    return (EXPERTS.index(e) if e in EXPERTS else len(EXPERTS), e)
 
 
 def variant_order_key(variant: str) -> tuple[int, float, str]:
@@ -194,7 +194,7 @@ def variant_order_key(variant: str) -> tuple[int, float, str]:
     if variant == "no_gate":
         return (1, 0.0, "")
     if kind in ("drop", "only"):
-        rank = _EXPERT_ORDER.index(arg) if arg in _EXPERT_ORDER else len(_EXPERT_ORDER)
+        rank = EXPERTS.index(arg) if arg in EXPERTS else len(EXPERTS)
         return (2 if kind == "drop" else 3, float(rank), arg)
     if kind == "lambda":
         try:

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from neuromoe.errors import InputError
+from neuromoe.learn.model import MRI_MODALITIES
 
-MRI = ("anat", "dwi", "func")
 
 
 def _check_compatible(meta: dict, cohort, run_dir: Path, cache_dir: Path) -> None:
@@ -87,7 +87,7 @@ def predict_cohort(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
         table[f"prob_{c}"] = probs[:, j]
     for j, e in enumerate(experts):
         table[f"gate_{e}"] = pred["gate"][:, j]
-    missing = [",".join(m for m in MRI if m in experts and not bool(by_row.at[r, f"has_{m}"])) for r in pred["row"]]
+    missing = [",".join(m for m in MRI_MODALITIES if m in experts and not bool(by_row.at[r, f"has_{m}"])) for r in pred["row"]]
     table["missing"] = missing
     table["flagged"] = [bool(m) for m in missing]
     out_dir.mkdir(parents=True, exist_ok=True)
