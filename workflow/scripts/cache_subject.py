@@ -2,11 +2,9 @@ from pathlib import Path
 
 from neuromoe.smk import run
 
-MODALITIES = ("anat", "dwi", "func")
-
 
 def main(s):
-    from neuromoe.cache.store import cache_subject, subject_paths
+    from neuromoe.cache.store import MODALITIES, cache_subject, subject_paths
 
     cfg, sub = s.params.cfg, s.wildcards.subject
     folder = Path(s.output[0])
