@@ -196,7 +196,8 @@ def third_party_imports(roots: list[tuple[Path, str | None]], skip: set[str]) ->
                 for i in range(1, len(parts) + 1):  # parent packages run their __init__ too
                     sub = ".".join(parts[:i])
                     f = _module_file(sub)
-                    if f is not None and sub not in seen and sub not in skip:
+                    if f is not None and sub not in seen and not any(sub == m or sub.startswith(m + ".")
+                                                                     for m in skip):
                         seen.add(sub)
                         todo.append((f, sub))
             elif top and top not in sys.stdlib_module_names and top != "__future__":
@@ -223,7 +224,9 @@ def test_rule_env_has_every_import(rule, env, script):
     skip = {m for m, only in BACKEND_ONLY.items() if only != env}
     roots: list[tuple[Path, str | None]] = [(script, None)]
     if rule_envs()[rule][0] == list(PREPROC_ENVS):  # the scripts dispatch to the backend module of their env
-        roots += [(_module_file(m), m) for m, only in BACKEND_ONLY.items() if only == env]
+        roots += [(p, ".".join(p.relative_to(REPO).with_suffix("").parts))
+                  for m, only in BACKEND_ONLY.items() if only == env
+                  for p in sorted(REPO.joinpath(*m.split(".")).rglob("*.py"))]
     imports = third_party_imports(roots, skip)
     pkgs = env_packages(env)
     missing = {name: src for name, src in imports.items() if not (PACKAGES.get(name, {name.lower()}) & set(pkgs))}
