@@ -150,3 +150,11 @@ def test_the_checker_sees_a_cycle_and_a_private_use(tmp_path: Path) -> None:
     (tmp_path / "m.py").write_text("from neuromoe.paths import _M\nimport neuromoe.learn.train as T\nT._x\n")
     found = private_uses(tmp_path / "m.py", modules(), "x")
     assert len(found) == 2, found
+
+
+def test_architecture_doc_names_every_module() -> None:
+    """docs/architecture.md is the map of the package: a module it does not name is a module nobody finds."""
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    missing = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
+               if p.name != "__init__.py" and f"`{p.relative_to(PACKAGE)}`" not in doc]
+    assert not missing, f"docs/architecture.md does not name: {missing}"

@@ -58,7 +58,7 @@ def fit_gate(model: NeuroMoE, loader: DataLoader, dev: torch.device, weights: Te
 
     The experts' log-probabilities are computed once (eval mode), then ``fit_gate_to`` fits the gate. A
     gate fitted on the training part learns which expert memorised each subject best; fitted on subjects
-    the experts did not train on, it learns which expert is right for whom (docs/fusion_study.md).
+    the experts did not train on, it learns which expert is right for whom (studies/fusion/README.md).
     Returns the loss per step.
     """
     losses = fit_gate_to(model.gate, *expert_log_probs(model, loader, dev), weights, balance_lambda, steps,
