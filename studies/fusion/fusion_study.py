@@ -21,9 +21,9 @@ ground truth in ``derivatives/synth-truth``):
   effect present: 4 SD, plus unit noise) and clinical table come from ``neuromoe.inputs.synth.subject_plan``; a
   small mixture of experts (one 2-feature expert per modality, a clinical expert, the clinical gate,
   trained with the workflow's ``neuromoe.learn.model.moe_loss`` and ``class_weights``) is fitted on the
-  workflow's split protocol. Its balanced accuracies bound what the deep model can reach on a cohort of
-  that size and design, so a design in which routing does not beat the best single modality here cannot
-  pass issue 7 with any encoder. About a minute; no workflow needed.
+  workflow's split protocol (the code: ``oracle`` in ``bench/generality.py``). Its balanced accuracies
+  bound what the deep model can reach on a cohort of that size and design, so a design in which routing
+  does not beat the best single modality here cannot pass issue 7 with any encoder. About a minute; no workflow needed.
 
 Results are printed and written as JSON (machine noted) under ``studies/fusion/results/``; what they
 showed is in ``studies/fusion/README.md``.
@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import sys
 import time
 import warnings
@@ -69,8 +68,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))  # bench/_machine.py
 
 from _machine import machine  # noqa: E402  (CPU model, cores, RAM, torch, GPU, load)
-
-from neuromoe.learn.splits import PARTS  # noqa: E402
 
 
 def load_workdir(workdir: Path) -> tuple[dict, Path, Path, Path]:
@@ -185,105 +182,15 @@ def learnability(workdir: Path, split_ids: list[str]) -> dict:
     return {"cache": str(cache_dir), "n_subjects": len(c), "splits": split_ids, "results": out}
 
 
-ORACLE_VARIANTS = {"full": ("anat", "dwi", "func", "clin"), "no_gate": ("anat", "dwi", "func", "clin"),
-                   "only_anat": ("anat",), "only_dwi": ("dwi",), "only_func": ("func",), "only_clin": ("clin",)}
-
-
-def _oracle_cohort(n: int, seed: int, params) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
-    from neuromoe.inputs.synth import DIAGNOSES, MODALITIES, subject_plan
-
-    rng = np.random.default_rng(seed)
-    plans = [subject_plan(k, seed, params) for k in range(1, n + 1)]
-    x = np.array([[[p.effects[m][r] > 0 for r in "AB"] for m in MODALITIES] for p in plans], float)
-    x = 4.0 * x + rng.standard_normal(x.shape)
-    cols = ["age", "updrs3", "moca", "rbdsq", "serum_nfl", "serum_asyn"]
-    clin = pd.DataFrame([{c: p.clinical[c] for c in cols} for p in plans], dtype=float)
-    clin[["serum_nfl", "serum_asyn"]] = np.log(clin[["serum_nfl", "serum_asyn"]])
-    clin["sex"] = [float(p.clinical["sex"] == "M") for p in plans]
-    y = np.array([DIAGNOSES.index(p.diagnosis) for p in plans])
-    part = pd.DataFrame({"participant_id": [p.subject for p in plans], "diagnosis": [p.diagnosis for p in plans],
-                         "profile": [p.profile for p in plans]})
-    return x, clin.to_numpy(), y, part
-
-
-def _oracle_fit(x, clin, y, tr, va, te, experts, gate: bool, seed: int,
-                epochs: int = 300) -> tuple[float, np.ndarray]:
-    import torch
-    from sklearn.metrics import balanced_accuracy_score
-    from torch import nn
-    from torch.nn import functional as F
-
-    from neuromoe.learn.model import MoEOutput, class_weights, moe_loss
-
-    med = np.nanmedian(clin[tr], axis=0)
-    c = np.where(np.isnan(clin), med, clin)
-    c = (c - c[tr].mean(0)) / (c[tr].std(0) + 1e-6)
-    xt, ct, yt = (torch.tensor(a, dtype=torch.float32) for a in (x, c, y))
-    yt = yt.long()
-    mods = {"anat": 0, "dwi": 1, "func": 2}
-    torch.manual_seed(seed)
-    heads = nn.ModuleList([nn.Sequential(nn.Linear(2 if e in mods else ct.shape[1], 16), nn.ReLU(),
-                                         nn.Linear(16, 3)) for e in experts])
-    gate_net = nn.Sequential(nn.Linear(ct.shape[1], 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, len(experts)))
-    params = list(heads.parameters()) + (list(gate_net.parameters()) if gate else [])
-    opt = torch.optim.AdamW(params, 3e-3, weight_decay=1e-2)
-    weight = class_weights(y[tr], 3)
-    nets = nn.ModuleList([heads, gate_net])
-
-    def forward(idx) -> MoEOutput:
-        lp = torch.stack([F.log_softmax(h(xt[idx, mods[e]] if e in mods else ct[idx]), -1)
-                          for e, h in zip(experts, heads, strict=True)], 1)
-        lw = F.log_softmax(gate_net(ct[idx]), -1) if gate else torch.full((len(idx), len(experts)),
-                                                                         -math.log(len(experts)))
-        return MoEOutput(torch.logsumexp(lw.unsqueeze(-1) + lp, 1), lw.exp(), lp)
-
-    best, state = float("inf"), None
-    for _ in range(epochs):
-        nets.train()
-        loss, _ = moe_loss(forward(tr), yt[tr], weight, balance_lambda=0.1)   # the workflow's loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        nets.eval()
-        with torch.no_grad():
-            vl = moe_loss(forward(va), yt[va], weight)[0].item()
-        if vl < best:
-            best, state = vl, {k: v.clone() for k, v in nets.state_dict().items()}
-    nets.load_state_dict(state)
-    nets.eval()
-    with torch.no_grad():
-        out = forward(te)
-    return float(balanced_accuracy_score(y[te], out.log_probs.argmax(1).numpy())), out.gate.numpy()
-
-
 def oracle(n: int, synth: list[str], folds: int, seeds: list[int], data_seed: int = 42) -> dict:
-    import torch
+    """The oracle of ``bench/generality.py`` (moved there) on SynthParams overrides ``synth``."""
+    from generality import oracle as oracle_ceiling  # bench/ is on sys.path
 
     from neuromoe.inputs.synth import SynthParams
-    from neuromoe.learn.splits import make_splits
 
-    torch.set_num_threads(1)
     params = SynthParams(**{k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in synth)})
-    x, clin, y, part = _oracle_cohort(n, data_seed, params)
-    splits = make_splits(part, "cv", folds=folds, seeds=seeds, val_fraction=0.2)
-    pos = {s: i for i, s in enumerate(part["participant_id"])}
-    summary = {}
-    for v, experts in ORACLE_VARIANTS.items():
-        accs, gates = [], []
-        for sid, g in splits.groupby("split_id", sort=True):
-            idx = {pt: np.array([pos[s] for s in g.loc[g["part"] == pt, "participant_id"]]) for pt in PARTS}
-            acc, w = _oracle_fit(x, clin, y, idx["train"], idx["val"], idx["test"], experts, v == "full",
-                                 seed=int(sid.split("-")[1][1:]))
-            accs.append(acc)
-            profile = part["profile"].to_numpy()[idx["test"]]
-            gates.append(pd.DataFrame(w, columns=list(experts)).assign(profile=profile))
-        summary[v] = {"test_balanced_accuracy_mean": float(np.mean(accs)),
-                      "test_balanced_accuracy_sd": float(np.std(accs, ddof=1)),
-                      "per_split": [round(a, 4) for a in accs]}
-        if v == "full":
-            summary[v]["test_gate_by_true_profile"] = (pd.concat(gates).groupby("profile").mean().round(3)
-                                                       .to_dict("index"))
-        print(f"{v:10s} test balanced accuracy {np.mean(accs):.3f} +- {summary[v]['test_balanced_accuracy_sd']:.3f}")
+    summary = oracle_ceiling(n, params, data_seed=data_seed, protocol="cv", folds=folds, seeds=seeds,
+                             val_fraction=0.2)
     return {"subjects": n, "synth": synth, "folds": folds, "seeds": seeds, "variants": summary}
 
 

@@ -1,0 +1,199 @@
+"""bench/generality.py: argument parsing, the piece's config, the analysis of a finished piece (paired interval,
+gate by true profile), the oracle on a tiny cohort (no images), and the results file (merge, atomic write,
+pooled difference, report). The workflow itself is not run here (tests/test_workflow.py runs it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gen():
+    spec = importlib.util.spec_from_file_location("generality", REPO / "bench" / "generality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --- arguments and config --------------------------------------------------------------------------------
+def test_run_arguments_and_defaults(gen) -> None:
+    a = gen.build_parser().parse_args(["run", "--design-seed", "11"])
+    assert (a.design_seed, a.subjects, a.cores, a.overrides, a.out) == (11, 180, 2, [], gen.DEFAULT_OUT)
+    a = gen.build_parser().parse_args(["run", "--design-seed", "none", "--subjects", "9", "--workdir", "/x",
+                                       "--cores", "4", "--set", "cache.grid=[16,16,16]", "train.epochs=3",
+                                       "--out", "/tmp/r.json"])
+    assert a.design_seed is None and a.subjects == 9 and a.workdir == Path("/x") and a.cores == 4
+    assert gen.parse_overrides(a.overrides) == {"cache.grid": [16, 16, 16], "train.epochs": 3}
+    assert gen.build_parser().parse_args(["report"]).out == gen.DEFAULT_OUT
+    with pytest.raises(SystemExit):
+        gen.build_parser().parse_args(["run"])  # --design-seed is required
+
+
+def test_bad_arguments_are_refused(gen) -> None:
+    for bad in (["train.epochs"], ["=3"], ["train..epochs=3"], ["bids_dir=/data"], ["synthetic.subjects=9"]):
+        with pytest.raises(ValueError):
+            gen.parse_overrides(bad)
+    with pytest.raises(SystemExit, match="at least 9"):
+        gen.main(["run", "--design-seed", "1", "--subjects", "6"])
+    assert set(gen.HELDOUT_DESIGN_SEEDS).isdisjoint(gen.TUNING_DESIGN_SEEDS) and len(gen.HELDOUT_DESIGN_SEEDS) >= 4
+
+
+def test_piece_config_is_the_repository_config_with_the_protocol(gen, tmp_path: Path) -> None:
+    from neuromoe.config import validate_config
+
+    cfg = gen.piece_config(tmp_path / "bids", {"train.epochs": 3, "cache.grid": [16, 16, 16]})
+    assert cfg["bids_dir"] == str(tmp_path / "bids") and cfg["output_dir"] == "results"
+    assert cfg["synthetic"]["generate"] is False
+    assert cfg["evaluation"]["variants"] == gen.VARIANTS and cfg["evaluation"]["lambda_sweep"] == []
+    assert cfg["evaluation"]["baseline"] == "logreg"
+    assert cfg["train"]["epochs"] == 3 and cfg["cache"]["grid"] == [16, 16, 16]
+    assert cfg["model"]["pooling"] == "flat"  # the rest is config.yaml's demo settings
+    validate_config(cfg)
+    targets = gen.phase_targets(cfg)
+    n_splits = cfg["evaluation"]["folds"] * len(cfg["evaluation"]["seeds"])
+    assert len(targets["training"]) == (len(gen.VARIANTS) + 1) * n_splits
+    assert targets["evaluation"] == ["results/evaluation/ablation.tsv"]
+    assert gen.piece_name(11, 180) == "design-11_n180" and gen.piece_name(None, 9) == "design-demo_n9"
+    assert gen.piece_name(11, 180, {"train.epochs": 3}) != gen.piece_name(11, 180, {"train.epochs": 4})
+    assert gen.cohort_seed(None) == 42 and gen.cohort_seed(11) != gen.cohort_seed(12)
+    argv = gen.snakemake_argv(tmp_path, 2, ["a"])
+    assert argv[1:] == ["--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+                        str(tmp_path / "config.yaml"), "--cores", "2", "--rerun-incomplete", "a"]
+
+
+# --- analysis --------------------------------------------------------------------------------------------
+def _per_run(diffs: list[float]) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.6, len(diffs))
+    rows = []
+    for k, (b, d) in enumerate(zip(base, diffs, strict=True)):
+        rows += [{"variant": "no_gate", "split_id": f"cv-s0-f{k}", "balanced_accuracy": b},
+                 {"variant": "full", "split_id": f"cv-s0-f{k}", "balanced_accuracy": b + d}]
+    return pd.DataFrame(rows)
+
+
+def test_paired_difference_is_a_t_interval_over_splits(gen) -> None:
+    diffs = [0.1, 0.2, 0.0, 0.1, -0.05]
+    table = _per_run(diffs)
+    table = pd.concat([table, pd.DataFrame([{"variant": "full", "split_id": "cv-s1-f0", "balanced_accuracy": 0.9}])])
+    d = gen.paired_difference(table)  # the split only full ran is left out
+    half = stats.t.ppf(0.975, 4) * np.std(diffs, ddof=1) / math.sqrt(5)
+    assert d["n_splits"] == 5 and d["wins"] == 3 and d["ties"] == 1
+    assert d["mean"] == pytest.approx(np.mean(diffs))
+    assert (d["ci_low"], d["ci_high"]) == (pytest.approx(np.mean(diffs) - half), pytest.approx(np.mean(diffs) + half))
+    assert gen.paired_difference(table[table["variant"] == "full"]) is None
+    one = gen.paired_difference(_per_run([0.1]))
+    assert one["mean"] == pytest.approx(0.1) and one["ci_low"] is None  # JSON-safe, no NaN
+    t = _per_run(diffs)
+    mean, sd = gen.variant_accuracy(t)
+    full = t.loc[t["variant"] == "full", "balanced_accuracy"]
+    assert set(mean) == {"full", "no_gate"} and mean["full"] == pytest.approx(full.mean())
+    assert sd["full"] == pytest.approx(full.std(ddof=1))
+
+
+def test_gate_by_profile_groups_test_predictions_of_full_by_true_profile(gen) -> None:
+    pred = pd.DataFrame({
+        "participant_id": ["01", "02", "03", "01", "02", "01"],
+        "variant": ["full", "full", "full", "full", "no_gate", "full"],
+        "part": ["test", "test", "test", "test", "test", "val"],
+        "label": ["PD", "HC", "iRBD", "PD", "HC", "PD"], "pred": ["PD", "PD", "iRBD", "HC", "HC", "PD"],
+        "gate_anat": [0.6, 0.1, 0.2, 0.4, 0.25, 0.9], "gate_dwi": [0.2, 0.7, 0.2, 0.2, 0.25, 0.0],
+        "gate_func": [0.1, 0.1, 0.5, 0.2, 0.25, 0.0], "gate_clin": [0.1, 0.1, 0.1, 0.2, 0.25, 0.1]})
+    out = gen.gate_by_profile(pred, {"01": "anat", "02": "dwi", "03": "func"})
+    assert set(out) == {"anat", "dwi", "func"}
+    assert out["anat"] == {"anat": 0.5, "dwi": 0.2, "func": 0.15, "clin": 0.15, "n": 2, "accuracy": 0.5}
+    assert out["dwi"]["dwi"] == 0.7 and out["dwi"]["n"] == 1 and out["dwi"]["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="no true profile"):
+        gen.gate_by_profile(pred, {"01": "anat"})
+
+
+def test_benchmark_cpu_seconds_sums_the_workflow_benchmark_files(gen, tmp_path: Path) -> None:
+    for rel, cpu in (("anat/sub-01.tsv", 8.0), ("cache_subject/sub-01.tsv", 4.0), ("cache_cohort.tsv", 1.5),
+                     ("train/full/cv-s0-f0.tsv", 20.0), ("train/no_gate/cv-s0-f0.tsv", 10.0)):
+        f = tmp_path / "benchmarks" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"s\th:m:s\tmax_rss\tcpu_time\n1.0\t0:00:01\t100\t{cpu}\n")
+    assert gen.benchmark_cpu_seconds(tmp_path) == {"preprocessing+cache": 13.5, "training": 30.0}
+
+
+# --- oracle ----------------------------------------------------------------------------------------------
+def test_oracle_on_a_tiny_cohort(gen) -> None:
+    res = gen.oracle(9, None, data_seed=3, folds=3, seeds=[0], epochs=20, verbose=False)
+    assert set(res) == set(gen.ORACLE_VARIANTS)
+    for v in res.values():
+        assert len(v["per_split"]) == 3 and 0 <= v["test_balanced_accuracy_mean"] <= 1
+    gates = res["full"]["test_gate_by_true_profile"]
+    assert set(gates) <= set(gen.PROFILES)
+    for w in gates.values():
+        assert set(w) == {"anat", "dwi", "func", "clin"} and sum(w.values()) == pytest.approx(1, abs=0.01)
+
+
+def test_oracle_cohort_is_in_the_workflows_subject_order(gen) -> None:
+    from neuromoe.inputs.synth import DIAGNOSES, subject_plan
+
+    x, clin, y, part = gen.oracle_cohort(101, 42)
+    ids = part["participant_id"].tolist()
+    assert ids == sorted(ids) and ids[9:12] == ["10", "100", "101"]
+    k = ids.index("100")
+    plan = subject_plan(100, 42)
+    assert y[k] == DIAGNOSES.index(plan.diagnosis) and part["profile"][k] == plan.profile
+    assert x.shape == (101, 3, 2) and clin.shape == (101, 7)
+
+
+# --- results file ----------------------------------------------------------------------------------------
+def _entry(seed, diff: float, n: int = 180, overrides: dict | None = None) -> dict:
+    return {"design_seed": seed, "n_subjects": n, "config_overrides": overrides or {}, "finished": True,
+            "balanced_accuracy": {"full": 0.5 + diff, "no_gate": 0.5, "baseline": 0.4},
+            "oracle": {"full": {"test_balanced_accuracy_mean": 0.8}, "no_gate": {"test_balanced_accuracy_mean": 0.7}},
+            "paired_full_minus_no_gate": {"mean": diff, "ci_low": diff - 0.05, "ci_high": diff + 0.05,
+                                          "n_splits": 10}}
+
+
+def test_results_merge_replaces_only_the_pieces_own_entry(gen, tmp_path: Path) -> None:
+    out = tmp_path / "r" / "generality.json"
+    h = gen.HELDOUT_DESIGN_SEEDS
+    gen.write_results(out, _entry(h[0], 0.10), {"cpu": "a"})
+    gen.write_results(out, _entry(h[1], 0.02))
+    gen.write_results(out, _entry(h[1], 0.06, n=9))                 # another size: its own entry
+    gen.write_results(out, _entry(h[1], 0.02, overrides={"train.epochs": 3}))  # another setting
+    gen.write_results(out, _entry(gen.TUNING_DESIGN_SEEDS[0], 0.5))  # never pooled
+    gen.write_results(out, _entry(None, 0.11))                       # the demo: never pooled
+    r = gen.write_results(out, _entry(h[0], 0.04), {"cpu": "b"})     # rerun of the first piece
+    assert json.loads(out.read_text()) == r
+    assert [p.name for p in out.parent.iterdir()] == ["generality.json"]  # no temporary or lock file left
+    assert len(r["designs"]) == 6 and r["machine"] == {"cpu": "b"}
+    assert [d["paired_full_minus_no_gate"]["mean"] for d in r["designs"] if d["design_seed"] == h[0]] == [0.04]
+    p = r["pooled_full_minus_no_gate"]
+    assert p["n_designs"] == 2 and p["design_seeds"] == [h[0], h[1]] and p["mean"] == pytest.approx(0.03)
+    half = stats.t.ppf(0.975, 1) * np.std([0.04, 0.02], ddof=1) / math.sqrt(2)
+    assert p["ci_low"] == pytest.approx(0.03 - half) and p["designs_full_wins"] == 2
+    assert len(r["pooled_by_setting"]) == 3
+
+    table = gen.report(r)
+    assert f"| {h[0]} | 54.0 | 50.0 |" in table and "| 80.0 / 70.0 | +4.0 [-1.0, 9.0] | not shown |" in table
+    assert "**pooled** (2 designs; full better in 2)" in table and "tuning" in table and "demo, n 180" in table
+
+
+def test_results_write_is_atomic(gen, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "generality.json"
+    gen.write_results(out, _entry(gen.HELDOUT_DESIGN_SEEDS[0], 0.1))
+    before = out.read_text()
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        gen.write_results(out, _entry(gen.HELDOUT_DESIGN_SEEDS[1], 0.1))
+    assert out.read_text() == before  # the old file is whole; a reader never sees half a file
