@@ -197,3 +197,16 @@ def test_results_write_is_atomic(gen, tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(OSError):
         gen.write_results(out, _entry(gen.HELDOUT_DESIGN_SEEDS[1], 0.1))
     assert out.read_text() == before  # the old file is whole; a reader never sees half a file
+
+
+def test_a_drawn_design_reaches_the_generator(gen) -> None:
+    import dataclasses
+
+    from neuromoe.inputs.synth import SynthParams
+
+    if "design_seed" not in {f.name for f in dataclasses.fields(SynthParams)}:
+        pytest.skip("SynthParams has no design_seed yet")
+    params = gen.design_params(gen.HELDOUT_DESIGN_SEEDS[0])
+    assert params.design_seed == gen.HELDOUT_DESIGN_SEEDS[0] and gen.design_params(None).design_seed is None
+    x, clin, y, part = gen.oracle_cohort(9, gen.cohort_seed(gen.HELDOUT_DESIGN_SEEDS[0]), params)
+    assert x.shape == (9, 3, 2) and sorted(np.bincount(y)) == [3, 3, 3]
