@@ -465,7 +465,8 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
 
         def spend(phase: str, t0: float) -> None:  # summed over sittings, interrupted ones included
             seconds[phase] += time.perf_counter() - t0
-            state_path.write_text(json.dumps({"seconds": seconds, "config_overrides": overrides}, indent=1))
+            state["seconds"] = seconds
+            state_path.write_text(json.dumps(state, indent=1, default=str))
 
         t0 = time.perf_counter()
         try:
@@ -487,16 +488,20 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
                 spend(phase, t0)
             _say(tag, f"{phase} done ({seconds[phase]:.0f} s in all)")
 
-        _say(tag, "oracle (no images)")
-        t0 = time.perf_counter()
         ev = cfg["evaluation"]
-        try:
-            orc = oracle(n_subjects, design_params(design_seed), data_seed=cohort_seed(design_seed),
-                         protocol=ev["protocol"], folds=ev["folds"], seeds=ev["seeds"],
-                         val_fraction=ev["val_fraction"], verbose=False)
-        finally:
-            spend("oracle", t0)
-        _say(tag, f"oracle done ({seconds['oracle']:.0f} s)")
+        protocol = {k: ev[k] for k in ("protocol", "folds", "seeds", "val_fraction")}
+        orc = (state.get("oracle") or {}).get("result") if (state.get("oracle") or {}).get("protocol") == protocol \
+            else None
+        if orc is None:  # kept in the state file: a rerun of a finished piece does not fit it again
+            _say(tag, "oracle (no images)")
+            t0 = time.perf_counter()
+            try:
+                orc = oracle(n_subjects, design_params(design_seed), data_seed=cohort_seed(design_seed),
+                             verbose=False, **protocol)
+                state["oracle"] = {"protocol": protocol, "result": orc}
+            finally:
+                spend("oracle", t0)
+            _say(tag, f"oracle done ({seconds['oracle']:.0f} s)")
 
     res = wf / "results"
     per_run = pd.read_csv(res / "evaluation" / "per_run.tsv", sep="\t")
@@ -524,6 +529,7 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
         "paired_full_minus_no_gate": paired_difference(per_run),
         "gate_by_profile": gate_by_profile(preds, true_profiles(cohort, preds["participant_id"])),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "config": cfg, "git_commit": _git_commit(),
         "cpu_seconds": benchmark_cpu_seconds(res),
         "design": design, "machine": meta, "finished": True,
     }
@@ -534,6 +540,17 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
         orc["full"]["test_balanced_accuracy_mean"], _fmt_diff(d)))
     _say(tag, f"results -> {out}")
     return entry
+
+
+def _git_commit() -> str | None:
+    """The repository's commit (with ``+dirty`` when tracked files differ from it), or None outside git."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
 
 
 # --- report --------------------------------------------------------------------------------------------------
