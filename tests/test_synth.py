@@ -6,7 +6,8 @@ for BIDS structure, and its planted effects are measured in its images (FA with 
 T1w grey/white ratio, low-frequency amplitude fraction of the BOLD) against the truth it records.
 Statistical properties of the generator (balance, distractor rate, marker separability, weak clinical
 diagnosis) are checked on subject plans, which cost no images. Determinism uses a coarse, short
-SynthParams so it runs in seconds.
+SynthParams so it runs in seconds. Cohort designs (regions and marker mapping drawn from a design seed)
+are checked on the designs themselves, which cost no images, and on one coarse subject.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import coarse_params
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel
 from scipy import ndimage as ndi
@@ -33,16 +35,27 @@ from neuromoe import MNI_SPACE, paths
 from neuromoe.errors import InputError
 from neuromoe.inputs import templates as tpl
 from neuromoe.inputs.synth import (
+    DESIGN_FILE,
     DIAGNOSES,
     DISEASE_ROLE,
+    MARKERS,
     MODALITIES,
     TRUTH_DIR,
+    CohortDesign,
     SynthParams,
     make_cohort,
+    read_design,
     read_truth,
     subject_id,
     subject_plan,
     write_subject,
+)
+from neuromoe.inputs.synth_plan import (
+    MIN_MODEL_GRID_VOXELS,
+    MIN_SEPARATION_MM,
+    MIN_TISSUE_VOXELS,
+    REGION_TISSUE,
+    model_grid_image,
 )
 
 
@@ -348,7 +361,7 @@ def _t1_ratio(root: Path, s: str, roi: tpl.Roi, w2m: np.ndarray) -> float:
     """Mean T1w of the region's grey matter over the median of white matter within 30 mm (bias-robust)."""
     img = nib.load(paths.raw(root, s, "T1w"))
     data = img.get_fdata(dtype=np.float32)
-    region = tpl.roi_mask(roi.name, img, world_to_mni=w2m)
+    region = tpl.roi_mask(roi, img, world_to_mni=w2m)
     near = tpl.sphere_weight(roi.centres_mm, 30.0, img.affine, img.shape, 0.0, w2m) > 0
     wm = tpl.tissue_on_grid("wm", img, w2m, within=near) > 0.9
     return float(data[region].mean() / np.median(data[wm]))
@@ -357,7 +370,7 @@ def _t1_ratio(root: Path, s: str, roi: tpl.Roi, w2m: np.ndarray) -> float:
 def _fa(root: Path, s: str, roi: tpl.Roi, w2m: np.ndarray) -> float:
     """Median FA (dipy TensorModel, WLS) over the region's white matter in the raw DWI."""
     img = nib.load(paths.raw(root, s, "dwi"))
-    region = tpl.roi_mask(roi.name, img, world_to_mni=w2m, threshold=0.8)
+    region = tpl.roi_mask(roi, img, world_to_mni=w2m, threshold=0.8)
     gtab = gradient_table(np.loadtxt(paths.raw(root, s, "bval")), bvecs=np.loadtxt(paths.raw(root, s, "bvec")).T)
     fit = TensorModel(gtab, fit_method="WLS").fit(img.get_fdata(dtype=np.float32)[region])
     return float(np.median(fit.fa))
@@ -367,7 +380,7 @@ def _lf_fraction(root: Path, s: str, roi: tpl.Roi, w2m: np.ndarray) -> float:
     """Median fALFF-like ratio over the region's grey matter: amplitude in 0.01-0.08 Hz over all
     amplitude (above 0 Hz), after dropping the 4 dummy scans and a linear trend."""
     img = nib.load(paths.raw(root, s, "bold"))
-    region = tpl.roi_mask(roi.name, img, world_to_mni=w2m)
+    region = tpl.roi_mask(roi, img, world_to_mni=w2m)
     x = img.get_fdata(dtype=np.float32)[region][:, 4:]
     t = np.arange(x.shape[1]) - (x.shape[1] - 1) / 2
     x = x - x.mean(1, keepdims=True)
@@ -527,3 +540,165 @@ def test_write_subject_accepts_edited_plans(tmp_path: Path):
     truth = read_truth(tmp_path, "01")
     assert truth["diagnosis"] == "PD" and truth["affected"]["func"] == {"A": True, "B": False}
     assert Path(paths.raw(tmp_path, "01", "bold")).exists() and not Path(paths.raw(tmp_path, "01", "dwi")).exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# cohort designs: regions and marker mapping drawn from a design seed
+# --------------------------------------------------------------------------------------------------------
+# The demo's regions and mapping as they were before designs existed (templates.ROIS at f7f7dd7).
+DEMO_REGIONS = [("insula", "anat", "A", (38.0, 4.0, 2.0), "gm"),
+                ("lateral_occipital", "anat", "B", (34.0, -84.0, 4.0), "gm"),
+                ("corona_radiata", "dwi", "A", (26.0, -12.0, 30.0), "wm"),
+                ("optic_radiation", "dwi", "B", (32.0, -62.0, 6.0), "wm"),
+                ("putamen", "func", "A", (25.0, 3.0, 2.0), "gm"),
+                ("posterior_cingulate", "func", "B", (6.0, -50.0, 30.0), "gm")]
+DESIGN_SEEDS = range(20)
+
+
+def test_default_design_is_the_demo_layout():
+    d = CohortDesign.default()
+    assert SynthParams().design == d and SynthParams().design_seed is None and d.seed is None
+    assert [(r.name, r.modality, r.role, r.centre_mm, r.tissue) for r in d.rois] == DEMO_REGIONS
+    assert all(r.radius_mm == 14.0 for r in d.rois) and d.regions == tpl.ROIS
+    assert dict(d.markers) == {"moca": "anat", "serum_nfl": "dwi", "serum_asyn": "func"}
+    for m in MODALITIES:
+        assert d.effect_rois(m) == tpl.effect_rois(m)
+        assert d.marker_profile(d.profile_marker(m)) == m
+    with pytest.raises(ValueError, match="design_seed"):
+        SynthParams(design_seed=-1)
+    with pytest.raises(ValueError, match="design seed"):
+        CohortDesign.draw(True)
+
+
+def test_design_json_round_trip_and_default_when_absent(tmp_path: Path):
+    assert read_design(tmp_path) == CohortDesign.default()        # no design.json: the demo design
+    for d in (CohortDesign.default(), CohortDesign.draw(4)):
+        rec = d.to_json()
+        assert CohortDesign.from_json(json.loads(json.dumps(rec))) == d
+        assert rec["design_seed"] == d.seed and rec["markers"] == dict(d.markers)
+        for r, row in zip(d.rois, rec["regions"], strict=True):
+            assert row["tissue_voxels_2mm"] == tpl.roi_mask(r, tpl.mni_t1()).sum()
+            assert np.allclose(row["centres_mm"], r.centres_mm) and row["tissue"] == r.tissue
+    (tmp_path / DESIGN_FILE).parent.mkdir(parents=True)
+    (tmp_path / DESIGN_FILE).write_text('{"design_seed": 1}')
+    with pytest.raises(InputError, match="unreadable cohort design"):
+        read_design(tmp_path)
+
+
+def _centres(d: CohortDesign) -> list[tuple[str, np.ndarray]]:
+    return [(r.name, c) for r in d.rois for c in r.centres_mm]
+
+
+def test_drawn_designs_hold_their_tissue_and_keep_apart():
+    t1, coarse = tpl.mni_t1(), model_grid_image()
+    layouts, mappings = set(), set()
+    for seed in DESIGN_SEEDS:
+        d = CohortDesign.draw(seed)
+        assert d.seed == seed and [r.name for r in d.rois] == [f"{m}_{r}" for m in MODALITIES for r in "AB"]
+        for r in d.rois:
+            assert r.tissue == REGION_TISSUE[r.modality] and r.radius_mm == 14.0 and r.centre_mm[0] >= 4.0
+            n = tpl.roi_mask(r, t1).sum()
+            assert n >= MIN_TISSUE_VOXELS, f"design {seed}, {r.name} at {r.centre_mm}: {n} {r.tissue} voxels"
+            assert tpl.roi_mask(r, coarse).sum() >= MIN_MODEL_GRID_VOXELS, (seed, r.name)
+            # bilateral: the centre's mirror is part of the region
+            assert np.allclose(r.centres_mm[1], np.array(r.centre_mm) * [-1, 1, 1])
+        pts = _centres(d)
+        for i, (a, ca) in enumerate(pts):
+            for b, cb in pts[i + 1:]:
+                if a != b:
+                    assert np.linalg.norm(ca - cb) >= MIN_SEPARATION_MM, (seed, a, b)
+        # ...so the regions' soft spheres do not touch, on the template grid
+        w = [tpl.roi_weight(r, t1.affine, t1.shape) > 0 for r in d.rois]
+        assert max((w[i] & w[j]).sum() for i in range(6) for j in range(i + 1, 6)) == 0, seed
+        assert sorted(p for _, p in d.markers) == sorted(MODALITIES) and [m for m, _ in d.markers] == list(MARKERS)
+        layouts.add(tuple(r.centre_mm for r in d.rois))
+        mappings.add(d.markers)
+    # Two seeds, two layouts; the mapping is permuted (six permutations, 20 draws).
+    assert len(layouts) == len(DESIGN_SEEDS) and len(mappings) >= 4, mappings
+    assert CohortDesign.draw(0).markers != CohortDesign.draw(1).markers
+
+
+def test_design_seed_gives_the_same_design_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = ("import json; from neuromoe.inputs.synth import CohortDesign; "
+            "print(json.dumps(CohortDesign.draw(7).to_json(), sort_keys=True))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == json.loads(json.dumps(CohortDesign.draw(7).to_json(), sort_keys=True))
+
+
+def test_drawn_design_cohort_deterministic_and_recorded(tmp_path: Path):
+    p = dataclasses.replace(SMALL, design_seed=3)
+    a = make_cohort(tmp_path / "a", 1, seed=5, params=p)
+    b = make_cohort(tmp_path / "b", 1, seed=5, params=p)
+    files = sorted(f.relative_to(a) for f in a.rglob("*") if f.is_file())
+    assert files == sorted(f.relative_to(b) for f in b.rglob("*") if f.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    # The design comes from the design seed alone: another cohort seed, the same design.
+    c = make_cohort(tmp_path / "c", 1, seed=6, params=p)
+    assert read_design(a) == read_design(c) == CohortDesign.draw(3) == p.design
+    truth = read_truth(a, "01")
+    assert truth["design"] == CohortDesign.draw(3)
+    for m in MODALITIES:
+        assert {role: e["region"] for role, e in truth["effects"][m].items()} == {"A": f"{m}_A", "B": f"{m}_B"}
+    rec = json.loads((a / TRUTH_DIR / "synth_params.json").read_text())
+    assert rec["design_seed"] == 3
+    assert "design_seed" not in json.loads((make_cohort(tmp_path / "d", 1, seed=5, params=SMALL) / TRUTH_DIR
+                                            / "synth_params.json").read_text())
+    readme = (a / "README").read_text()
+    assert "## Cohort design (design seed 3)" in readme and "| anat | A (PD) | anat_A |" in readme
+    pj = json.loads((a / "participants.json").read_text())
+    d = CohortDesign.draw(3)
+    assert f"latent {d.marker_profile('moca')} profile" in pj["moca"]["Description"]
+
+
+def test_drawn_design_routes_markers(tmp_path: Path):
+    """The marker each profile moves follows the design's mapping, with the demo's separation."""
+    d = CohortDesign.draw(0)
+    assert dict(d.markers) != {"moca": "anat", "serum_nfl": "dwi", "serum_asyn": "func"}
+    p = SynthParams(design_seed=0)
+    df = _clinical_frame([subject_plan(i, 42, p) for i in range(1, 361)]).dropna()
+    z = {"moca": -df["moca"], "serum_nfl": np.log(df["serum_nfl"]), "serum_asyn": np.log(df["serum_asyn"])}
+    for marker, profile in d.markers:
+        v = (z[marker] - z[marker].mean()) / z[marker].std()
+        shifted, rest = v[df["profile"] == profile].mean(), v[df["profile"] != profile].mean()
+        assert shifted - rest > 1.5, (marker, profile, shifted, rest)
+    # Everything but the clinical markers is the demo design's plan: the same diagnosis, profile, effects.
+    for i in (1, 2, 3):
+        a, b = subject_plan(i, 42), subject_plan(i, 42, p)
+        assert (a.diagnosis, a.profile, a.effects, a.rotation_deg) == (b.diagnosis, b.profile, b.effects,
+                                                                       b.rotation_deg)
+
+
+def test_planted_effect_lands_in_the_drawn_region(tmp_path: Path):
+    """One coarse subject of design 5, written twice from the same plan and noise: with region A's effect in
+    every modality, and without. The images differ only around the drawn region A (its soft sphere, plus
+    one voxel of resampling and the head motion), and the measured drop is there, not in region B."""
+    p = dataclasses.replace(coarse_params(), design_seed=5)
+    d = p.design
+    plan = subject_plan(1, 9, p)
+    size = {"anat": p.anat_effect, "dwi": p.dwi_effect, "func": p.func_effect}
+    hit = dataclasses.replace(plan, effects={m: {"A": size[m], "B": 0.0} for m in MODALITIES},
+                              causes={m: {"A": "disease", "B": None} for m in MODALITIES})
+    clean = dataclasses.replace(plan, effects={m: {"A": 0.0, "B": 0.0} for m in MODALITIES},
+                                causes={m: {"A": None, "B": None} for m in MODALITIES})
+    write_subject(tmp_path / "hit", hit, p)
+    write_subject(tmp_path / "clean", clean, p)
+    w2m = np.linalg.inv(plan.pose)
+    for m, kind in (("anat", "T1w"), ("dwi", "dwi"), ("func", "bold")):
+        img = nib.load(paths.raw(tmp_path / "hit", "01", kind))
+        before = nib.load(paths.raw(tmp_path / "clean", "01", kind))
+        diff = np.asanyarray(img.dataobj) != np.asanyarray(before.dataobj)
+        changed = np.argwhere(diff.any(-1) if diff.ndim == 4 else diff)
+        mni = (changed @ img.affine[:3, :3].T + img.affine[:3, 3]) @ w2m[:3, :3].T + w2m[:3, 3]
+        roi, other = d.effect_rois(m)["A"], d.effect_rois(m)["B"]
+        dist = np.min([np.linalg.norm(mni - c, axis=1) for c in roi.centres_mm], axis=0)
+        reach = roi.radius_mm + 2 + np.abs(img.affine[0, 0]) * np.sqrt(3) + 3     # soft edge, a voxel, motion
+        assert len(changed) > 20 and dist.max() < reach and np.median(dist) < roi.radius_mm + 2, (m, dist.max())
+        measure = {k: [MEASURES[m](tmp_path / k, "01", r, w2m) for r in (roi, other)] for k in ("clean", "hit")}
+        drop_a = measure["clean"][0] - measure["hit"][0]
+        drop_b = measure["clean"][1] - measure["hit"][1]
+        assert drop_a > MIN_DROP[m], f"{m}: drop {drop_a:.3f} in {roi.name} at {roi.centre_mm}"
+        assert abs(drop_b) < MIN_DROP[m] / 4, f"{m}: region B ({other.name}) moved by {drop_b:.3f}"
+    assert read_truth(tmp_path / "hit", "01")["effects"]["dwi"]["A"]["region"] == "dwi_A"

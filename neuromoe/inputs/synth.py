@@ -3,20 +3,23 @@
 No public cohort can be downloaded at run time, so the demo writes one. It is SYNTHETIC: its accuracy
 shows that the pipeline works, not anything about Parkinson's disease.
 
-Three modules, one concept each: ``synth_plan`` (``SynthParams``, the subject plans: diagnosis, latent
-profile, planted effects, clinical values, pose), ``synth_images`` (the head model and the T1w, DWI and
-BOLD images formed from a plan) and this one, which writes the cohort (images, sidecars, participants
-table, dataset README, ground truth under ``derivatives/synth-truth``) and reads the truth back. The
-public names of all three are importable from here. The generative model is written into every cohort's
-README (``_README_MODEL`` below); the design's history is in docs/synthetic_cohort.md.
+Three modules, one concept each: ``synth_plan`` (``SynthParams``, the cohort design ``CohortDesign``, the
+subject plans: diagnosis, latent profile, planted effects, clinical values, pose), ``synth_images`` (the
+head model and the T1w, DWI and BOLD images formed from a plan) and this one, which writes the cohort
+(images, sidecars, participants table, dataset README, ground truth and design under
+``derivatives/synth-truth``) and reads them back. The public names of all three are importable from
+here. The generative model is written into every cohort's README (``_README_MODEL`` below); the design's
+history and cohort designs are in docs/synthetic_cohort.md.
 
-Determinism: subject k depends only on ``(seed, k)``, not on ``n_subjects``, the omitted modalities or
-``n_jobs``; files are gzip'ed with mtime 0, so the same seed gives the same bytes.
+Determinism: subject k depends only on ``(seed, k)`` and the design seed, not on ``n_subjects``, the
+omitted modalities or ``n_jobs``; files are gzip'ed with mtime 0, so the same seeds give the same bytes.
 
 Example::
 
-    from neuromoe.inputs.synth import make_cohort
+    from neuromoe.inputs.synth import SynthParams, make_cohort, read_design
     bids = make_cohort("data/demo_bids", n_subjects=180, seed=42)
+    other = make_cohort("/tmp/design3", n_subjects=60, seed=7, params=SynthParams(design_seed=3))
+    read_design(other).effect_rois("dwi")      # where that cohort's PD and iRBD show in the DWI
 """
 
 from __future__ import annotations
@@ -38,12 +41,13 @@ import pandas as pd
 
 from neuromoe import MNI_SPACE, __version__
 from neuromoe.errors import InputError
-from neuromoe.inputs import templates as tpl
 from neuromoe.inputs.synth_images import build_head_model, make_bold, make_dwi, make_t1
 from neuromoe.inputs.synth_plan import (
     DIAGNOSES,
     DISEASE_ROLE,
+    MARKERS,
     MODALITIES,
+    CohortDesign,
     SubjectPlan,
     SynthParams,
     rigid_matrix,
@@ -51,10 +55,12 @@ from neuromoe.inputs.synth_plan import (
     subject_plan,
 )
 
-__all__ = ["DIAGNOSES", "DISEASE_ROLE", "MODALITIES", "MOTION_COLUMNS", "TRUTH_DIR", "SubjectPlan", "SynthParams",
-           "make_cohort", "read_truth", "rigid_matrix", "subject_id", "subject_plan", "write_subject"]
+__all__ = ["DESIGN_FILE", "DIAGNOSES", "DISEASE_ROLE", "MARKERS", "MODALITIES", "MOTION_COLUMNS", "TRUTH_DIR",
+           "CohortDesign", "SubjectPlan", "SynthParams", "make_cohort", "read_design", "read_truth", "rigid_matrix",
+           "subject_id", "subject_plan", "write_subject"]
 
 TRUTH_DIR = Path("derivatives") / "synth-truth"
+DESIGN_FILE = TRUTH_DIR / "design.json"
 MOTION_COLUMNS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
 
 # The generative model as every cohort's README states it (``Header`` lines over indented text; _readme
@@ -233,12 +239,12 @@ def write_subject(bids_dir: str | Path, plan: SubjectPlan, params: SynthParams |
                                 "(mm), R = Rz @ Ry @ Rx about the world origin. Its inverse maps a native world "
                                 "point to the template (neuromoe.inputs.templates.roi_mask(..., world_to_mni=...))."},
                 truth / f"sub-{s}_pose.json")
-    _write_json(_profile_json(plan, mods), truth / f"sub-{s}_profile.json")
+    _write_json(_profile_json(plan, mods, p.design), truth / f"sub-{s}_profile.json")
     return seconds
 
 
-def _profile_json(plan: SubjectPlan, modalities: list[str]) -> dict:
-    rois = {m: tpl.effect_rois(m) for m in MODALITIES}
+def _profile_json(plan: SubjectPlan, modalities: list[str], design: CohortDesign) -> dict:
+    rois = {m: design.effect_rois(m) for m in MODALITIES}
     return {
         "participant_id": f"sub-{plan.subject}",
         "diagnosis": plan.diagnosis,
@@ -252,9 +258,24 @@ def _profile_json(plan: SubjectPlan, modalities: list[str]) -> dict:
     }
 
 
+def read_design(bids_dir: str | Path) -> CohortDesign:
+    """The cohort design a synthetic cohort was written with, from ``derivatives/synth-truth/design.json``
+    (the recorded regions and marker mapping, not drawn again); the demo design when there is no such file
+    (cohorts written before designs existed)."""
+    f = Path(bids_dir) / DESIGN_FILE
+    if not f.exists():
+        return CohortDesign.default()
+    try:
+        return CohortDesign.from_json(json.loads(f.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"unreadable cohort design: {e}", path=f,
+                         fix="write the cohort again with neuromoe.inputs.synth.make_cohort") from e
+
+
 def read_truth(bids_dir: str | Path, subject: str) -> dict:
-    """The truth of one synthetic subject: profile.json's content plus ``pose`` (4x4 array), ``mask`` path
-    and the motion tables (DataFrames, absent for an omitted modality). ``subject`` without ``sub-``."""
+    """The truth of one synthetic subject: profile.json's content plus ``pose`` (4x4 array), ``mask`` path,
+    the motion tables (DataFrames, absent for an omitted modality) and ``design`` (the cohort's
+    ``CohortDesign``, :func:`read_design`). ``subject`` without ``sub-``."""
     s = subject.removeprefix("sub-")
     d = Path(bids_dir) / TRUTH_DIR / f"sub-{s}"
     f = d / f"sub-{s}_profile.json"
@@ -268,6 +289,7 @@ def read_truth(bids_dir: str | Path, subject: str) -> dict:
         m = d / f"sub-{s}_{name}_motion.tsv"
         if m.exists():
             out[key] = pd.read_csv(m, sep="\t")
+    out["design"] = read_design(bids_dir)
     return out
 
 
@@ -278,7 +300,7 @@ def _participants(plans: list[SubjectPlan]) -> pd.DataFrame:
     return df.astype({c: "Int64" for c in ("age", "updrs3", "moca", "rbdsq", "serum_asyn")})
 
 
-_PARTICIPANTS_JSON = {
+_PARTICIPANTS_DEMO = {
     "participant_id": {"Description": "subject label"},
     "diagnosis": {"Description": "clinical group", "Levels": {
         "HC": "healthy control", "PD": "Parkinson's disease",
@@ -288,17 +310,38 @@ _PARTICIPANTS_JSON = {
     "updrs3": {"Description": "MDS-UPDRS part III motor examination score (0-132, higher is worse); "
                               "synthetic: higher in PD, overlapping", "Units": "score"},
     "moca": {"Description": "Montreal Cognitive Assessment (0-30, lower is worse); synthetic: lowered by the "
-                            "latent anat profile, not by diagnosis", "Units": "score"},
+                            "latent {moca} profile, not by diagnosis", "Units": "score"},
     "rbdsq": {"Description": "REM Sleep Behavior Disorder Screening Questionnaire (0-13); synthetic: higher in "
                              "PD and iRBD, overlapping", "Units": "score"},
-    "serum_nfl": {"Description": "serum neurofilament light chain; synthetic: raised by the latent dwi profile "
-                                 "and by age", "Units": "pg/mL"},
-    "serum_asyn": {"Description": "serum alpha-synuclein; synthetic: raised by the latent func profile",
+    "serum_nfl": {"Description": "serum neurofilament light chain; synthetic: raised by the latent {serum_nfl} "
+                                 "profile and by age", "Units": "pg/mL"},
+    "serum_asyn": {"Description": "serum alpha-synuclein; synthetic: raised by the latent {serum_asyn} profile",
                    "Units": "pg/mL"},
 }
 
 
-def _dataset_description(n: int, seed: int) -> dict:
+def _participants_json(design: CohortDesign) -> dict:
+    """participants.json; the marker descriptions name the profile each marker signals in ``design``."""
+    names = {m: design.marker_profile(m) for m in MARKERS}
+    return {col: {k: v.format(**names) if k == "Description" else v for k, v in d.items()}
+            for col, d in _PARTICIPANTS_DEMO.items()}
+
+
+def _call(n: int, seed: int, p: SynthParams) -> str:
+    """The make_cohort call that wrote the cohort, as its README and description name it."""
+    design = "" if p.design_seed is None else f", params=SynthParams(design_seed={p.design_seed}, ...)"
+    return f"make_cohort(n_subjects={n}, seed={seed}{design})"
+
+
+def _param_items(p: SynthParams) -> dict:
+    """SynthParams as recorded: every field, less ``design_seed`` when None (demo cohorts keep their bytes)."""
+    out = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+    if p.design_seed is None:
+        del out["design_seed"]
+    return out
+
+
+def _dataset_description(n: int, seed: int, p: SynthParams) -> dict:
     return {
         "Name": "NeuroMoE synthetic demo cohort (SYNTHETIC DATA: no real participants)",
         "BIDSVersion": "1.9.0",
@@ -308,18 +351,35 @@ def _dataset_description(n: int, seed: int) -> dict:
         "HowToAcknowledge": "These images and participants are simulated from the MNI152 template; results on "
                             "them validate software, not clinical hypotheses.",
         "GeneratedBy": [{"Name": "neuromoe.synth", "Version": __version__,
-                         "Description": f"make_cohort(n_subjects={n}, seed={seed}); see README"}],
+                         "Description": f"{_call(n, seed, p)}; see README"}],
         "ReferencesAndLinks": ["Fonov et al. 2011, NeuroImage 54:313 (ICBM 2009a nonlinear symmetric template, "
                                "as shipped with nilearn)", "dipy small_64D gradient table"],
     }
+
+
+def _design_section(p: SynthParams) -> str:
+    """The README's section on a drawn design ("" for the demo design, whose README keeps its bytes)."""
+    d = p.design
+    if d.seed is None:
+        return ""
+    return f"""
+## Cohort design (design seed {d.seed})
+
+This cohort does not use the demo design that the generative model below names: its six effect regions
+were drawn from design seed {d.seed} (`SynthParams(design_seed={d.seed})`, `CohortDesign.draw`; table under
+Regions) and so was the marker mapping: MoCA is lowered by the latent {d.marker_profile("moca")} profile,
+serum NfL raised by the {d.marker_profile("serum_nfl")} profile, serum alpha-synuclein raised by the
+{d.marker_profile("serum_asyn")} profile. Everything else is as described. The design, with each region's
+tissue volume, is in `derivatives/synth-truth/design.json` (`neuromoe.inputs.synth.read_design`).
+"""
 
 
 def _readme(n: int, seed: int, p: SynthParams) -> str:
     rows = "\n".join(f"| {r.modality} | {r.role} ({'PD' if r.role == 'A' else 'iRBD'}) | {r.name} | "
                      f"({r.centre_mm[0]:+.0f}/{-r.centre_mm[0]:+.0f}, {r.centre_mm[1]:+.0f}, "
                      f"{r.centre_mm[2]:+.0f}) | {r.radius_mm:.0f} | {r.tissue} |"
-                     for r in tpl.ROIS.values())
-    params = "\n".join(f"| {f.name} | {getattr(p, f.name)!r} |" for f in dataclasses.fields(p))
+                     for r in p.design.rois)
+    params = "\n".join(f"| {k} | {v!r} |" for k, v in _param_items(p).items())
     # _README_MODEL as Markdown: "Header" lines over indented text.
     body_lines = []
     for line in _README_MODEL.rstrip().splitlines():
@@ -327,14 +387,14 @@ def _readme(n: int, seed: int, p: SynthParams) -> str:
     body = "\n".join(body_lines)
     return f"""# NeuroMoE synthetic demo cohort: SYNTHETIC DATA
 
-This dataset was generated by `neuromoe.synth.make_cohort(n_subjects={n}, seed={seed})`. No real person was
+This dataset was generated by `neuromoe.synth.{_call(n, seed, p)}`. No real person was
 scanned: every image is simulated from the MNI152 template that nilearn ships, and every clinical value is
 drawn from the distributions below. A classifier's accuracy on it shows that the pipeline works end to end;
 it says nothing about Parkinson's disease or REM sleep behaviour disorder.
 
 Layout: BIDS 1.9 raw (`sub-XX/anat`, `dwi`, `func`, `participants.tsv/json`). The ground truth (latent
 profile, planted effects, head pose, per-volume motion, brain mask) is under `derivatives/synth-truth/`.
-
+{_design_section(p)}
 ## Generative model
 
 {body}
@@ -442,13 +502,13 @@ def make_cohort(out_dir: str | Path, n_subjects: int, seed: int, params: SynthPa
             _write_one(j)
     df = _participants(plans)
     df.to_csv(out / "participants.tsv", sep="\t", index=False, na_rep="n/a")
-    _write_json(_PARTICIPANTS_JSON, out / "participants.json")
-    _write_json(_dataset_description(n_subjects, seed), out / "dataset_description.json")
+    _write_json(_participants_json(p.design), out / "participants.json")
+    _write_json(_dataset_description(n_subjects, seed, p), out / "dataset_description.json")
     (out / "README").write_text(_readme(n_subjects, seed, p))
     tdir = out / TRUTH_DIR
     _write_json({"Name": "synthetic ground truth", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
                  "GeneratedBy": [{"Name": "neuromoe.synth", "Version": __version__}]},
                 tdir / "dataset_description.json")
-    _write_json({f.name: getattr(p, f.name) for f in dataclasses.fields(p)} | {"seed": seed,
-                 "n_subjects": n_subjects}, tdir / "synth_params.json")
+    _write_json(_param_items(p) | {"seed": seed, "n_subjects": n_subjects}, tdir / "synth_params.json")
+    _write_json(p.design.to_json(), out / DESIGN_FILE)
     return out

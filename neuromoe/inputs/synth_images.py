@@ -4,8 +4,9 @@ The template nilearn ships is brain-only, so the head is built around it (intrac
 tables, diploe, muscle, fat, skin as layers at fixed mm from the intracranial surface) once per process
 on MNI-aligned grids (``build_head_model``). ``make_t1``, ``make_dwi`` and ``make_bold`` then form one
 subject's images from its plan (``neuromoe.inputs.synth_plan.SubjectPlan``): the head posed in the
-scanner, the plan's effects planted in its regions, bias fields, motion, Rician noise; int16 images in
-LAS scanner-aligned grids. Each draws only from the generator it is given, in a fixed order. The physics
+scanner, the plan's effects planted in the regions of the cohort design (``SynthParams.design``), bias
+fields, motion, Rician noise; int16 images in LAS scanner-aligned grids. Each draws only from the
+generator it is given, in a fixed order. The physics
 and numbers of each modality are in the cohort README (``neuromoe.inputs.synth``) and
 docs/synthetic_cohort.md.
 """
@@ -22,7 +23,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from neuromoe.inputs import templates as tpl
-from neuromoe.inputs.synth_plan import SubjectPlan, SynthParams, rigid_matrix
+from neuromoe.inputs.synth_plan import CohortDesign, SubjectPlan, SynthParams, rigid_matrix
 
 __all__ = ["build_head_model", "make_bold", "make_dwi", "make_t1"]
 
@@ -172,8 +173,7 @@ def _fibre_direction(val: np.ndarray, vec: np.ndarray, xyz: np.ndarray) -> np.nd
 
 @lru_cache(maxsize=4)
 def _dwi_grid(voxel: float) -> _Grid:
-    """DWI head model on an MNI grid: fractions, extracranial S0, WM and GM tensors (brain voxels) and the
-    soft weights of the dwi regions."""
+    """DWI head model on an MNI grid: fractions, extracranial S0, WM and GM tensors (brain voxels)."""
     src = _head2mm()
     g = _to_grid(src, voxel, ["gm", "wm", "csf", "s0_other", "support"] + [f"J{n}" for n in range(6)])
     tissue = (g.ch["gm"] + g.ch["wm"] + g.ch["csf"]) > 0.01
@@ -191,28 +191,26 @@ def _dwi_grid(voxel: float) -> _Grid:
     for k in list(g.ch):
         if k.startswith("J"):
             del g.ch[k]
-    _add_roi_weights(g, "dwi")
     return g
 
 
 @lru_cache(maxsize=4)
 def _bold_grid(voxel: float) -> _Grid:
-    g = _to_grid(_head2mm(), voxel, ["gm", "wm", "csf", "epi_other", "support"])
-    _add_roi_weights(g, "func")
-    return g
+    return _to_grid(_head2mm(), voxel, ["gm", "wm", "csf", "epi_other", "support"])
 
 
 @lru_cache(maxsize=1)
 def _t1_grid() -> _Grid:
     src = _head2mm()
-    g = _Grid(src.affine, src.shape, {k: src.ch[k] for k in ("t1", "t1_atrophy", "brain", "support")})
-    _add_roi_weights(g, "anat")
-    return g
+    return _Grid(src.affine, src.shape, {k: src.ch[k] for k in ("t1", "t1_atrophy", "brain", "support")})
 
 
-def _add_roi_weights(g: _Grid, modality: str) -> None:
-    for role, roi in tpl.effect_rois(modality).items():
-        g.ch[f"w_{role}"] = tpl.roi_weight(roi.name, g.affine, g.shape)
+@lru_cache(maxsize=24)
+def _region_weights(modality: str, voxel: float, design: CohortDesign) -> dict[str, np.ndarray]:
+    """Soft weights (X, Y, Z float32 in [0, 1]) of the design's two regions of ``modality`` on that
+    modality's MNI grid (``voxel``: the DWI or BOLD voxel size; ignored for the 2 mm anat grid), by role."""
+    g = _t1_grid() if modality == "anat" else _dwi_grid(voxel) if modality == "dwi" else _bold_grid(voxel)
+    return {role: tpl.roi_weight(roi, g.affine, g.shape) for role, roi in design.effect_rois(modality).items()}
 
 
 @lru_cache(maxsize=1)
@@ -344,13 +342,14 @@ def _to_int16(a: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------
 # Modalities
 # --------------------------------------------------------------------------------------------------------
-def _loss(g: _Grid, strengths: Mapping[str, float]) -> np.ndarray | None:
-    """Combined fractional change 1 - prod(1 - s_r w_r) over the affected regions, or None."""
+def _loss(weights: Mapping[str, np.ndarray], strengths: Mapping[str, float]) -> np.ndarray | None:
+    """Combined fractional change 1 - prod(1 - s_r w_r) over the affected regions (``weights`` by role, from
+    ``_region_weights``), or None."""
     keep = 1.0
     any_effect = False
     for role, s in strengths.items():
         if s > 0:
-            keep = keep * (1 - np.float32(s) * g.ch[f"w_{role}"])
+            keep = keep * (1 - np.float32(s) * weights[role])
             any_effect = True
     return (1 - keep).astype(np.float32) if any_effect else None
 
@@ -359,7 +358,7 @@ def make_t1(plan: SubjectPlan, p: SynthParams, rng: np.random.Generator) -> tupl
     """T1w image (int16, LAS, ``t1_voxel_mm``) and the truth brain mask on its grid (uint8)."""
     g = _t1_grid()
     t1 = g.ch["t1"]
-    loss = _loss(g, plan.effects["anat"])
+    loss = _loss(_region_weights("anat", 2.0, p.design), plan.effects["anat"])
     if loss is not None:
         t1 = t1 + loss * g.ch["t1_atrophy"]
     pose = plan.pose
@@ -425,7 +424,7 @@ def make_dwi(plan: SubjectPlan, p: SynthParams, rng: np.random.Generator
     n = len(bvals)
     idx = g.ch["idx"]
     d_wm = g.ch["d_wm"]
-    loss = _loss(g, plan.effects["dwi"])
+    loss = _loss(_region_weights("dwi", p.dwi_voxel_mm, p.design), plan.effects["dwi"])
     if loss is not None:
         e = loss.ravel()[idx][:, None]
         md = d_wm[:, :3].mean(1, keepdims=True)
@@ -500,7 +499,7 @@ def make_bold(plan: SubjectPlan, p: SynthParams, rng: np.random.Generator
     f = field_.reshape(-1, n_t)[box_idx]                                             # (N_brain, T)
     glob = _band_limited(rng, (), n_t, p.tr_s, (0.01, 0.1))                         # (T,)
     amp = np.full(len(idx), p.lf_amplitude, np.float32)
-    loss = _loss(g, plan.effects["func"])
+    loss = _loss(_region_weights("func", p.bold_voxel_mm, p.design), plan.effects["func"])
     if loss is not None:
         amp *= 1 - loss.ravel()[idx]
     fr = {t: g.ch[t].ravel()[idx][:, None] for t in ("gm", "wm", "csf")}
@@ -555,3 +554,5 @@ def build_head_model(p: SynthParams) -> None:
     """Build (and cache, per process) the template-level head model on every grid ``p`` needs: call it
     before forking workers so they share it instead of rebuilding it."""
     _t1_grid(), _dwi_grid(p.dwi_voxel_mm), _bold_grid(p.bold_voxel_mm), _gradient_table(p.n_b0, p.n_directions)
+    for modality, voxel in (("anat", 2.0), ("dwi", p.dwi_voxel_mm), ("func", p.bold_voxel_mm)):
+        _region_weights(modality, voxel, p.design)

@@ -1,4 +1,10 @@
-"""The synthetic cohort's design: every knob of the generator (``SynthParams``) and each subject's plan.
+"""The synthetic cohort's design: every knob of the generator (``SynthParams``), the cohort design
+(``CohortDesign``: where each disease shows, which marker signals which profile) and each subject's plan.
+
+A cohort design is the six effect regions (one per modality and role, in that modality's tissue) and the
+marker-to-profile mapping. ``CohortDesign.default()`` is the demo's (``neuromoe.inputs.templates.ROIS``,
+MoCA <- anat, serum NfL <- dwi, serum alpha-synuclein <- func); ``CohortDesign.draw(seed)`` draws another
+from its design seed alone, so results can be checked on layouts other than the demo's.
 
 A subject plan is everything about a subject except its images: diagnosis, latent expression profile,
 planted effects (region, cause, strength), clinical scores and serum markers, head pose. Plans are cheap
@@ -15,15 +21,32 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
+import nibabel as nib
 import numpy as np
 
-__all__ = ["DIAGNOSES", "DISEASE_ROLE", "MODALITIES", "SubjectPlan", "SynthParams", "rigid_matrix", "subject_id",
-           "subject_plan"]
+from neuromoe.inputs import templates as tpl
+
+__all__ = ["DIAGNOSES", "DISEASE_ROLE", "MARKERS", "MIN_MODEL_GRID_VOXELS", "MIN_SEPARATION_MM",
+           "MIN_TISSUE_VOXELS", "MODALITIES", "REGION_TISSUE", "CohortDesign", "SubjectPlan", "SynthParams",
+           "model_grid_image", "rigid_matrix", "subject_id", "subject_plan"]
 
 MODALITIES = ("anat", "dwi", "func")
 DIAGNOSES = ("HC", "PD", "iRBD")
 DISEASE_ROLE = {"PD": "A", "iRBD": "B"}
+ROLES = ("A", "B")
+# The clinical markers that signal the latent profile (the demo design maps them to MODALITIES in order).
+MARKERS = ("moca", "serum_nfl", "serum_asyn")
+REGION_TISSUE = {"anat": "gm", "dwi": "wm", "func": "gm"}
+REGION_RADIUS_MM = 14.0
+# Drawn designs: no two regions overlap, soft edges included (tpl.sphere_weight's 4 mm taper), mirrors
+# included; each holds at least 70 % of the tissue of the smallest demo region (lateral_occipital: 1,122
+# voxels of 2 mm grey matter; the demo's others hold 1,343-2,634) and, like every demo region, at least 30
+# voxels of its tissue on a 32^3 grid of 5.5 mm (the model's default grid size), so it survives resampling.
+MIN_SEPARATION_MM = 2 * REGION_RADIUS_MM + 4.0
+MIN_TISSUE_VOXELS = 785
+MIN_MODEL_GRID_VOXELS = 30
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,9 @@ class SynthParams:
     # output
     zero_air: bool = True            # air beyond 4 mm of the skin is 0 (vendor background masking; small files)
     gzip_level: int = 1
+    # cohort design (regions, marker mapping): None is the demo design; an int draws one (CohortDesign.draw).
+    # Kept last and left out of synth_params.json and the README when None, so demo cohorts keep their bytes.
+    design_seed: int | None = None
 
     def __post_init__(self) -> None:
         positive = ["t1_voxel_mm", "dwi_voxel_mm", "bold_voxel_mm", "tr_s", "t1_scale", "t1_snr", "dwi_scale",
@@ -99,6 +125,201 @@ class SynthParams:
             raise ValueError(f"SynthParams needs n_dummy >= 0 and n_bold >= 16, got {self.n_dummy}, {self.n_bold}")
         if not 1 <= self.gzip_level <= 9:
             raise ValueError(f"SynthParams.gzip_level must be in 1..9, got {self.gzip_level}")
+        if self.design_seed is not None and (isinstance(self.design_seed, bool)
+                                             or not isinstance(self.design_seed, (int, np.integer))
+                                             or self.design_seed < 0):
+            raise ValueError(f"SynthParams.design_seed must be None or an integer >= 0, got {self.design_seed!r}")
+
+    @property
+    def design(self) -> CohortDesign:
+        """The cohort design: the demo's when ``design_seed`` is None, else ``CohortDesign.draw(design_seed)``."""
+        return CohortDesign.default() if self.design_seed is None else CohortDesign.draw(int(self.design_seed))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cohort designs: the six effect regions and the marker-to-profile mapping
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CohortDesign:
+    """Where each disease shows and which marker signals which profile.
+
+    ``rois``: six ``templates.Roi``, one per (modality, role) in the order anat A, anat B, dwi A, dwi B,
+    func A, func B (role A: PD, B: iRBD). ``markers``: ``(marker, profile)`` pairs in ``MARKERS`` order;
+    the profile's subjects have that marker shifted (MoCA down, the serum markers up). ``seed``: the design
+    seed it was drawn from (None: the demo design). Hashable, so image grids can cache on it.
+    """
+
+    seed: int | None
+    rois: tuple[tpl.Roi, ...]
+    markers: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        slots = [(r.modality, r.role) for r in self.rois]
+        if slots != [(m, role) for m in MODALITIES for role in ROLES]:
+            raise ValueError(f"CohortDesign needs one region per (modality, role) in the order anat A, anat B, "
+                             f"dwi A, dwi B, func A, func B; got {slots}")
+        if len({r.name for r in self.rois}) != len(self.rois):
+            raise ValueError(f"CohortDesign region names must be unique, got {[r.name for r in self.rois]}")
+        if [m for m, _ in self.markers] != list(MARKERS) or sorted(p for _, p in self.markers) != sorted(MODALITIES):
+            raise ValueError(f"CohortDesign.markers must map {list(MARKERS)} (in that order) one-to-one onto "
+                             f"{list(MODALITIES)}, got {self.markers}")
+
+    @classmethod
+    def default(cls) -> CohortDesign:
+        """The demo design: ``templates.ROIS`` and MoCA <- anat, serum NfL <- dwi, serum alpha-synuclein <- func."""
+        return _default_design()
+
+    @classmethod
+    def draw(cls, seed: int) -> CohortDesign:
+        """A design drawn from ``seed`` alone (``numpy.random.default_rng(seed)``; cached per process).
+
+        Each region: a right-hemisphere centre on a template voxel of its tissue (``REGION_TISSUE``) and its
+        mirror image, radius 14 mm, at least ``MIN_TISSUE_VOXELS`` 2 mm voxels of that tissue (and
+        ``MIN_MODEL_GRID_VOXELS`` on ``model_grid_image()``), every centre
+        at least ``MIN_SEPARATION_MM`` from every centre of every other region. Regions are placed in a
+        random order (so which of a modality's two is A or B is random), the marker mapping is a random
+        permutation. Regions are named ``<modality>_<role>``.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"a design seed is an integer >= 0, got {seed!r}")
+        return _drawn_design(int(seed))
+
+    @property
+    def regions(self) -> dict[str, tpl.Roi]:
+        """The six regions by name."""
+        return {r.name: r for r in self.rois}
+
+    def effect_rois(self, modality: str) -> dict[str, tpl.Roi]:
+        """The two effect regions of one modality: ``{"A": Roi, "B": Roi}``."""
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
+        return {r.role: r for r in self.rois if r.modality == modality}
+
+    def marker_profile(self, marker: str) -> str:
+        """The latent profile whose subjects have ``marker`` shifted."""
+        return dict(self.markers)[marker]
+
+    def profile_marker(self, profile: str) -> str:
+        """The marker that signals ``profile``."""
+        return {p: m for m, p in self.markers}[profile]
+
+    def to_json(self) -> dict:
+        """The design as ``design.json`` holds it, with each region's tissue volume on the 2 mm template."""
+        t1 = tpl.mni_t1()
+        regions = []
+        for r in self.rois:
+            n = int(tpl.roi_mask(r, t1).sum())
+            regions.append({"name": r.name, "modality": r.modality, "role": r.role,
+                            "centre_mm": list(r.centre_mm), "centres_mm": r.centres_mm.tolist(),
+                            "radius_mm": r.radius_mm, "tissue": r.tissue, "tissue_voxels_2mm": n,
+                            "tissue_ml": round(n * 8e-3, 2),
+                            "model_grid_voxels": int(tpl.roi_mask(r, model_grid_image()).sum()),
+                            "description": r.description})
+        return {"design_seed": self.seed,
+                "Description": "Cohort design of this synthetic cohort (neuromoe.inputs.synth_plan.CohortDesign): "
+                               "the effect region of each (modality, role) (role A: PD, B: iRBD; bilateral "
+                               "spheres in MNI mm, right centre and its mirror, restricted to the tissue named; "
+                               "tissue volume counted on the 2 mm MNI152 template) and which clinical marker "
+                               "signals which latent profile. design_seed null: the demo design.",
+                "regions": regions, "markers": dict(self.markers),
+                "min_tissue_voxels_2mm": MIN_TISSUE_VOXELS, "min_model_grid_voxels": MIN_MODEL_GRID_VOXELS,
+                "min_separation_mm": MIN_SEPARATION_MM}
+
+    @classmethod
+    def from_json(cls, d: dict) -> CohortDesign:
+        """The design a ``to_json`` dict records (its values as written, not drawn again)."""
+        rois = tuple(tpl.Roi(r["name"], r["modality"], r["role"], tuple(float(v) for v in r["centre_mm"]),
+                             float(r["radius_mm"]), r["tissue"], r["description"]) for r in d["regions"])
+        return cls(d["design_seed"], rois, tuple((m, d["markers"][m]) for m in MARKERS))  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=1)
+def _default_design() -> CohortDesign:
+    return CohortDesign(None, tuple(tpl.ROIS.values()), tuple(zip(MARKERS, MODALITIES, strict=True)))
+
+
+@lru_cache(maxsize=2)
+def _tissue_voxels(tissue: str) -> np.ndarray:
+    """Bool mask of the 2 mm template where the tissue probability is >= 0.5 (as ``tpl.roi_mask`` counts)."""
+    prob = {"gm": tpl.gm_probability, "wm": tpl.wm_probability}[tissue]().get_fdata(dtype=np.float32)
+    out = prob >= 0.5
+    out.setflags(write=False)
+    return out
+
+
+@lru_cache(maxsize=1)
+def _ball() -> np.ndarray:
+    """(K, 3) voxel offsets within REGION_RADIUS_MM of a 2 mm voxel centre (the hard sphere roi_mask uses)."""
+    r = int(REGION_RADIUS_MM // 2)
+    off = np.argwhere(np.ones((2 * r + 1,) * 3, bool)) - r
+    return off[(off**2).sum(1) * 4 <= REGION_RADIUS_MM**2]
+
+
+def _region_tissue(tissue: str, ijk: np.ndarray) -> int:
+    """Template voxels of ``tissue`` within the region centred on voxel ``ijk`` and its mirror image."""
+    mask = _tissue_voxels(tissue)
+    mirror = np.array([mask.shape[0] - 1 - ijk[0], ijk[1], ijk[2]])   # the template is centred on x = 0
+    pts = np.unique(np.concatenate([ijk + _ball(), mirror + _ball()]), axis=0)
+    pts = pts[np.all((pts >= 0) & (pts < mask.shape), axis=1)]
+    return int(mask[tuple(pts.T)].sum())
+
+
+@lru_cache(maxsize=1)
+def model_grid_image() -> nib.Nifti1Image:
+    """An empty 32^3 MNI grid of 5.5 mm voxels over the brain (origin -85, -120, -75 mm): the coarse grid on
+    which a drawn region must keep ``MIN_MODEL_GRID_VOXELS`` of its tissue (``tpl.roi_mask(roi, img)``)."""
+    aff = np.diag([5.5, 5.5, 5.5, 1.0])
+    aff[:3, 3] = [-85.0, -120.0, -75.0]
+    return nib.Nifti1Image(np.zeros((32, 32, 32), np.uint8), aff)
+
+
+@lru_cache(maxsize=2)
+def _candidates(tissue: str) -> np.ndarray:
+    """(N, 3) template voxels of ``tissue`` in the right hemisphere, at least 4 mm off the midline."""
+    affine = tpl.mni_t1().affine
+    cand = np.argwhere(_tissue_voxels(tissue))
+    return cand[cand[:, 0] * affine[0, 0] + affine[0, 3] >= 4.0]
+
+
+def _place(rng: np.random.Generator, tissue: str, taken: list[np.ndarray], tries: int = 4000) -> np.ndarray | None:
+    """A right-hemisphere centre (MNI mm) for a region of ``tissue``, clear of the ``taken`` centres (each
+    (3,), mirrors implied), or None after ``tries`` draws."""
+    affine = tpl.mni_t1().affine
+    cand = _candidates(tissue)
+    flip = np.array([-1.0, 1.0, 1.0])
+    for _ in range(tries):
+        ijk = cand[rng.integers(len(cand))]
+        c = ijk * np.diag(affine)[:3] + affine[:3, 3]
+        if any(min(np.linalg.norm(c - t), np.linalg.norm(c - t * flip)) < MIN_SEPARATION_MM for t in taken):
+            continue
+        if _region_tissue(tissue, ijk) < MIN_TISSUE_VOXELS:
+            continue
+        roi = tpl.Roi("candidate", "", "", tuple(float(v) for v in c), REGION_RADIUS_MM, tissue, "")
+        if (tpl.roi_mask(roi, tpl.mni_t1()).sum() >= MIN_TISSUE_VOXELS      # the count design.json records
+                and tpl.roi_mask(roi, model_grid_image()).sum() >= MIN_MODEL_GRID_VOXELS):
+            return c
+    return None
+
+
+@lru_cache(maxsize=64)
+def _drawn_design(seed: int) -> CohortDesign:
+    rng = np.random.default_rng(seed)
+    slots = [(m, role) for m in MODALITIES for role in ROLES]
+    while True:          # greedy placement in a random order; a dead end starts again (same stream)
+        centres: dict[int, np.ndarray] = {}
+        for k in rng.permutation(len(slots)):
+            c = _place(rng, REGION_TISSUE[slots[k][0]], list(centres.values()))
+            if c is None:
+                break
+            centres[int(k)] = c
+        if len(centres) == len(slots):
+            break
+    rois = tuple(tpl.Roi(f"{m}_{role}", m, role, tuple(float(v) for v in centres[k]), REGION_RADIUS_MM,
+                         REGION_TISSUE[m], f"drawn {REGION_TISSUE[m]} region of the synthetic "
+                         f"{'PD' if role == 'A' else 'iRBD'} effect in {m} (design seed {seed})")
+                 for k, (m, role) in enumerate(slots))
+    profiles = [MODALITIES[int(i)] for i in rng.permutation(len(MODALITIES))]
+    return CohortDesign(seed, rois, tuple(zip(MARKERS, profiles, strict=True)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -202,7 +423,9 @@ def subject_plan(index: int, seed: int, params: SynthParams | None = None) -> Su
 
 def _clinical(rng: np.random.Generator, diagnosis: str, profile: str, p: SynthParams) -> dict:
     """Clinical scores and serum markers. Diagnosis moves rbdsq, updrs3 (and slightly sex); the latent
-    profile moves moca (anat), serum_nfl (dwi) and serum_asyn (func), independently of diagnosis."""
+    profile moves one marker each, independently of diagnosis: in the demo design moca (anat), serum_nfl
+    (dwi) and serum_asyn (func); in general the design's ``marker_profile``."""
+    shifted = {m: profile == p.design.marker_profile(m) for m in MARKERS}
     z = rng.standard_normal(8)
     u = rng.random(6)
     age = int(np.clip(round(66 + 7 * z[0]), 45, 85))
@@ -215,12 +438,12 @@ def _clinical(rng: np.random.Generator, diagnosis: str, profile: str, p: SynthPa
         "age": age,
         "sex": sex,
         "updrs3": int(np.clip(round(up_mu + up_sd * z[1]), 0, 132)),
-        "moca": int(np.clip(round(27.5 - 0.08 * (age - 66) + moca_sd * (z[2] - s * (profile == "anat"))), 0, 30)),
+        "moca": int(np.clip(round(27.5 - 0.08 * (age - 66) + moca_sd * (z[2] - s * shifted["moca"])), 0, 30)),
         "rbdsq": int(np.clip(round(rb_mu + rb_sd * z[3]), 0, 13)),
         # NfL rises ~2 %/year of age; plasma/serum NfL of older adults is ~10-20 pg/mL.
         "serum_nfl": round(float(np.exp(np.log(14.0) + 0.02 * (age - 66)
-                                        + log_sd * (z[4] + s * (profile == "dwi")))), 1),
-        "serum_asyn": int(round(float(np.exp(np.log(1500.0) + log_sd * (z[5] + s * (profile == "func")))))),
+                                        + log_sd * (z[4] + s * shifted["serum_nfl"]))), 1),
+        "serum_asyn": int(round(float(np.exp(np.log(1500.0) + log_sd * (z[5] + s * shifted["serum_asyn"]))))),
     }
     for k, col in enumerate(["updrs3", "moca", "rbdsq", "serum_nfl", "serum_asyn"]):
         if u[1 + k] < p.clinical_missing:

@@ -9,11 +9,13 @@ The shipped T1 is brain-only (skull-stripped, zero outside the brain mask), so t
 Loaders are cached (one load per process) and return images whose arrays are read-only, so one caller
 cannot change what the next one sees.
 
-Regions (``ROIS``) are bilateral spheres in MNI mm, each tied to one modality (``anat``, ``dwi``,
+Regions (``Roi``) are bilateral spheres in MNI mm, each tied to one modality (``anat``, ``dwi``,
 ``func``), one role (``A``: the Parkinson's disease region, ``B``: the isolated REM sleep behaviour
 disorder region) and one tissue (``gm`` or ``wm``). Radius 14 mm so that a region still covers a few
-voxels of a 32^3 model grid (about 5 mm voxels) after resampling. :func:`roi_mask` puts a region on any
-grid: an MNI-space grid, or a subject's native grid when given the native-world -> MNI transform.
+voxels of a 32^3 model grid (about 5 mm voxels) after resampling. ``ROIS`` are the demo cohort's six;
+other cohort designs draw their own (``neuromoe.inputs.synth_plan.CohortDesign``). :func:`roi_mask` puts a
+region (a ``Roi``, or the name of a demo region) on any grid: an MNI-space grid, or a subject's native grid
+when given the native-world -> MNI transform.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class Roi:
 
 
 _R = 14.0
+# The demo design's regions (CohortDesign.default()); a drawn design has its own.
 ROIS: dict[str, Roi] = {r.name: r for r in [
     Roi("insula", "anat", "A", (38.0, 4.0, 2.0), _R, "gm",
         "anterior insular cortex (synthetic PD atrophy: grey matter partly replaced by CSF)"),
@@ -141,7 +144,7 @@ ROIS: dict[str, Roi] = {r.name: r for r in [
 
 
 def effect_rois(modality: str) -> dict[str, Roi]:
-    """The two effect regions of one modality: ``{"A": Roi, "B": Roi}``."""
+    """The two effect regions of one modality in the demo design: ``{"A": Roi, "B": Roi}``."""
     out = {r.role: r for r in ROIS.values() if r.modality == modality}
     if set(out) != {"A", "B"}:
         raise ValueError(f"unknown modality {modality!r}; known: anat, dwi, func")
@@ -175,15 +178,17 @@ def sphere_weight(centres_mm: np.ndarray, radius_mm: float, affine: np.ndarray, 
     return np.clip((radius_mm + taper_mm / 2 - d) / taper_mm, 0, 1).astype(np.float32)
 
 
-def roi_weight(name: str, affine: np.ndarray, shape: tuple[int, ...], taper_mm: float = 4.0,
+def roi_weight(region: str | Roi, affine: np.ndarray, shape: tuple[int, ...], taper_mm: float = 4.0,
                world_to_mni: np.ndarray | None = None) -> np.ndarray:
-    """Soft bilateral sphere of region ``name`` on a grid, (X, Y, Z) float32 in [0, 1], no tissue
-    restriction (see :func:`sphere_weight`)."""
-    roi = _get(name)
+    """Soft bilateral sphere of ``region`` (a ``Roi``, or a demo region's name) on a grid, (X, Y, Z)
+    float32 in [0, 1], no tissue restriction (see :func:`sphere_weight`)."""
+    roi = _get(region)
     return sphere_weight(roi.centres_mm, roi.radius_mm, affine, shape, taper_mm, world_to_mni)
 
 
-def _get(name: str) -> Roi:
+def _get(name: str | Roi) -> Roi:
+    if isinstance(name, Roi):
+        return name
     if name not in ROIS:
         raise KeyError(f"unknown region {name!r}; known: {sorted(ROIS)}")
     return ROIS[name]
@@ -239,18 +244,19 @@ def _tissue_on_grid(tissue: str, affine: np.ndarray, shape: tuple[int, ...],
     return _tissue_at(tissue, affine, ijk, world_to_mni).reshape(shape[:3])
 
 
-def roi_mask(name: str, like_img: nib.Nifti1Image, tissue: bool = True, threshold: float = 0.5,
+def roi_mask(region: str | Roi, like_img: nib.Nifti1Image, tissue: bool = True, threshold: float = 0.5,
              world_to_mni: np.ndarray | None = None) -> np.ndarray:
-    """Boolean mask (X, Y, Z) of region ``name`` on the grid of ``like_img`` (3D or 4D).
+    """Boolean mask (X, Y, Z) of ``region`` (a ``Roi``, or a demo region's name) on the grid of ``like_img``
+    (3D or 4D).
 
     Voxels whose centre lies inside the region's sphere (hard edge, radius in mm) and, when ``tissue`` is
     true, whose tissue probability (GM or WM as the region says, averaged over the voxel's size) is at
     least ``threshold``. ``like_img`` is in MNI space unless ``world_to_mni`` (4x4, its world mm -> MNI
     mm; for a synthetic subject, the inverse of the truth pose) is given.
     """
-    roi = _get(name)
+    roi = _get(region)
     shape = like_img.shape[:3]
-    inside = roi_weight(name, like_img.affine, shape, taper_mm=0.0, world_to_mni=world_to_mni) > 0
+    inside = roi_weight(roi, like_img.affine, shape, taper_mm=0.0, world_to_mni=world_to_mni) > 0
     if tissue:
         ijk = np.argwhere(inside)                     # sample the tissue map only inside the sphere
         keep = _tissue_at(roi.tissue, like_img.affine, ijk.astype(np.float32), world_to_mni) >= threshold
