@@ -22,10 +22,12 @@ def _load_config(path: str | None) -> dict:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from neuromoe.inputs.synth import make_cohort
+    from neuromoe.inputs.synth import SynthParams, make_cohort
 
-    out = make_cohort(args.out_dir, n_subjects=args.subjects, seed=args.seed)
-    print(f"wrote a synthetic BIDS cohort of {args.subjects} subjects to {out}")
+    out = make_cohort(args.out_dir, n_subjects=args.subjects, seed=args.seed,
+                      params=SynthParams(design_seed=args.design_seed))
+    design = "the demo design" if args.design_seed is None else f"design seed {args.design_seed}"
+    print(f"wrote a synthetic BIDS cohort of {args.subjects} subjects ({design}) to {out}")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir", type=Path)
     s.add_argument("--subjects", type=int, default=180)
     s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--design-seed", type=int, default=None,
+                   help="draw the cohort design (effect regions, marker mapping) from this seed; "
+                        "default: the demo design")
     s.set_defaults(func=cmd_synth)
 
     v = sub.add_parser("validate", help="check a BIDS dataset and participants.tsv; list every problem")

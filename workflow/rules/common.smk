@@ -47,14 +47,20 @@ if BACKEND == "fsl":
 
 
 if not Path(BIDS).exists() and config["synthetic"]["generate"]:
-    from neuromoe.inputs.synth import make_cohort
+    from neuromoe.inputs.synth import SynthParams, make_cohort
 
     print(
         f"neuromoe: {BIDS} does not exist; writing the synthetic demo cohort "
-        f"({config['synthetic']['subjects']} subjects, seed {config['synthetic']['seed']}) ...",
+        f"({config['synthetic']['subjects']} subjects, seed {config['synthetic']['seed']}, "
+        f"design seed {config['synthetic'].get('design_seed')}) ...",
         file=sys.stderr,
     )
-    make_cohort(BIDS, config["synthetic"]["subjects"], config["synthetic"]["seed"])
+    make_cohort(
+        BIDS,
+        config["synthetic"]["subjects"],
+        config["synthetic"]["seed"],
+        params=SynthParams(design_seed=config["synthetic"].get("design_seed")),
+    )
 
 try:
     DATASET = validate_dataset(BIDS, config)
