@@ -215,6 +215,56 @@ def benchmark_cpu_seconds(out_dir: Path) -> dict[str, float]:
     return res
 
 
+# The config a piece's preprocessing and cache depend on (the rules' params): pieces of one design and size
+# that agree on these share them (a --set of training settings does not preprocess 180 subjects again).
+PREPROCESSING_KEYS = ("bids_dir", "participants", "preprocessing", "cache", "model.patch_size")
+
+
+def _pick(cfg: dict, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def reusable_preprocessing(wf: Path, cfg: dict) -> Path | None:
+    """A sibling workflow folder of the same design and size whose cohort cache is built with the same
+    preprocessing settings, or None."""
+    prefix = wf.name.split("_")[0] + "_" + wf.name.split("_")[1]  # design-<S>_n<N>
+    for other in sorted(wf.parent.glob(prefix + "*")):
+        if other == wf or not (other / "results" / "cache" / "cohort" / "manifest.json").is_file():
+            continue
+        try:
+            ocfg = yaml.safe_load((other / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if other.name.split("_")[:2] == wf.name.split("_")[:2] and all(
+                _pick(ocfg, k) == _pick(cfg, k) for k in PREPROCESSING_KEYS):
+            return other
+    return None
+
+
+def seed_preprocessing(base: Path, wf: Path) -> None:
+    """Hard-link ``base``'s derivatives, cache, their logs and benchmarks, and copy Snakemake's records of
+    them, into ``wf``: Snakemake there sees those jobs done (same inputs, params, code and mtimes) and runs
+    only the rest. A job rerun there deletes its outputs first, which unlinks them: ``base`` keeps its own."""
+    skip = {"train", "baseline", "splits", "evaluate", "explain", "predict"}
+    for sub in ("derivatives", "cache"):
+        if (base / "results" / sub).is_dir():
+            shutil.copytree(base / "results" / sub, wf / "results" / sub, copy_function=os.link)
+    for sub in ("logs", "benchmarks"):
+        for item in (base / "results" / sub).glob("*"):
+            if item.name.split(".")[0] not in skip:
+                dst = wf / "results" / sub / item.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if item.is_dir():
+                    shutil.copytree(item, dst, copy_function=os.link)
+                else:
+                    os.link(item, dst)
+    if (base / ".snakemake" / "metadata").is_dir():
+        shutil.copytree(base / ".snakemake" / "metadata", wf / ".snakemake" / "metadata")
+
+
 # --- analysis of a finished piece ----------------------------------------------------------------------------
 def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
@@ -476,6 +526,12 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
         finally:
             spend("cohort", t0)
         _say(tag, f"cohort {'written' if wrote else 'present'} ({seconds['cohort']:.0f} s)")
+        if not (wf / "results").exists():
+            base = reusable_preprocessing(wf, cfg)
+            if base is not None:
+                _say(tag, f"preprocessing and cache: hard links to {base.name}'s (same preprocessing settings)")
+                seed_preprocessing(base, wf)
+                state["preprocessing_reused_from"] = str(base)
         (wf / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         # we hold this folder's lock, so a Snakemake lock left here is a killed run's: safe to remove
         subprocess.run([*snakemake_argv(wf, cores, []), "--unlock"], capture_output=True, cwd=ROOT)
@@ -529,6 +585,7 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
         "paired_full_minus_no_gate": paired_difference(per_run),
         "gate_by_profile": gate_by_profile(preds, true_profiles(cohort, preds["participant_id"])),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "preprocessing_reused_from": state.get("preprocessing_reused_from"),
         "config": cfg, "git_commit": _git_commit(),
         "cpu_seconds": benchmark_cpu_seconds(res),
         "design": design, "machine": meta, "finished": True,

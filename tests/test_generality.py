@@ -210,3 +210,35 @@ def test_a_drawn_design_reaches_the_generator(gen) -> None:
     assert params.design_seed == gen.HELDOUT_DESIGN_SEEDS[0] and gen.design_params(None).design_seed is None
     x, clin, y, part = gen.oracle_cohort(9, gen.cohort_seed(gen.HELDOUT_DESIGN_SEEDS[0]), params)
     assert x.shape == (9, 3, 2) and sorted(np.bincount(y)) == [3, 3, 3]
+
+
+def test_a_new_setting_reuses_the_preprocessing_of_the_same_design(gen, tmp_path: Path) -> None:
+    import yaml
+
+    bids = tmp_path / "cohorts" / "design-11_n9"
+    base = tmp_path / gen.piece_name(11, 9)
+    cfg = gen.piece_config(bids, {})
+    (base / "results" / "cache" / "cohort").mkdir(parents=True)
+    (base / "results" / "cache" / "cohort" / "manifest.json").write_text("{}")
+    for rel in ("derivatives/neuromoe/sub-01/anat/t1.nii.gz", "logs/anat/sub-01.log", "logs/train/full/x.log",
+                "benchmarks/cache_cohort.tsv", "benchmarks/train/full/x.tsv"):
+        (base / "results" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / "results" / rel).write_text("x")
+    (base / ".snakemake" / "metadata").mkdir(parents=True)
+    (base / ".snakemake" / "metadata" / "abc").write_text("{}")
+    (base / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / gen.piece_name(11, 90)).mkdir()  # another size: never taken
+
+    train = tmp_path / gen.piece_name(11, 9, {"train.epochs": 3})
+    assert gen.reusable_preprocessing(train, gen.piece_config(bids, {"train.epochs": 3})) == base
+    grid = tmp_path / gen.piece_name(11, 9, {"cache.grid": [16, 16, 16]})
+    assert gen.reusable_preprocessing(grid, gen.piece_config(bids, {"cache.grid": [16, 16, 16]})) is None
+    assert gen.reusable_preprocessing(tmp_path / gen.piece_name(12, 9), gen.piece_config(bids, {})) is None
+
+    gen.seed_preprocessing(base, train)
+    t1 = "results/derivatives/neuromoe/sub-01/anat/t1.nii.gz"
+    assert (train / t1).stat().st_ino == (base / t1).stat().st_ino  # hard links: no second copy on disk
+    assert (train / "results/logs/anat/sub-01.log").is_file()
+    assert (train / "results/benchmarks/cache_cohort.tsv").is_file()
+    assert not (train / "results/logs/train").exists() and not (train / "results/benchmarks/train").exists()
+    assert (train / ".snakemake/metadata/abc").is_file()
