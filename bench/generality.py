@@ -683,7 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"design seed (none = the demo's design); held out: {list(HELDOUT_DESIGN_SEEDS)}, "
                         f"tuning: {list(TUNING_DESIGN_SEEDS)}")
     r.add_argument("--subjects", type=int, default=DEFAULT_SUBJECTS,
-                   help=f"cohort size ({DEFAULT_SUBJECTS}: the protocol; smaller for a quick look, >= 9)")
+                   help=f"cohort size ({DEFAULT_SUBJECTS}: the protocol). Smaller for a quick look: >= 18 with "
+                        "the demo's train.gate_fit crossfit (its inner folds need 2 training subjects of a "
+                        "class), 9 with --set train.gate_fit=joint")
     r.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     r.add_argument("--cores", type=int, default=2)
     r.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
