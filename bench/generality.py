@@ -16,7 +16,9 @@ One design is one piece; pieces are resumable and merged into one results file::
 Layout under ``--workdir`` (default /tmp/neuromoe_generality): ``cohorts/design-<S>_n<N>/`` (the BIDS cohort,
 shared by every setting of that design and size, written once) and ``design-<S>_n<N>[_<hash of --set>]/``
 (the workflow folder: ``config.yaml``, ``results/``, ``snakemake.log``, ``generality_state.json``). Rerunning
-the same command continues where it stopped (Snakemake reruns only what is missing or incomplete).
+the same command continues where it stopped (Snakemake reruns only what is missing or incomplete). A new
+``--set`` that leaves the preprocessing and cache settings alone starts from hard links to the derivatives
+and cache of another folder of the same design and size, so tuning training settings costs only training.
 
 Results: ``bench/results/generality.json`` (``--out`` elsewhere), one entry per (design seed, subjects,
 overrides), replaced only by a rerun of that piece, written atomically under a file lock; the pooled
