@@ -495,3 +495,19 @@ def test_bad_split_and_variant_are_reported(cohort: dict[str, Path], tmp_path: P
         run(cohort, tmp_path, variant="drop_everything")
     with pytest.raises(InputError, match="cv-s9-f9"):
         train_run(cohort["cache"], cohort["splits"], "cv-s9-f9", "full", make_cfg(), tmp_path, device="cpu")
+
+
+def test_crossfit_on_a_training_part_too_small_to_fold_is_an_early_input_error(cohort: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    """One training subject per class cannot be cut into stratified folds: a clear error before any epoch,
+    not scikit-learn's from inside the gate fit after the experts trained."""
+    splits = pd.read_csv(cohort["splits"], sep="\t", dtype=str)
+    train = splits.index[splits["part"] == "train"]
+    splits.loc[train[3:], "part"] = "test"  # labels cycle 0, 1, 2: one training subject per class is left
+    small = tmp_path / "splits.tsv"
+    splits.to_csv(small, sep="\t", index=False)
+    cfg = make_cfg(gate_fit="crossfit", select="last")
+    with pytest.raises(InputError, match=r"crossfit[\s\S]*fix: use more subjects"):
+        train_run(cohort["cache"], small, "holdout-s0", "full", cfg, tmp_path / "run", device="cpu",
+                  progress=False)
+    assert not (tmp_path / "run" / "checkpoint").exists()  # nothing trained

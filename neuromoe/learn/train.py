@@ -338,6 +338,22 @@ def prepare_data(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, e
                    preprocessor=pre, weights=class_weights(y[rows["train"]], len(cohort.labels)))
 
 
+def crossfit_fold_count(train_labels: np.ndarray, wanted: int) -> int:
+    """Folds of the training part for ``gate_fit: crossfit``: ``train.crossfit_folds``, at most the largest
+    class's size (a stratified fold needs a subject of that class to hold out)."""
+    return min(wanted, int(np.bincount(np.asarray(train_labels, dtype=np.int64)).max(initial=0)))
+
+
+def check_crossfit(data: RunData, tc: TrainConfig, split_id: str, splits_tsv: str | Path) -> None:
+    """InputError, before any training, when the training part is too small to cut into 2 crossfit folds."""
+    labels = data.cohort.index["label"].to_numpy()[np.asarray(data.rows["train"])]
+    if crossfit_fold_count(labels, tc.crossfit_folds) < 2:
+        raise InputError(f"split {split_id}: train.gate_fit crossfit cuts the training part into stratified folds, "
+                         f"but it holds at most one subject per class ({len(labels)} subjects)", path=splits_tsv,
+                         fix="use more subjects (at least 2 per class in every training part; 18 in all with "
+                             "5-fold CV), or train.gate_fit: joint")
+
+
 def crossfit_log_probs(mcfg: ModelConfig, data: RunData, tc: TrainConfig, dev: torch.device, lam: float,
                        seed: int, epochs: int, loader_kw: Mapping[str, Any], tag: str = "",
                        progress: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -352,7 +368,7 @@ def crossfit_log_probs(mcfg: ModelConfig, data: RunData, tc: TrainConfig, dev: t
 
     rows = np.asarray(data.rows["train"])
     labels = data.cohort.index["label"].to_numpy()[rows]
-    k = min(tc.crossfit_folds, int(np.bincount(labels).max()))
+    k = crossfit_fold_count(labels, tc.crossfit_folds)
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=derive_seed(seed, "crossfit"))
     weights = data.weights.to(dev)
     parts: list[tuple[Tensor, ...]] = []
@@ -570,6 +586,8 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
     data = prepare_data(cache_dir, splits_tsv, split_id, experts, cfg)
     if tc.flip_lr > 0:
         check_flip_grid(data.cohort.manifest["affine"], data.cohort.grid)
+    if use_gate and tc.gate_fit == "crossfit":
+        check_crossfit(data, tc, split_id, splits_tsv)
     mcfg = ModelConfig.from_dict({**cfg.get("model", {}), "experts": experts, "use_gate": use_gate,
                                   "channels": {m: len(c) for m, c in data.cohort.channels.items()},
                                   "grid": data.cohort.grid, "n_clinical": len(data.preprocessor.columns),
