@@ -221,6 +221,15 @@ class FuncConfig(Section):
 
 
 @dataclass(frozen=True)
+class ParticipantsConfig(Section):
+    KEY: ClassVar[str] = "participants"
+    diagnosis_column: str = "diagnosis"
+    labels: tuple[str, ...] = ("HC", "PD", "iRBD")
+    clinical_columns: tuple[str, ...] = ("age", "sex", "updrs3", "moca", "rbdsq", "serum_nfl", "serum_asyn")
+    missing_modality: str = "exclude"
+
+
+@dataclass(frozen=True)
 class FslConfig(Section):
     KEY: ClassVar[str] = "preprocessing.fsl"
     bet_frac: float = 0.5

@@ -41,7 +41,7 @@ import pandas as pd
 
 from neuromoe import __version__
 from neuromoe.cache.grid import MIN_SUPPORT, ZSCORE_CLIP, check_grid, grid_mask, model_grid, normalise_map
-from neuromoe.config import CacheConfig, schema_defaults
+from neuromoe.config import CacheConfig, ParticipantsConfig, schema_defaults
 from neuromoe.errors import CacheError, InputError, StageError
 
 MODALITIES: tuple[str, ...] = ("anat", "dwi", "func")
@@ -237,25 +237,24 @@ def expected_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     ``cfg`` is the workflow config (needs ``cache`` and ``participants`` sections).
     """
-    c, p = CacheConfig.from_config(cfg), cfg["participants"]
+    c, p = CacheConfig.from_config(cfg), ParticipantsConfig.from_config(cfg)
     return _jsonable({
         "cache_format": CACHE_FORMAT,
         "grid": list(c.grid),
         "dtype": c.dtype,
         "channels": {"anat": list(ANAT_CHANNELS), "dwi": list(c.dwi_maps), "func": list(c.func_maps)},
-        "labels": list(p["labels"]),
-        "diagnosis_column": p.get("diagnosis_column", "diagnosis"),
-        "clinical_columns": list(p["clinical_columns"]),
+        "labels": list(p.labels),
+        "diagnosis_column": p.diagnosis_column,
+        "clinical_columns": list(p.clinical_columns),
         "normalisation": normalisation_params(),
     })
 
 
 def _config_keys(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    p = cfg["participants"]
+    p = ParticipantsConfig.from_config(cfg)
     return _jsonable({"cache": dict(cfg["cache"]),
-                      "participants": {"diagnosis_column": p.get("diagnosis_column", "diagnosis"),
-                                       "labels": list(p["labels"]),
-                                       "clinical_columns": list(p["clinical_columns"])}})
+                      "participants": {"diagnosis_column": p.diagnosis_column, "labels": list(p.labels),
+                                       "clinical_columns": list(p.clinical_columns)}})
 
 
 def _record_file(item: str | Path) -> Path:

@@ -35,6 +35,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from neuromoe.cache.store import MODALITIES
+from neuromoe.config import ParticipantsConfig
 from neuromoe.errors import InputError
 from neuromoe.learn.metrics import compute_metrics
 from neuromoe.learn.splits import split_rows
@@ -165,11 +166,11 @@ def run_baseline(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, c
 
     out_dir = Path(out_dir)
     cohort = open_cohort(cache_dir, expected=cfg if "cache" in cfg else None, verify=verify)
-    participants = cfg.get("participants", {})
-    clin_cols = list(participants.get("clinical_columns", []))
+    participants = ParticipantsConfig.from_config(cfg)
+    clin_cols = list(participants.clinical_columns)
     classes = cohort.labels
     rows = split_rows(cohort.index, splits_tsv, split_id)
-    if participants.get("missing_modality", "exclude") == "exclude":
+    if participants.missing_modality == "exclude":
         complete = set(cohort.index.loc[cohort.present.all(axis=1), "row"].astype(int))
         excluded = {p: [r for r in rs if r not in complete] for p, rs in rows.items()}
         rows = {p: [r for r in rs if r in complete] for p, rs in rows.items()}

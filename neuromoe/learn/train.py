@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from neuromoe.config import TrainConfig
+from neuromoe.config import ParticipantsConfig, TrainConfig
 from neuromoe.errors import InputError
 from neuromoe.learn.checkpoint import (
     CheckpointError,
@@ -319,7 +319,8 @@ def prepare_data(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, e
     has = index.set_index("row")[[f"has_{m}" for m in MRI_MODALITIES]].astype(bool)
     has.columns = list(MRI_MODALITIES)
     needed = [m for m in experts if m in MRI_MODALITIES]
-    if cfg.get("participants", {}).get("missing_modality", "exclude") == "exclude":
+    participants = ParticipantsConfig.from_config(cfg)
+    if participants.missing_modality == "exclude":
         usable = has.all(axis=1)
     elif "clin" in experts or not needed:
         usable = pd.Series(True, index=has.index)
@@ -331,7 +332,7 @@ def prepare_data(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, e
         raise InputError(f"split {split_id}, experts {list(experts)}: no usable train or val subject after "
                          "leaving out those missing modalities", path=cache_dir,
                          fix="set participants.missing_modality: keep, or check the cache's has_* columns")
-    clin_cols = list(cfg.get("participants", {}).get("clinical_columns", []))
+    clin_cols = list(participants.clinical_columns)
     pre = ClinicalPreprocessor(clin_cols).fit(index.iloc[rows["train"]])
     y = index["label"].to_numpy(dtype=np.int64)
     return RunData(cohort=cohort, rows=rows, excluded=excluded, clinical=pre.transform(index),
