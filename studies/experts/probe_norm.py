@@ -1,5 +1,5 @@
 """Probe: do experts get stronger with inputs standardised per voxel on the training fold?
-usage: probe_norm.py NORM(none|voxel) VARIANTS SPLITS [key=value ...]"""
+usage: probe_norm.py NORM(none|voxel|cnn) VARIANTS SPLITS [key=value ...]"""
 import json
 import os
 import sys
@@ -13,6 +13,25 @@ import torch
 import yaml
 
 W = Path(os.environ.get("PROBE_WORKDIR", "/tmp/tune90"))  # a workflow folder run up to `splits`
+
+
+class CnnEncoder(torch.nn.Module):
+    """A small 3D CNN in place of the ViT encoder (probe ``cnn``): three conv-ReLU-maxpool stages (16, 32, 32
+    channels, 3^3 kernels), then one linear layer over the flattened positions -> (B, dim)."""
+
+    def __init__(self, cfg, in_channels: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        layers, c = [], in_channels
+        for width in (16, 32, 32):
+            layers += [nn.Conv3d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2)]
+            c = width
+        self.features = nn.Sequential(*layers)
+        n = c * int(np.prod([g // 8 for g in cfg.grid]))
+        self.readout = nn.Sequential(nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(n, cfg.dim))
+
+    def forward(self, x):
+        return self.readout(self.features(x))
 
 
 def job(args):
@@ -47,6 +66,9 @@ def job(args):
             return {m: (x - stats[m][0].to(dev)) / stats[m][1].to(dev) for m, x in images.items()}, clin, present, y
         T.to_device = patched
         G.to_device = patched
+    if norm == "cnn":
+        import neuromoe.learn.model as M
+        M.VolumeEncoder = CnnEncoder
     out = W / "probe" / norm / "_".join(overrides) / variant / split
     t = time.time()
     m = T.train_run(cache, splits, split, variant, cfg, out, device="cpu", threads=1, progress=False)
