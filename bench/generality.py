@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
 
 from neuromoe.learn.metrics import summarise  # noqa: E402
-from neuromoe.learn.splits import PARTS, make_splits, split_id_for  # noqa: E402
+from neuromoe.learn.splits import PARTS, make_splits, planned_split_ids  # noqa: E402
 
 # Settings may be tuned only on TUNING_DESIGN_SEEDS. HELDOUT_DESIGN_SEEDS were fixed when this benchmark was
 # written, before any setting was tuned on any drawn design; the README reports only them (and their pooled
@@ -153,9 +153,7 @@ def write_cohort(bids: Path, n_subjects: int, design_seed: int | None, n_jobs: i
 
 def split_ids(cfg: dict) -> list[str]:
     ev = cfg["evaluation"]
-    if ev["protocol"] == "cv":
-        return [split_id_for("cv", s, f) for s in ev["seeds"] for f in range(ev["folds"])]
-    return [split_id_for("holdout", s) for s in ev["seeds"]]
+    return planned_split_ids(ev["protocol"], ev["seeds"], ev["folds"])
 
 
 def phase_targets(cfg: dict) -> dict[str, list[str]]:

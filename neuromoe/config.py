@@ -63,8 +63,11 @@ def _key(path: Any, prefix: str = "") -> str:
     return out or "(top level)"
 
 
+_VALIDATOR = _with_defaults(jsonschema.Draft202012Validator)  # one class, built once
+
+
 def _schema_problems(instance: Any, sub: dict, prefix: str = "") -> list[str]:
-    validator = _with_defaults(jsonschema.Draft202012Validator)(sub)
+    validator = _VALIDATOR(sub)
     problems = []
     for e in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))):
         if e.validator == "additionalProperties":

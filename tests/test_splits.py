@@ -160,3 +160,12 @@ def test_properties_hold_across_cohort_sizes(counts: dict[str, int], folds: int)
     h = make_splits(p, "holdout", seeds=[0, 1, 2])
     assert_disjoint_parts(h, len(p))
     assert_stratified(h, p, {"train": 0.5, "val": 0.25, "test": 0.25})
+
+
+def test_planned_split_ids_are_the_ids_make_splits_writes() -> None:
+    """The workflow plans one training per id of planned_split_ids: the same ids make_splits writes."""
+    from neuromoe.learn.splits import planned_split_ids
+
+    assert planned_split_ids("cv", [0, 1], 3) == ["cv-s0-f0", "cv-s0-f1", "cv-s0-f2", "cv-s1-f0", "cv-s1-f1",
+                                                  "cv-s1-f2"]
+    assert planned_split_ids("holdout", [0, 2], 5) == ["holdout-s0", "holdout-s2"]

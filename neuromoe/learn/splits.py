@@ -52,6 +52,13 @@ def split_id_for(protocol: str, seed: int, fold: int | None = None) -> str:
     raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
 
 
+def planned_split_ids(protocol: str, seeds: Sequence[int], folds: int) -> list[str]:
+    """Every split id the ``evaluation`` section asks for, in the workflow's order (seed, then fold)."""
+    if protocol == "cv":
+        return [split_id_for("cv", s, f) for s in seeds for f in range(folds)]
+    return [split_id_for(protocol, s) for s in seeds]
+
+
 def parse_split_id(split_id: str) -> tuple[str, int, int | None]:
     """``"cv-s1-f2"`` -> ``("cv", 1, 2)``; ``"holdout-s0"`` -> ``("holdout", 0, None)``."""
     m = _SPLIT_ID.match(split_id)

@@ -2,14 +2,10 @@
 # non-deep baseline.
 MODEL = f"{OUT}/model"
 
-from neuromoe.learn.splits import split_id_for
+from neuromoe.learn.splits import planned_split_ids
 
 EV = config["evaluation"]
-SPLIT_IDS = (
-    [split_id_for("cv", s, f) for s in EV["seeds"] for f in range(EV["folds"])]
-    if EV["protocol"] == "cv"
-    else [split_id_for("holdout", s) for s in EV["seeds"]]
-)
+SPLIT_IDS = planned_split_ids(EV["protocol"], EV["seeds"], EV["folds"])
 VARIANTS = list(EV["variants"]) + [f"lambda_{lam:g}" for lam in EV["lambda_sweep"]]
 RUN_FILES = [
     "model.safetensors",
