@@ -1,0 +1,155 @@
+"""Probe: is the planted signal still in the cache, and can a reader find where it is?
+
+usage: probe_localise.py signal      per region and channel: d' (affected vs not) of the true-region mean and
+                                     of single voxels, raw and smoothed (sigma 1 voxel)
+       probe_localise.py readers     5-fold CV (seed 0) test balanced accuracy of one reader per modality,
+                                     on all test subjects and on those whose latent profile is that modality
+
+Runs on a workflow folder cached up to ``cache/cohort`` (``PROBE_WORKDIR``, default /tmp/tune90) and its
+BIDS cohort (``PROBE_BIDS``, default $PROBE_WORKDIR/bids), whose synth-truth names the regions and who is
+affected. Nothing of the product is changed; sklearn readers on the decoded cache, seconds per reader.
+"""
+import itertools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+from sklearn.feature_selection import SelectKBest, f_classif
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from neuromoe.cache.store import MODALITIES, decode, open_cohort
+from neuromoe.inputs import templates as tpl
+from neuromoe.inputs.synth import read_design, read_truth
+
+W = Path(os.environ.get("PROBE_WORKDIR", "/tmp/tune90"))
+BIDS = Path(os.environ.get("PROBE_BIDS", W / "bids"))
+warnings.filterwarnings("ignore")
+
+cohort = open_cohort(W / "results/cache/cohort", verify=False)
+design = read_design(BIDS)
+subjects = cohort.index["participant_id"].tolist()
+truth = {s: read_truth(BIDS, s.removeprefix("sub-")) for s in subjects}
+profile = np.array([truth[s]["profile"] for s in subjects])
+y = cohort.y
+mask = cohort.mask.astype(bool)
+X = {m: decode(np.asarray(cohort.arrays[m]), cohort.dtype) for m in MODALITIES}  # (N, C, D, H, W)
+folds = StratifiedKFold(5, shuffle=True, random_state=0)
+
+
+def region_weight(m: str, role: str | None = None) -> np.ndarray:
+    """Soft bilateral sphere(s) of the true effect region(s) on the model grid."""
+    roles = [role] if role else ["A", "B"]
+    return sum(tpl.roi_weight(design.effect_rois(m)[r], cohort.affine, cohort.grid) for r in roles)
+
+
+def dprime(a: np.ndarray, affected: np.ndarray) -> np.ndarray:
+    pooled = np.sqrt(0.5 * (a[affected].var(0, ddof=1) + a[~affected].var(0, ddof=1))) + 1e-6
+    return (a[affected].mean(0) - a[~affected].mean(0)) / pooled
+
+
+def signal() -> None:
+    like = nib.Nifti1Image(np.zeros(cohort.grid, np.float32), cohort.affine)
+    for m in MODALITIES:
+        smooth = ndimage.gaussian_filter(X[m], (0, 0, 1, 1, 1))
+        for role in "AB":
+            roi = design.effect_rois(m)[role]
+            affected = np.array([truth[s]["affected"][m][role] for s in subjects])
+            w = np.asarray(tpl.roi_mask(roi, like), np.float32) * mask  # the region's tissue on the grid
+            inside, outside = (region_weight(m, role) > 0.5) & mask, (region_weight(m) == 0) & mask
+            for ch, name in enumerate(cohort.channels[m]):
+                mean_d = dprime((X[m][:, ch] * w).sum((1, 2, 3)) / w.sum(), affected)
+                raw, sm = dprime(X[m][:, ch], affected), dprime(smooth[:, ch], affected)
+                print(f"{m:4s} {role} {roi.name:20s} {name:5s} affected {affected.sum():3d}/{len(y)}  "
+                      f"region mean d' {mean_d:+6.2f} | voxel d' median / extreme: raw {np.median(raw[inside]):+5.2f} "
+                      f"/ {raw[inside][np.argmax(np.abs(raw[inside]))]:+6.2f}, smoothed {np.median(sm[inside]):+5.2f} "
+                      f"/ {sm[inside][np.argmax(np.abs(sm[inside]))]:+6.2f} | outside |d'| p99 raw "
+                      f"{np.percentile(np.abs(raw[outside]), 99):.2f}")
+
+
+def voxels(m: str, sigma: float = 0.0) -> np.ndarray:
+    a = ndimage.gaussian_filter(X[m], (0, 0, sigma, sigma, sigma)) if sigma else X[m]
+    return a[:, :, mask].reshape(len(a), -1)
+
+
+def true_regions(m: str) -> np.ndarray:
+    feats = []
+    for role in "AB":
+        w = region_weight(m, role) * mask
+        feats.append((X[m] * w).sum((2, 3, 4)) / w.sum())
+    return np.concatenate(feats, 1)
+
+
+def logreg(c: float) -> LogisticRegression:
+    return LogisticRegression(C=c, class_weight="balanced", max_iter=3000)
+
+
+def deviation_peaks(m: str, sigma: float, t: float, k: int, edge_min: int):
+    """A label-free localiser: robust z of every voxel against the training fold (median, MAD), voxels
+    ranked by the fraction of training subjects beyond |z| > t (a focal change in some subjects makes that
+    fraction large), ``k`` peaks at least 2 voxels apart and ``edge_min`` voxels inside the brain mask;
+    features: the z of every channel at the peaks."""
+    a = ndimage.gaussian_filter(X[m], (0, 0, sigma, sigma, sigma)) if sigma else X[m]
+    edge = ndimage.distance_transform_edt(mask)
+
+    def fit_features(tr):
+        med = np.median(a[tr], 0)
+        z = (a - med) / (1.4826 * np.median(np.abs(a[tr] - med), 0) + 1e-3)
+        score = np.where(mask & (edge >= edge_min), (np.abs(z[tr]) > t).mean(0).max(0), -1.0)
+        peaks = []
+        for _ in range(k):
+            p = np.unravel_index(np.argmax(score), score.shape)
+            peaks.append(p)
+            score[tuple(slice(max(0, j - 2), j + 3) for j in p)] = -1.0
+        hit = float(np.mean([region_weight(m)[p] > 0.5 for p in peaks]))
+        return np.stack([z[:, :, i, j, kk] for i, j, kk in peaks], -1).reshape(len(y), -1), hit
+    return fit_features
+
+
+READERS = {
+    "true regions (the oracle's read-out), logistic": lambda m: (true_regions(m), make_pipeline(StandardScaler(), logreg(1.0))),
+    "all voxels, L2 logistic (C 0.01)": lambda m: (voxels(m), make_pipeline(StandardScaler(), logreg(0.01))),
+    "all voxels smoothed 1 voxel, L2 logistic": lambda m: (voxels(m, 1.0), make_pipeline(StandardScaler(), logreg(0.01))),
+    "ANOVA top 50 voxels (smoothed), logistic": lambda m: (voxels(m, 1.0), make_pipeline(
+        StandardScaler(), SelectKBest(f_classif, k=50), logreg(0.1))),
+    "ANOVA top 200 voxels (smoothed), logistic": lambda m: (voxels(m, 1.0), make_pipeline(
+        StandardScaler(), SelectKBest(f_classif, k=200), logreg(0.05))),
+}
+
+
+def score(pred: np.ndarray, m: str) -> str:
+    own = profile == m
+    return f"{m} {100 * balanced_accuracy_score(y, pred):5.1f} own {100 * (pred[own] == y[own]).mean():5.1f}"
+
+
+def readers() -> None:
+    for name, make in READERS.items():
+        row = []
+        for m in MODALITIES:
+            feats, est = make(m)
+            pred = np.zeros_like(y)
+            for tr, te in folds.split(feats, y):
+                pred[te] = est.fit(feats[tr], y[tr]).predict(feats[te])
+            row.append(score(pred, m))
+        print(f"{name:48s}", " | ".join(row), flush=True)
+    for sigma, t, k, edge_min in itertools.product([0.0, 0.7, 1.0], [3.0, 4.0], [4, 8], [0, 2]):
+        row = []
+        for m in MODALITIES:
+            fit_features, pred, hits = deviation_peaks(m, sigma, t, k, edge_min), np.zeros_like(y), []
+            for tr, te in folds.split(y, y):
+                feats, hit = fit_features(tr)
+                hits.append(hit)
+                pred[te] = make_pipeline(StandardScaler(), logreg(0.1)).fit(feats[tr], y[tr]).predict(feats[te])
+            row.append(score(pred, m) + f" in-region {np.mean(hits):.2f}")
+        print(f"deviation peaks sigma {sigma} |z|>{t} k {k} edge>={edge_min}".ljust(48), " | ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    {"signal": signal, "readers": readers}[sys.argv[1]]()
