@@ -126,6 +126,18 @@ def test_variant_spec() -> None:
             variant_spec(bad)
 
 
+def test_gated_variants_share_the_ungated_variants_experts_unless_the_gate_trains_with_them() -> None:
+    from neuromoe.learn.variants import expert_donor
+
+    demo = ["full", "no_gate", "drop_anat", "only_anat", "only_clin", "lambda_0", "lambda_1"]
+    for gate_fit in ("crossfit", "heldout"):
+        assert {v: expert_donor(v, demo, gate_fit) for v in demo} == {
+            "full": "no_gate", "no_gate": None, "drop_anat": None, "only_anat": None, "only_clin": None,
+            "lambda_0": "no_gate", "lambda_1": "no_gate"}
+    assert all(expert_donor(v, demo, "joint") is None for v in demo)  # the gate shapes the experts
+    assert expert_donor("full", ["full", "only_anat"], "crossfit") is None  # no donor run planned
+
+
 def test_lr_schedule_warmup_then_cosine() -> None:
     lrs = [lr_at(s, 1.0, 4, 20, 0.1) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -432,6 +444,32 @@ def test_crossfit_gate_is_fitted_on_predictions_of_models_that_never_saw_the_sub
     assert all(torch.equal(final[k], b[k]) for k in final)
     with pytest.raises(ConfigError, match="crossfit_folds"):
         TrainConfig.of({"gate_fit": "crossfit", "crossfit_folds": 1})
+
+
+def test_gated_run_adopts_the_ungated_runs_experts_and_fits_only_its_gate(cohort: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    cfg = make_cfg(epochs=3, lr=5e-3, batch_size=4, gate_fit="crossfit", crossfit_folds=2, select="last",
+                   gate_fit_steps=30)
+    donor = run(cohort, tmp_path / "no_gate", "no_gate", cfg=cfg)
+    donor_file = tmp_path / "no_gate" / "model.safetensors"
+    m = run(cohort, tmp_path / "full", "full", cfg=cfg, experts_from=donor_file)
+    theirs = load_checkpoint(donor_file).model_state
+    ours = load_checkpoint(tmp_path / "full" / "model.safetensors").model_state
+    assert theirs.keys() == {k for k in ours if not k.startswith("gate.")}
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # the very experts: full - no_gate = the gate
+    assert any(k.startswith("gate.") for k in ours)
+    assert m["experts_from"] == "no_gate" and m["epochs_run"] == donor["epochs_run"] == 3
+    assert not (tmp_path / "full" / "checkpoint").exists()  # no epoch was trained here
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "full" / "history.csv"),
+                                  pd.read_csv(tmp_path / "no_gate" / "history.csv"))
+    assert m["test"]["loss"] != donor["test"]["loss"]  # the fitted gate weights the experts
+    # A donor trained otherwise, or a gated one, is refused by name before anything is written.
+    with pytest.raises(CheckpointError, match="train settings"):
+        run(cohort, tmp_path / "x", "full", cfg={**cfg, "train": {**cfg["train"], "lr": 1e-3}},
+            experts_from=donor_file)
+    with pytest.raises(CheckpointError, match="ungated"):
+        run(cohort, tmp_path / "y", "full", cfg=cfg, experts_from=tmp_path / "full" / "model.safetensors")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
 def test_select_last_keeps_the_final_weights_and_never_stops_early(cohort: dict[str, Path],

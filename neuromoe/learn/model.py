@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-EXPERTS = ("anat", "dwi", "func", "clin")  # canonical expert order
-MRI_MODALITIES = ("anat", "dwi", "func")  # order of the cohort cache's ``present`` vector
+from neuromoe.learn.variants import EXPERTS, MRI_MODALITIES  # noqa: F401 - re-exported: the canonical orders
+
 POOLINGS = ("mean", "max", "flat")  # token pooling choices of VolumeEncoder
 
 

@@ -9,6 +9,11 @@ Run folder (``out_dir``)::
     predictions.tsv                          val and test: participant_id, part, label, prob_*, gate_*
     metrics.json                             val/test accuracy, balanced accuracy, loss, mean gate per expert
 
+A gated variant whose experts train under uniform weights (``gate_fit: heldout`` / ``crossfit``) trains them
+exactly as the ungated variant of the same experts does; given that variant's finished run
+(``experts_from``, see ``expert_donor``) it adopts those experts and only fits its gate, so e.g. ``full`` and
+``no_gate`` differ by the gate alone and the experts are trained once per split.
+
 The choices the paper leaves open (validation loss, ``gate_fit``, ``select``, schedule, weight decay, seeds,
 missing modalities) are in docs/model.md.
 """
@@ -48,7 +53,6 @@ from neuromoe.learn.clinical import ClinicalPreprocessor
 from neuromoe.learn.data import CohortDataset, to_device
 from neuromoe.learn.gate import expert_log_probs, fit_gate, fit_gate_to
 from neuromoe.learn.model import (
-    EXPERTS,
     MRI_MODALITIES,
     ModelConfig,
     NeuroMoE,
@@ -56,6 +60,7 @@ from neuromoe.learn.model import (
     moe_loss,
 )
 from neuromoe.learn.splits import split_rows
+from neuromoe.learn.variants import expert_donor, variant_spec  # noqa: F401 - re-exported
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_wce", "train_balance", "train_acc", "val_loss", "val_acc",
                    "val_balanced_acc", "val_balance", "lr", "seconds"]
@@ -67,33 +72,6 @@ class StopRun(Exception):  # noqa: N818 - a control-flow signal, not an error
 # ---------------------------------------------------------------------------------------------
 # Variants and settings
 # ---------------------------------------------------------------------------------------------
-def variant_spec(name: str) -> tuple[tuple[str, ...], bool, float | None]:
-    """Variant name -> (experts, use_gate, balance-lambda override or None).
-
-    ``full``; ``no_gate`` (uniform weights); ``drop_<m>`` (all experts but m, gated); ``only_<m>`` (one
-    expert, no gate); ``lambda_<value>`` (full model with balance lambda = value, e.g. ``lambda_0.0``),
-    where m is one of anat, dwi, func, clin.
-    """
-    if name == "full":
-        return EXPERTS, True, None
-    if name == "no_gate":
-        return EXPERTS, False, None
-    kind, _, arg = name.partition("_")
-    if kind == "drop" and arg in EXPERTS:
-        return tuple(e for e in EXPERTS if e != arg), True, None
-    if kind == "only" and arg in EXPERTS:
-        return (arg,), False, None
-    if kind == "lambda" and arg:
-        try:
-            lam = float(arg)
-        except ValueError:
-            lam = float("nan")
-        if math.isfinite(lam) and lam >= 0:
-            return EXPERTS, True, lam
-    raise ValueError(f"unknown variant {name!r}; expected full, no_gate, drop_<m>, only_<m> "
-                     f"(m in {', '.join(EXPERTS)}) or lambda_<value >= 0> (e.g. lambda_0.0)")
-
-
 def derive_seed(*parts: Any) -> int:
     """A stable 31-bit seed from any printable parts (independent of Python's hash randomisation)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
@@ -456,6 +434,39 @@ def _resume(run: Run) -> dict[str, Any]:
     return state
 
 
+def _adopt_experts(run: Run, donor: Path) -> dict[str, Any]:
+    """Load the experts of a finished ungated run (``expert_donor``) into ``run.model``; returns the
+    finished state (the donor's history and kept epoch). CheckpointError when the donor trained other
+    experts, on other subjects or with other settings."""
+    ck = load_checkpoint(donor, device=run.dev)
+    meta = ck.meta
+    own_train = {k: v for k, v in asdict(run.tc).items() if k not in ("num_workers", "device")}
+    donor_train = {k: v for k, v in meta.get("train_config", {}).items() if k not in ("num_workers", "device")}
+    checks = {"split": (meta.get("split_id"), run.split_id),
+              "model settings": ({**meta.get("model_config", {}), "use_gate": run.mcfg.use_gate},
+                                 run.mcfg.to_dict()),
+              "train settings": (donor_train, own_train),
+              "training subjects (clinical scaling)": (meta.get("clinical"), run.data.preprocessor.to_dict()),
+              "subjects per part": ((meta.get("metrics") or {}).get("n"),
+                                    {p: len(r) for p, r in run.data.rows.items()})}
+    differ = [name for name, (theirs, ours) in checks.items() if theirs != ours]
+    if meta.get("model_config", {}).get("use_gate", True):
+        differ.insert(0, "gate (the donor must be an ungated run)")
+    if differ:
+        raise CheckpointError(f"{donor}: {run.tag} cannot adopt these experts: {', '.join(differ)} differ.\n"
+                              f"  fix: rerun that run with the current config (snakemake --forcerun train), or "
+                              f"delete {donor.parent}")
+    missing, unexpected = run.model.load_state_dict(ck.model_state, strict=False)
+    if unexpected or any(not k.startswith("gate.") for k in missing):
+        raise CheckpointError(f"{donor}: its weights do not fit {run.tag} (missing {missing}, unexpected "
+                              f"{unexpected}).\n  fix: delete {donor.parent} and rerun")
+    history = pd.read_csv(donor.parent / "history.csv").to_dict("records")
+    tqdm.write(f"{run.tag} experts adopted from {donor.parent} (trained once for both runs)", file=sys.stderr)
+    return {**_fresh_state(), "history": history, "epoch": int(meta["metrics"]["epochs_run"]),
+            "best_epoch": int(meta["epoch"]), "stopped_early": bool(meta["metrics"]["stopped_early"]),
+            "finished": True, "experts_from": meta.get("variant")}
+
+
 def _run_epoch(run: Run, state: dict[str, Any]) -> dict[str, Any]:
     """Train one epoch, validate, update ``state`` and write the checkpoints; returns the history row."""
     tc, epoch, experts = run.tc, state["epoch"], run.experts
@@ -521,12 +532,14 @@ def _finish(run: Run, state: dict[str, Any]) -> dict[str, Any]:
     checkpoint.
     """
     tc, data, model, classes = run.tc, run.data, run.model, run.data.cohort.labels
+    run.out_dir.mkdir(parents=True, exist_ok=True)  # a run with adopted experts wrote no checkpoint
     _write_history(run.out_dir / "history.csv", state["history"])
-    kept_path = run.last_path if tc.select == "last" else run.best_path
-    if not kept_path.exists():
-        raise RuntimeError(f"{run.tag} no epoch had a finite validation loss (training diverged); "
-                           "lower train.lr or check the inputs for NaNs")
-    model.load_state_dict(load_checkpoint(kept_path, device=run.dev).model_state)
+    if not state.get("experts_from"):  # adopted experts are in the model already
+        kept_path = run.last_path if tc.select == "last" else run.best_path
+        if not kept_path.exists():
+            raise RuntimeError(f"{run.tag} no epoch had a finite validation loss (training diverged); "
+                               "lower train.lr or check the inputs for NaNs")
+        model.load_state_dict(load_checkpoint(kept_path, device=run.dev).model_state)
     _fit_gate_after(run, state)
     results: dict[str, dict[str, Any]] = {}
     tables = []
@@ -539,7 +552,8 @@ def _finish(run: Run, state: dict[str, Any]) -> dict[str, Any]:
     metrics = {"finished": True, "split_id": run.split_id, "variant": run.variant, "experts": list(run.experts),
                "use_gate": run.use_gate, "balance_lambda": run.lam, "classes": list(classes), "seed": run.seed,
                "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
-               "stopped_early": state["stopped_early"], "n_params": model.num_params(),
+               "stopped_early": state["stopped_early"], "experts_from": state.get("experts_from"),
+               "n_params": model.num_params(),
                "flops_per_sample": model.estimate_flops(), "device": str(run.dev),
                "train_seconds": float(sum(r["seconds"] for r in state["history"])),
                "n": {p: len(rs) for p, rs in data.rows.items()},
@@ -557,7 +571,7 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
               cfg: Mapping[str, Any], out_dir: str | Path, device: str = "auto", threads: int | None = None,
               *, max_epochs_this_run: int | None = None,
               on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, experts_from: str | Path | None = None) -> dict[str, Any]:
     """Train one variant on one split; resume from ``out_dir/checkpoint/last.safetensors`` if present.
 
     Args:
@@ -574,6 +588,8 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
         on_epoch_end: called with (epoch, history row) after each epoch's checkpoint is written; it may
             raise (``StopRun`` or anything) to interrupt the run.
         progress: show a tqdm bar per epoch on stderr.
+        experts_from: ``model.safetensors`` of the finished ungated run whose experts this gated run adopts
+            (``expert_donor``); only its gate is then fitted. Ignored under ``gate_fit: joint``.
     Returns:
         The metrics dict also written to metrics.json (``finished: True``).
     """
@@ -623,7 +639,7 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
                                 for p, ds in datasets.items() if p != "train"},
                   loader_kw=loader_kw, warmup=tc.warmup_epochs * len(train_loader),
                   total=tc.epochs * len(train_loader), weights=data.weights.to(dev), progress=progress)
-        state = _resume(run)
+        state = _adopt_experts(run, Path(experts_from)) if experts_from and run.uniform_weights else _resume(run)
         epochs_here = 0
         while not state["finished"]:
             row = _run_epoch(run, state)

@@ -114,9 +114,11 @@ def deviation_peaks(m: str, sigma: float, t: float, k: int, edge_min: int):
 
 
 READERS = {
-    "true regions (the oracle's read-out), logistic": lambda m: (true_regions(m), make_pipeline(StandardScaler(), logreg(1.0))),
+    "true regions (the oracle's read-out), logistic": lambda m: (
+        true_regions(m), make_pipeline(StandardScaler(), logreg(1.0))),
     "all voxels, L2 logistic (C 0.01)": lambda m: (voxels(m), make_pipeline(StandardScaler(), logreg(0.01))),
-    "all voxels smoothed 1 voxel, L2 logistic": lambda m: (voxels(m, 1.0), make_pipeline(StandardScaler(), logreg(0.01))),
+    "all voxels smoothed 1 voxel, L2 logistic": lambda m: (
+        voxels(m, 1.0), make_pipeline(StandardScaler(), logreg(0.01))),
     "ANOVA top 50 voxels (smoothed), logistic": lambda m: (voxels(m, 1.0), make_pipeline(
         StandardScaler(), SelectKBest(f_classif, k=50), logreg(0.1))),
     "ANOVA top 200 voxels (smoothed), logistic": lambda m: (voxels(m, 1.0), make_pipeline(
