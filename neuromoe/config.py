@@ -110,6 +110,11 @@ def semantic_problems(cfg: Mapping[str, Any]) -> list[str]:
     problems = grid_problems(cfg["cache"]["grid"], cfg["model"]["patch_size"])
     if cfg["model"]["dim"] % cfg["model"]["heads"]:
         problems.append(f"model.heads: {cfg['model']['heads']} does not divide model.dim {cfg['model']['dim']}")
+    model = cfg["model"]
+    stages = 2 ** len(model["cnn_channels"])
+    if model["encoder"] == "cnn" and any(g % stages for g in cfg["cache"]["grid"]):
+        problems.append(f"cache.grid: {list(cfg['cache']['grid'])} is not divisible by {stages}, which model.encoder "
+                        f"cnn needs (it halves the grid once per model.cnn_channels entry: {model['cnn_channels']})")
     problems += _variant_problems(cfg["evaluation"]["variants"])
     problems += _band_problems(cfg["preprocessing"]["func"]["band_hz"])
     return problems

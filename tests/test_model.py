@@ -191,9 +191,9 @@ def test_class_weights() -> None:
         class_weights([0, 1, 1], 3)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "flat"])
-def test_flop_estimate_matches_torch_flop_counter(pooling: str) -> None:
-    cfg = tiny(grid=(16, 16, 16), dim=32, heads=4, pooling=pooling)
+@pytest.mark.parametrize(("encoder", "pooling"), [("vit", "mean"), ("vit", "flat"), ("cnn", "flat"), ("cnn", "max")])
+def test_flop_estimate_matches_torch_flop_counter(encoder: str, pooling: str) -> None:
+    cfg = tiny(grid=(16, 16, 16), dim=32, heads=4, pooling=pooling, encoder=encoder, cnn_channels=(4, 8))
     model = NeuroMoE(cfg).eval()
     images, clin = inputs(cfg, B=1)
     # The math backend decomposes attention into matmuls the counter sees (it skips CPU fused kernels).
@@ -306,3 +306,22 @@ def test_log_space_mixture_is_stable_for_confident_experts() -> None:
     loss, _ = moe_loss(out, torch.tensor([1, 2]), None, 0.1)
     assert torch.isfinite(loss)
     assert F.nll_loss(out.log_probs, torch.tensor([1, 2])) < 20  # the other experts still carry these classes
+
+
+def test_cnn_encoder_keeps_where_a_focal_change_is_only_with_the_flat_readout() -> None:
+    torch.manual_seed(0)
+    grid = (32, 16, 16)
+    cfg = tiny(grid=grid, encoder="cnn", cnn_channels=(4, 8), pooling="flat")
+    model = NeuroMoE(cfg).eval()
+    assert cfg.n_tokens == 8 * 4 * 4 and model.encoders["anat"].readout.in_features == 8 * 128
+    left, right = torch.zeros(1, 1, *grid), torch.zeros(1, 1, *grid)
+    left[..., 8:11, 6:9, 6:9] = 3.0  # the same blob in two places, two pooled cells apart, far from the edges
+    right[..., 16:19, 6:9, 6:9] = 3.0
+    mean = NeuroMoE(tiny(grid=grid, encoder="cnn", cnn_channels=(4, 8), pooling="mean")).eval()
+    with torch.no_grad():
+        assert not torch.allclose(model.encoders["anat"](left), model.encoders["anat"](right))  # knows where
+        torch.testing.assert_close(mean.encoders["anat"](left), mean.encoders["anat"](right))  # blind to where
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny(grid=(12, 12, 10), patch_size=2, encoder="cnn", cnn_channels=(4, 8))
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        tiny(encoder="resnet")

@@ -22,6 +22,7 @@ from torch import Tensor
 from neuromoe.learn.variants import EXPERTS, MRI_MODALITIES  # noqa: F401 - re-exported: the canonical orders
 
 POOLINGS = ("mean", "max", "flat")  # token pooling choices of VolumeEncoder
+ENCODERS = ("vit", "cnn")  # per-modality encoder: the paper's transformer, or a small 3D CNN
 
 
 @dataclass
@@ -52,11 +53,14 @@ class ModelConfig:
     gate_dropout: float = 0.3
     pooling: str = "mean"  # token pooling of each encoder: mean (paper) | max | flat (see VolumeEncoder)
     flat_channels: int = 4  # pooling "flat": features kept per token before the position-wise readout
+    encoder: str = "vit"  # vit (the paper's) | cnn (ConvEncoder: conv stages, then the same pooling)
+    cnn_channels: tuple[int, ...] = (16, 32, 32)  # encoder cnn: width of each conv-ReLU-maxpool stage
 
     def __post_init__(self) -> None:
         self.grid = tuple(int(g) for g in self.grid)
         self.experts = tuple(self.experts)
         self.clin_hidden = tuple(int(h) for h in self.clin_hidden)
+        self.cnn_channels = tuple(int(c) for c in self.cnn_channels)
         self.channels = {str(k): int(v) for k, v in self.channels.items()}
         if len(self.grid) != 3 or any(g < 1 for g in self.grid):
             raise ValueError(f"grid must be 3 positive ints (D, H, W), got {self.grid}")
@@ -89,6 +93,15 @@ class ModelConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.encoder == "cnn":
+            if not self.cnn_channels or any(c < 1 for c in self.cnn_channels):
+                raise ValueError(f"cnn_channels must be a non-empty list of positive ints, got {self.cnn_channels}")
+            if any(g % 2 ** len(self.cnn_channels) for g in self.grid):
+                raise ValueError(f"encoder cnn halves the grid {len(self.cnn_channels)} times (one per "
+                                 f"cnn_channels entry): grid {self.grid} must be divisible by "
+                                 f"{2 ** len(self.cnn_channels)}")
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
         if self.n_clinical < 0:
@@ -104,8 +117,10 @@ class ModelConfig:
 
     @property
     def n_tokens(self) -> int:
-        """Tokens per MRI modality: prod(grid / patch_size)."""
-        return math.prod(g // self.patch_size for g in self.grid)
+        """Positions per MRI modality at the encoder's output: prod(grid / patch_size) for the ViT,
+        prod(grid / 2^stages) for the CNN."""
+        step = self.patch_size if self.encoder == "vit" else 2 ** len(self.cnn_channels)
+        return math.prod(g // step for g in self.grid)
 
     def to_dict(self) -> dict:
         """JSON-safe dict (tuples as lists)."""
@@ -220,6 +235,38 @@ class VolumeEncoder(nn.Module):
         return x.amax(dim=1) if self.pooling == "max" else x.mean(dim=1)  # (B, dim)
 
 
+class ConvEncoder(nn.Module):
+    """One MRI modality (B, C_in, D, H, W) -> (B, dim) with a small 3D CNN (``model.encoder: cnn``).
+
+    One stage per ``cnn_channels`` entry: 3^3 convolution, ReLU, 2^3 max-pool (so the grid must divide by
+    2^stages), then the pooling of ``VolumeEncoder`` over the remaining positions (``flat``: a linear read-out
+    of every position's features; ``mean`` / ``max``: over positions, then a linear map to ``dim``).
+    Convolutions share their weights over space, so what a focal change looks like is learned once for every
+    place; studies/experts/README.md says what it does for the experts.
+    """
+
+    def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for width in cfg.cnn_channels:
+            layers += [nn.Conv3d(c, width, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool3d(2)]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.pooling = cfg.pooling
+        self.drop = nn.Dropout(cfg.dropout)
+        self.readout = nn.Linear(c * cfg.n_tokens if cfg.pooling == "flat" else c, cfg.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, D, H, W) -> (B, dim)."""
+        x = self.features(x).flatten(2)  # (B, C, positions)
+        if self.pooling == "flat":
+            x = x.flatten(1)
+        else:
+            x = x.amax(dim=2) if self.pooling == "max" else x.mean(dim=2)
+        return self.readout(self.drop(x))
+
+
 def _fcn(sizes: list[int], dropout: float) -> nn.Sequential:
     """Linear -> ReLU -> Dropout for each consecutive pair of ``sizes``."""
     layers: list[nn.Module] = []
@@ -234,7 +281,8 @@ class NeuroMoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoders = nn.ModuleDict({m: VolumeEncoder(cfg, cfg.channels[m]) for m in cfg.mri_experts})
+        encoder = VolumeEncoder if cfg.encoder == "vit" else ConvEncoder
+        self.encoders = nn.ModuleDict({m: encoder(cfg, cfg.channels[m]) for m in cfg.mri_experts})
         self.clin_encoder = (_fcn([cfg.n_clinical, *cfg.clin_hidden], cfg.clin_dropout)
                              if "clin" in cfg.experts else None)
         heads = {}
@@ -321,6 +369,9 @@ class NeuroMoE(nn.Module):
         per_block = 2 * N * (d * 3 * d + d * d + 2 * d * hidden) + 2 * 2 * N * N * d  # linears + QK^T + AV
         flops = 0
         for m in cfg.mri_experts:
+            if cfg.encoder == "cnn":
+                flops += self._cnn_flops(cfg.channels[m])
+                continue
             flops += 2 * N * cfg.channels[m] * p3 * d + cfg.depth * per_block
             if cfg.pooling == "flat":
                 flops += 2 * N * d * cfg.flat_channels + 2 * N * cfg.flat_channels * d  # reduce + readout
@@ -333,6 +384,16 @@ class NeuroMoE(nn.Module):
         if cfg.use_gate:
             flops += 2 * (cfg.n_clinical * cfg.gate_hidden + cfg.gate_hidden * len(cfg.experts))
         return flops
+
+    def _cnn_flops(self, in_channels: int) -> int:
+        """Forward FLOPs of one ConvEncoder: every 3^3 convolution at its stage's resolution + the read-out."""
+        cfg, flops, c = self.cfg, 0, in_channels
+        voxels = math.prod(cfg.grid)
+        for width in cfg.cnn_channels:
+            flops += 2 * voxels * c * width * 27
+            voxels //= 8
+            c = width
+        return flops + 2 * (c * cfg.n_tokens if cfg.pooling == "flat" else c) * cfg.dim
 
     def estimate_mfu(self, samples_per_step: int, seconds_per_step: float, peak_flops: float) -> float:
         """Model FLOPs utilisation of a training step: 3 * forward FLOPs * samples / time / peak FLOP/s."""
