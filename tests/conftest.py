@@ -15,6 +15,22 @@ SYNTH_COHORT_SEED = 3
 SYNTH_COHORT_SUBJECTS = 6
 
 
+@pytest.fixture(scope="session", autouse=True)
+def template_copies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The on-disk template copies (``neuromoe.inputs.templates.nilearn_image``) of this session, in its tmp
+    folder rather than the user's ~/.cache; Snakemake jobs the tests start inherit the variable."""
+    import os
+
+    folder = tmp_path_factory.mktemp("neuromoe_cache")
+    old = os.environ.get("NEUROMOE_CACHE_DIR")
+    os.environ["NEUROMOE_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("NEUROMOE_CACHE_DIR", None)
+    else:
+        os.environ["NEUROMOE_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def synth_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic BIDS cohort (6 subjects, 2 per group, all modalities, default SynthParams), built

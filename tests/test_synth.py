@@ -94,6 +94,37 @@ def test_template_is_the_shipped_2mm_icbm_grid():
         np.asanyarray(t1.dataobj)[0, 0, 0] = 1
 
 
+def test_template_copies_on_disk_are_nilearns_images_and_spare_the_nilearn_import(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch):
+    import subprocess
+    import sys
+
+    from nilearn import datasets
+
+    monkeypatch.setenv("NEUROMOE_CACHE_DIR", str(tmp_path))
+    names = ["load_mni152_template", "load_mni152_brain_mask", "load_mni152_gm_template", "load_mni152_wm_template"]
+    for name in names:
+        first, again, theirs = tpl.nilearn_image(name), tpl.nilearn_image(name), getattr(datasets, name)(resolution=2)
+        for ours in (first, again):  # computed, then read back from the copy: the same bytes as nilearn's
+            assert np.asarray(ours.dataobj).dtype == np.asarray(theirs.dataobj).dtype
+            assert np.array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
+            assert np.array_equal(ours.affine, theirs.affine)
+    folder = tpl.template_cache_dir()
+    assert folder.parent == tmp_path / "templates" and folder.name.startswith("nilearn-")
+    # A damaged copy is not trusted: computed again and rewritten.
+    (folder / "load_mni152_template.npy").write_bytes(b"not an array")
+    assert np.array_equal(np.asarray(tpl.nilearn_image("load_mni152_template").dataobj),
+                          np.asarray(datasets.load_mni152_template(resolution=2).dataobj))
+    assert np.load(folder / "load_mni152_template.npy").shape == (99, 117, 95)
+    # What the copies are for: a fresh process (a Snakemake job) gets its templates without nilearn.datasets.
+    code = ("import sys; from neuromoe.preproc.func import template_tissue_priors; "
+            "from neuromoe.cache.grid import model_grid; template_tissue_priors(); model_grid(24); "
+            "print('nilearn.datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "NEUROMOE_CACHE_DIR": str(tmp_path)})
+    assert out.stdout.strip() == "False"
+
+
 def test_regions_cover_their_tissue_on_the_model_grid():
     t1 = tpl.mni_t1()
     # A 32^3 grid of 5.5 mm voxels over the brain, as the model cache uses.

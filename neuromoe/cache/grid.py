@@ -58,9 +58,9 @@ def check_grid(grid: int | Sequence[int], patch: int) -> tuple[int, int, int]:
 @lru_cache(maxsize=1)
 def _mni_mask() -> tuple[np.ndarray, np.ndarray]:
     """The MNI152 brain mask nilearn ships (2 mm, 99 x 117 x 95): (bool mask, affine). No download."""
-    from nilearn.datasets import load_mni152_brain_mask
+    from neuromoe.inputs.templates import nilearn_image
 
-    img = load_mni152_brain_mask(resolution=2)
+    img = nilearn_image("load_mni152_brain_mask")
     mask = np.asarray(img.dataobj) > 0
     mask.setflags(write=False)
     return mask, np.asarray(img.affine, dtype=np.float64)

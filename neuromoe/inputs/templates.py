@@ -6,8 +6,8 @@ template at 2 mm (99 x 117 x 95 voxels, RAS, origin at the anterior commissure; 
 The shipped T1 is brain-only (skull-stripped, zero outside the brain mask), so the head around it
 (skull, scalp) is built by :mod:`neuromoe.inputs.synth_images`.
 
-Loaders are cached (one load per process) and return images whose arrays are read-only, so one caller
-cannot change what the next one sees.
+Loaders are cached (one load per process; on disk across processes, ``nilearn_image``) and return images
+whose arrays are read-only, so one caller cannot change what the next one sees.
 
 Regions (``Roi``) are bilateral spheres in MNI mm, each tied to one modality (``anat``, ``dwi``,
 ``func``), one role (``A``: the Parkinson's disease region, ``B``: the isolated REM sleep behaviour
@@ -20,9 +20,12 @@ when given the native-world -> MNI transform.
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -31,8 +34,8 @@ from scipy import ndimage as ndi
 from neuromoe import MNI_SPACE
 
 __all__ = ["MNI_SPACE", "ROIS", "Roi", "brain_mask", "csf_probability", "effect_rois", "gm_mask",
-           "gm_probability", "mni_t1", "roi_mask", "roi_weight", "sphere_weight", "tissue_on_grid", "wm_mask",
-           "wm_probability"]
+           "gm_probability", "mni_t1", "nilearn_image", "roi_mask", "roi_weight", "sphere_weight",
+           "template_cache_dir", "tissue_on_grid", "wm_mask", "wm_probability"]
 
 TEMPLATE_VOXEL_MM = 2.0
 
@@ -45,13 +48,56 @@ def _frozen(img: nib.Nifti1Image, dtype: type) -> nib.Nifti1Image:
     return out
 
 
-def _nilearn(name: str, **kw: object) -> nib.Nifti1Image:
-    # Imported lazily: nilearn's import costs about a second and most of the package never needs it.
-    from nilearn import datasets
+def template_cache_dir() -> Path:
+    """Where the 2 mm template copies live: ``$NEUROMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/neuromoe``, else
+    ``~/.cache/neuromoe``; one folder per nilearn version under ``templates/``."""
+    import nilearn  # the package's top level only (milliseconds), for its version
+
+    root = os.environ.get("NEUROMOE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                        "neuromoe")
+    return Path(root) / "templates" / f"nilearn-{nilearn.__version__}"
+
+
+def nilearn_image(loader: str) -> nib.Nifti1Image:
+    """``nilearn.datasets.<loader>(resolution=2)`` (e.g. ``load_mni152_template``), from a copy on disk.
+
+    Importing nilearn.datasets and resampling its 1 mm files costs 2-3 s, once in every Snakemake job that
+    needs a template; the copy (``template_cache_dir()``: the array as .npy, affine and dtype in a JSON; no
+    pickle) is read in milliseconds. It is written on first use, atomically, per nilearn version; one that
+    does not match its JSON is rewritten, and an unwritable cache folder only costs the time.
+    """
+    folder = template_cache_dir()
+    arr_path, meta_path = folder / f"{loader}.npy", folder / f"{loader}.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        data = np.load(arr_path, allow_pickle=False)
+        if list(data.shape) == meta["shape"] and str(data.dtype) == meta["dtype"]:
+            return nib.Nifti1Image(data, np.asarray(meta["affine"], dtype=np.float64))
+    except (OSError, ValueError, KeyError):
+        pass  # absent or damaged: computed again below
+    from nilearn import datasets  # about a second to import; most of the package never needs it
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nilearn warns about future keyword changes; not ours to fix
-        return getattr(datasets, name)(resolution=2, **kw)
+        img = getattr(datasets, loader)(resolution=2)
+    data = np.asarray(img.dataobj)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, write in ((arr_path, lambda f: np.save(f, data, allow_pickle=False)),
+                            (meta_path, lambda f: f.write(json.dumps({
+                                "loader": loader, "resolution_mm": 2, "shape": list(data.shape),
+                                "dtype": str(data.dtype), "affine": np.asarray(img.affine).tolist()}).encode()))):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as fh:
+                write(fh)
+            os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: no copy, the same image
+    return nib.Nifti1Image(data, np.asarray(img.affine, dtype=np.float64))
+
+
+def _nilearn(name: str) -> nib.Nifti1Image:
+    return nilearn_image(name)
 
 
 @lru_cache(maxsize=1)

@@ -429,12 +429,12 @@ def template_tissue_priors() -> tuple[nib.Nifti1Image, dict[str, np.ndarray]]:
     nilearn ships WM and GM probability maps but no CSF map: CSF is taken as the brain mask minus GM minus WM,
     inside the brain mask eroded by ``CSF_EDGE_MM`` (which leaves the ventricles and deep sulci).
     """
-    from nilearn import datasets
+    from neuromoe.inputs.templates import nilearn_image
 
-    template = datasets.load_mni152_template(resolution=2)
-    wm = np.asarray(datasets.load_mni152_wm_template(resolution=2).dataobj, dtype=np.float64)
-    gm = np.asarray(datasets.load_mni152_gm_template(resolution=2).dataobj, dtype=np.float64)
-    brain = np.asarray(datasets.load_mni152_brain_mask(resolution=2).dataobj) > 0
+    template = nilearn_image("load_mni152_template")
+    wm = np.asarray(nilearn_image("load_mni152_wm_template").dataobj, dtype=np.float64)
+    gm = np.asarray(nilearn_image("load_mni152_gm_template").dataobj, dtype=np.float64)
+    brain = np.asarray(nilearn_image("load_mni152_brain_mask").dataobj) > 0
     voxel_mm = float(np.abs(np.diag(template.affine)[:3]).mean())
     inner = ndimage.binary_erosion(brain, iterations=max(1, round(CSF_EDGE_MM / voxel_mm)))
     csf = np.clip(1.0 - wm - gm, 0.0, 1.0) * inner
