@@ -60,6 +60,17 @@ OUTPUTS: dict[str, tuple[str, dict[str, str], str, str]] = {
 }
 
 
+# The motion-corrected 4D series (and the DWI's rotated gradients): only the maps computed in the same job use
+# them, so they are written only with ``preprocessing.keep_series`` (a stage skips a key it is not given).
+SERIES: tuple[str, ...] = ("dwi_preproc", "dwi_bval", "dwi_bvec", "func_preproc")
+
+
+def stage_outputs(prefix: str, keep_series: bool = False) -> list[str]:
+    """Output keys of the stage whose keys start with ``prefix`` (``anat_``, ``dwi_``, ``func_``), the series
+    left out unless ``keep_series``."""
+    return [k for k in OUTPUTS if k.startswith(prefix) and (keep_series or k not in SERIES)]
+
+
 def bids_name(subject: str, suffix: str, ext: str, **entities: str) -> str:
     """File name ``sub-<subject>[_key-value...]_<suffix><ext>`` with entities in BIDS order.
 

@@ -165,6 +165,22 @@ def test_cosmetic_config_edit_reruns_nothing(done: Path, config_edit: Path) -> N
     assert planned(done, "--until", *UNTIL) == {}
 
 
+def test_the_4d_series_are_not_kept_unless_asked_and_asking_reruns_only_what_writes_them(done: Path,
+                                                                                         config_edit: Path) -> None:
+    from neuromoe import paths
+
+    deriv = done / "results" / "derivatives" / "neuromoe"
+    assert not [p for k in paths.SERIES for p in deriv.rglob(f"*{paths.OUTPUTS[k][2]}{paths.OUTPUTS[k][3]}")
+                if "desc-preproc" in p.name]  # the default: no motion-corrected DWI or BOLD series on disk
+    text = config_edit.read_text()
+    edited = text.replace("keep_series: false", "keep_series: true", 1)
+    assert edited != text, "config.yaml has no preprocessing.keep_series line"
+    config_edit.write_text(edited)
+    jobs, out = plan(done, "--until", "func", "dwi")
+    assert jobs == {"dwi": N_SUBJECTS, "func": N_SUBJECTS}  # to write the series; params unchanged
+    assert "Missing output files" in out and "desc-preproc_bold.nii.gz" in out
+
+
 def test_editing_an_fsl_only_key_plans_no_python_backend_job(workflow_run: Path, tmp_path: Path) -> None:
     """preprocessing.fsl is read by the fsl backend only (neuromoe.preproc.preproc_keys names each rule's params):
     with backend python, editing bet_frac in a finished workflow plans no preprocessing or cache job."""

@@ -100,6 +100,23 @@ def test_every_output_is_written_under_its_name(run):
     assert not [k for k in paths.OUTPUTS if paths.OUTPUTS[k][3] == ".json"]  # no JSON sidecars to check (yet)
 
 
+def test_the_series_are_written_only_when_asked(run, bids, tmp_path):
+    """Without preprocessing.keep_series the rules leave the 4D series' keys out; the stages then write every
+    other output and no series (the shared tails decide, so the python backend stands for both)."""
+    backend, written = run
+    if backend != "python":
+        pytest.skip("the series are written by the write_outputs tails both backends share")
+    done = Path(written["anat_brain"]).parents[4]  # the fixture's output folder: its anat feeds dwi and func
+    for stage in ("dwi", "func"):
+        outputs = {k: paths.derivative(tmp_path, SUBJECT, k) for k in paths.stage_outputs(f"{stage}_")}
+        run_stage(stage, stage_inputs(bids, done, stage), outputs, SUBJECT, config(backend), threads=1)
+        assert all(Path(p).is_file() for p in outputs.values()), stage
+    assert not [k for k in paths.SERIES if Path(paths.derivative(tmp_path, SUBJECT, k)).exists()]
+    assert set(paths.stage_outputs("dwi_", keep_series=True)) - set(paths.stage_outputs("dwi_")) == {
+        "dwi_preproc", "dwi_bval", "dwi_bvec"}
+    assert set(paths.stage_outputs("func_", keep_series=True)) - set(paths.stage_outputs("func_")) == {"func_preproc"}
+
+
 def test_images_have_their_dtype_and_grid(run, bids):
     _, o = run
     grids = {"anat": nib.load(paths.raw(bids, SUBJECT, "T1w")), "dwi": nib.load(paths.raw(bids, SUBJECT, "dwi")),

@@ -356,7 +356,8 @@ def write_outputs(outputs: Mapping[str, str], subject: str, *, dwi: nib.Nifti1Im
                   transform: sitk.Transform) -> None:
     """Write the dwi stage's files (both backends).
 
-    ``dwi``: the raw series (grid and header of ``dwi_preproc``); ``corrected`` (X, Y, Z, N) the corrected series;
+    ``dwi``: the raw series (grid and header of ``dwi_preproc``); ``corrected`` (X, Y, Z, N) the corrected series
+    (written with its gradients only when ``outputs`` has ``dwi_preproc``: ``preprocessing.keep_series``);
     ``bvals`` (N,) s/mm^2 and ``bvecs`` (3, N) rotated with the motion; ``mask`` (X, Y, Z) bool; ``motion`` the
     table of ``motion.MOTION_COLUMNS``; ``maps`` / ``maps_mni`` FA, MD, AD, RD on the DWI grid / the MNI grid;
     ``transform`` (ITK) maps T1w points to DWI points. QC figures when their keys are in ``outputs``.
@@ -364,9 +365,10 @@ def write_outputs(outputs: Mapping[str, str], subject: str, *, dwi: nib.Nifti1Im
     from neuromoe.inputs.imageio import new_image, save_map, save_mask
     from neuromoe.preproc import registration as reg
 
-    save_map(new_image(corrected, dwi.affine, like=dwi), outputs["dwi_preproc"])
-    _write_text(outputs["dwi_bval"], " ".join(f"{b:g}" for b in bvals) + "\n")
-    _write_text(outputs["dwi_bvec"], "\n".join(" ".join(f"{v:.6f}" for v in row) for row in bvecs) + "\n")
+    if "dwi_preproc" in outputs:  # the series (and its rotated gradients): preprocessing.keep_series
+        save_map(new_image(corrected, dwi.affine, like=dwi), outputs["dwi_preproc"])
+        _write_text(outputs["dwi_bval"], " ".join(f"{b:g}" for b in bvals) + "\n")
+        _write_text(outputs["dwi_bvec"], "\n".join(" ".join(f"{v:.6f}" for v in row) for row in bvecs) + "\n")
     save_mask(mask, outputs["dwi_mask"], affine=dwi.affine)
     Path(outputs["dwi_motion"]).parent.mkdir(parents=True, exist_ok=True)
     motion.to_csv(outputs["dwi_motion"], sep="\t", index=False, float_format="%.6f")

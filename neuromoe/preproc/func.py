@@ -701,7 +701,8 @@ def write_outputs(outputs: Mapping[str, str], subject: str, *, bold: nib.Nifti1I
                   qc_note: str = "", motion_source: str = "") -> None:
     """Write the func stage's files (both backends).
 
-    ``bold``: the series after the dummy scans (grid and header of ``func_preproc``, whose TR is set to ``tr``);
+    ``bold``: the series after the dummy scans (grid and header of ``func_preproc``, whose TR is set to ``tr``; the
+    series is written only when ``outputs`` has that key: ``preprocessing.keep_series``);
     ``mask`` (X, Y, Z) bool; ``maps_mni``: fALFF and ReHo on the MNI grid; ``transform`` (ITK) maps T1w points to
     BOLD points. QC figures when their keys are in ``outputs``; ``qc_note`` and ``motion_source`` go into their
     titles (e.g. "FSL", "mcflirt").
@@ -712,10 +713,11 @@ def write_outputs(outputs: Mapping[str, str], subject: str, *, bold: nib.Nifti1I
     sub = _sub(subject)
     affine = bold.affine
     write_confounds(derived.confounds, outputs["func_confounds"])
-    preproc_img = new_image(derived.preproc, affine, like=bold)
-    preproc_img.header.set_xyzt_units("mm", "sec")
-    preproc_img.header.set_zooms(preproc_img.header.get_zooms()[:3] + (tr,))
-    save_map(preproc_img, outputs["func_preproc"])
+    if "func_preproc" in outputs:  # the series: preprocessing.keep_series
+        preproc_img = new_image(derived.preproc, affine, like=bold)
+        preproc_img.header.set_xyzt_units("mm", "sec")
+        preproc_img.header.set_zooms(preproc_img.header.get_zooms()[:3] + (tr,))
+        save_map(preproc_img, outputs["func_preproc"])
     save_mask(mask, outputs["func_mask"], affine=affine)
     reg.write_transform(transform, outputs["func_xfm"])
     for name, m in derived.maps.items():

@@ -86,8 +86,10 @@ def raw(kind, subject="{subject}"):
 
 
 def keys(prefix):
-    """Output keys of one stage: {key: pattern} for the rule's named outputs."""
-    return {k: deriv(k) for k in paths.OUTPUTS if k.startswith(prefix)}
+    """Output keys of one stage: {key: pattern} for the rule's named outputs (the 4D series only with
+    preprocessing.keep_series)."""
+    keep = config["preprocessing"]["keep_series"]
+    return {k: deriv(k) for k in paths.stage_outputs(prefix, keep)}
 
 
 def stage_config(*sections):
@@ -128,12 +130,16 @@ def preproc_targets():
             deriv(k, s)
             for k in ("anat_brain_mni", "anat_mask_mni", "qc_anat_mask", "qc_anat_reg")
         ]
-        if DATASET.subjects[s].has("dwi"):
-            t += [deriv(f"dwi_{m.lower()}_mni", s) for m in ("FA", "MD", "AD", "RD")]
-            t += [deriv(k, s) for k in ("qc_dwi_fa", "qc_dwi_motion")]
-        if DATASET.subjects[s].has("func"):
-            t += [deriv(f"func_{m.lower()}_mni", s) for m in ("fALFF", "ReHo")]
-            t += [deriv(k, s) for k in ("qc_func_maps", "qc_func_motion")]
+        for m in ("dwi", "func"):
+            if not DATASET.subjects[s].has(m):
+                continue
+            t += [
+                deriv(k, s) for k in paths.stage_outputs(f"{m}_") if k.endswith("_mni")
+            ]
+            t += [deriv(k, s) for k in paths.OUTPUTS if k.startswith(f"qc_{m}_")]
+            # Asked for, the series are targets, so a finished folder writes them too.
+            if config["preprocessing"]["keep_series"]:
+                t += [deriv(k, s) for k in paths.SERIES if k.startswith(f"{m}_")]
     return t
 
 
