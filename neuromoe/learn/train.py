@@ -509,7 +509,7 @@ def _run_epoch(run: Run, state: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _fit_gate_after(run: Run, state: dict[str, Any]) -> None:
+def fit_gate_after(run: Run, state: dict[str, Any]) -> None:
     """Fit the gate to the kept experts when they trained under uniform weights (``gate_fit``)."""
     if not run.uniform_weights:  # joint: the gate trained with the experts
         return
@@ -540,7 +540,7 @@ def _finish(run: Run, state: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"{run.tag} no epoch had a finite validation loss (training diverged); "
                                "lower train.lr or check the inputs for NaNs")
         model.load_state_dict(load_checkpoint(kept_path, device=run.dev).model_state)
-    _fit_gate_after(run, state)
+    fit_gate_after(run, state)
     results: dict[str, dict[str, Any]] = {}
     tables = []
     for part, loader in run.eval_loaders.items():

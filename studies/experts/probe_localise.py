@@ -4,6 +4,10 @@ usage: probe_localise.py signal      per region and channel: d' (affected vs not
                                      of single voxels, raw and smoothed (sigma 1 voxel)
        probe_localise.py readers     5-fold CV (seed 0) test balanced accuracy of one reader per modality,
                                      on all test subjects and on those whose latent profile is that modality
+       probe_localise.py tail        readers on peaks of a label-aware tail statistic (patients minus controls
+                                     beyond |z| > t), fixed settings and chosen by inner CV
+       probe_localise.py moe         the oracle's small mixture (bench/generality.py oracle_fit's network) fed
+                                     the image read-outs of the true regions, or label-free PCA scores
 
 Runs on a workflow folder cached up to ``cache/cohort`` (``PROBE_WORKDIR``, default /tmp/tune90) and its
 BIDS cohort (``PROBE_BIDS``, default $PROBE_WORKDIR/bids), whose synth-truth names the regions and who is
@@ -153,5 +157,129 @@ def readers() -> None:
         print(f"deviation peaks sigma {sigma} |z|>{t} k {k} edge>={edge_min}".ljust(48), " | ".join(row), flush=True)
 
 
+def tail_peaks(m: str, sigma: float, t: float, k: int, edge_min: int = 2):
+    """Peaks of a label-aware tail statistic: per voxel and class c in (PD, iRBD), the fraction of class-c
+    training subjects beyond |z| > t minus that of the controls (a change in some patients only), the k best
+    separated peaks per class; features: the z of every channel at the peaks."""
+    a = ndimage.gaussian_filter(X[m], (0, 0, sigma, sigma, sigma)) if sigma else X[m]
+    edge = ndimage.distance_transform_edt(mask)
+
+    def fit_features(tr):
+        med = np.median(a[tr], 0)
+        z = (a - med) / (1.4826 * np.median(np.abs(a[tr] - med), 0) + 1e-3)
+        ztr, ytr = z[tr], y[tr]
+        peaks = []
+        for c in (1, 2):
+            lo = (ztr[ytr == c] < -t).mean(0) - (ztr[ytr == 0] < -t).mean(0)
+            hi = (ztr[ytr == c] > t).mean(0) - (ztr[ytr == 0] > t).mean(0)
+            stat = np.where(mask & (edge >= edge_min), np.maximum(lo, hi).max(0), -1.0)
+            for _ in range(k):
+                p = np.unravel_index(np.argmax(stat), stat.shape)
+                peaks.append(p)
+                stat[tuple(slice(max(0, j - 2), j + 3) for j in p)] = -1.0
+        hit = float(np.mean([region_weight(m)[p] > 0.5 for p in peaks]))
+        return np.stack([z[:, :, i, j, kk] for i, j, kk in peaks], -1).reshape(len(y), -1), hit
+    return fit_features
+
+
+def tail() -> None:
+    grid = list(itertools.product([0.0, 0.7], [2.0, 3.0], [1, 2]))
+
+    def fit_predict(m, cfg, tr, te):
+        feats, hit = tail_peaks(m, *cfg)(tr)
+        return make_pipeline(StandardScaler(), logreg(0.1)).fit(feats[tr], y[tr]).predict(feats[te]), hit
+    for cfg in [*grid, "inner CV"]:
+        row = []
+        for m in MODALITIES:
+            pred, hits = np.zeros_like(y), []
+            for tr, te in folds.split(y, y):
+                chosen = cfg
+                if cfg == "inner CV":  # the setting with the best inner 3-fold balanced accuracy
+                    inner = StratifiedKFold(3, shuffle=True, random_state=1)
+                    chosen = max(grid, key=lambda g: np.mean([balanced_accuracy_score(
+                        y[tr[ite]], fit_predict(m, g, tr[itr], tr[ite])[0]) for itr, ite in inner.split(tr, y[tr])]))
+                pred[te], hit = fit_predict(m, chosen, tr, te)
+                hits.append(hit)
+            row.append(score(pred, m) + f" in-region {np.mean(hits):.2f}")
+        print(f"tail peaks {cfg}".ljust(40), " | ".join(row), flush=True)
+
+
+def moe() -> None:
+    import math
+
+    import torch
+    from sklearn.decomposition import PCA
+    from sklearn.model_selection import train_test_split
+    from torch import nn
+    from torch.nn import functional as F
+
+    from neuromoe.learn.model import MoEOutput, class_weights, moe_loss
+
+    torch.set_num_threads(1)
+    idx = cohort.index
+    clin = idx[["age", "updrs3", "moca", "rbdsq", "serum_nfl", "serum_asyn"]].to_numpy(float)
+    clin[:, 4:] = np.log(clin[:, 4:])
+    clin = np.c_[clin, (idx["sex"] == "M").to_numpy(float)]
+    variants = {"full": (*MODALITIES, "clin"), "no_gate": (*MODALITIES, "clin"),
+                **{f"only_{m}": (m,) for m in MODALITIES}}
+
+    def fit(feats, tr, va, te, experts, gate, epochs=300):  # bench/generality.py oracle_fit, any features
+        med = np.nanmedian(clin[tr], 0)
+        c = np.where(np.isnan(clin), med, clin)
+        ct = torch.tensor((c - c[tr].mean(0)) / (c[tr].std(0) + 1e-6), dtype=torch.float32)
+        ft = {m: torch.tensor((f - f[tr].mean(0)) / (f[tr].std(0) + 1e-6), dtype=torch.float32)
+              for m, f in feats.items()}
+        yt = torch.tensor(y).long()
+        torch.manual_seed(0)
+        heads = nn.ModuleList([nn.Sequential(nn.Linear(ft[e].shape[1] if e in ft else ct.shape[1], 16), nn.ReLU(),
+                                             nn.Linear(16, 3)) for e in experts])
+        gnet = nn.Sequential(nn.Linear(ct.shape[1], 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, len(experts)))
+        nets = nn.ModuleList([heads, gnet])
+        opt = torch.optim.AdamW(list(heads.parameters()) + (list(gnet.parameters()) if gate else []), 3e-3,
+                                weight_decay=1e-2)
+        w = class_weights(y[tr], 3)
+
+        def fwd(i):
+            lp = torch.stack([F.log_softmax(h(ft[e][i] if e in ft else ct[i]), -1)
+                              for e, h in zip(experts, heads, strict=True)], 1)
+            lw = (F.log_softmax(gnet(ct[i]), -1) if gate
+                  else torch.full((len(i), len(experts)), -math.log(len(experts))))
+            return MoEOutput(torch.logsumexp(lw.unsqueeze(-1) + lp, 1), lw.exp(), lp)
+        best, state = float("inf"), None
+        for _ in range(epochs):
+            nets.train()
+            loss, _ = moe_loss(fwd(tr), yt[tr], w, balance_lambda=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            nets.eval()
+            with torch.no_grad():
+                vl = moe_loss(fwd(va), yt[va], w)[0].item()
+            if vl < best:
+                best, state = vl, {k: v.clone() for k, v in nets.state_dict().items()}
+        nets.load_state_dict(state)
+        nets.eval()
+        with torch.no_grad():
+            return balanced_accuracy_score(y[te], fwd(te).log_probs.argmax(1).numpy())
+
+    def pca(k):
+        def make(tr):
+            out = {}
+            for m in MODALITIES:
+                v = voxels(m)
+                out[m] = PCA(k, random_state=0).fit(v[tr] - v[tr].mean(0)).transform(v - v[tr].mean(0))
+            return out
+        return make
+    for name, make in [("true-region image read-outs", lambda tr: {m: true_regions(m) for m in MODALITIES}),
+                       *[(f"PCA {k} per modality (train fold)", pca(k)) for k in (3, 5, 10)]]:
+        res = {v: [] for v in variants}
+        for tr_all, te in folds.split(y, y):
+            tr, va = train_test_split(tr_all, test_size=0.2, stratify=y[tr_all], random_state=0)
+            feats = make(tr)
+            for v, experts in variants.items():
+                res[v].append(fit(feats, tr, va, te, experts, v == "full"))
+        print(f"{name:36s}", "  ".join(f"{v} {100 * np.mean(a):.1f}" for v, a in res.items()), flush=True)
+
+
 if __name__ == "__main__":
-    {"signal": signal, "readers": readers}[sys.argv[1]]()
+    {"signal": signal, "readers": readers, "tail": tail, "moe": moe}[sys.argv[1]]()

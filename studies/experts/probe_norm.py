@@ -1,5 +1,9 @@
 """Probe: do experts get stronger with inputs standardised per voxel on the training fold?
-usage: probe_norm.py NORM(none|voxel|cnn) VARIANTS SPLITS [key=value ...]"""
+usage: probe_norm.py NORM(none|voxel|cnn|refit) VARIANTS SPLITS [key=value ...]
+
+``refit`` (session 8): with ``train.gate_fit=joint`` the experts specialise under the gate during training
+(the paper's joint fit); the gate is then refitted as ``crossfit`` does, on out-of-fold predictions of fold
+models trained the same (joint) way plus the validation part. PROBE_PROCS: parallel runs (default 2)."""
 import json
 import os
 import sys
@@ -69,6 +73,21 @@ def job(args):
     if norm == "cnn":
         import neuromoe.learn.model as M
         M.VolumeEncoder = CnnEncoder
+    if norm == "refit":
+        joint_epoch = T.train_epoch
+
+        def train_epoch_joint(*args):  # crossfit fold models train under the gate too
+            return joint_epoch(*args[:-1], False)
+
+        def refit_after(run, state):
+            T.train_epoch = train_epoch_joint
+            oof = T.crossfit_log_probs(run.mcfg, run.data, run.tc, run.dev, run.lam, run.seed, state["best_epoch"],
+                                       run.loader_kw, run.tag, False)
+            T.train_epoch = joint_epoch
+            val = G.expert_log_probs(run.model, run.eval_loaders["val"], run.dev)
+            G.fit_gate_to(run.model.gate, *(torch.cat(t) for t in zip(oof, val, strict=True)), run.weights, run.lam,
+                          run.tc.gate_fit_steps, T.derive_seed(run.seed, "gate"))
+        T.fit_gate_after = refit_after  # the probe replaces this one step of the product
     out = W / "probe" / norm / "_".join(overrides) / variant / split
     t = time.time()
     m = T.train_run(cache, splits, split, variant, cfg, out, device="cpu", threads=1, progress=False)
@@ -80,7 +99,7 @@ def job(args):
 if __name__ == "__main__":
     norm, variants, splits = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
     overrides = sys.argv[4:]
-    with ProcessPoolExecutor(2) as ex:
+    with ProcessPoolExecutor(int(os.environ.get("PROBE_PROCS", 2))) as ex:
         res = list(ex.map(job, [(norm, v, s, overrides) for v in variants for s in splits]))
     from neuromoe.inputs.synth import read_truth
     prof = {}
