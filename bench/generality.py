@@ -63,6 +63,8 @@ DEMO_COHORT_SEED = 42            # config.yaml synthetic.seed: the demo's cohort
 
 DEFAULT_SUBJECTS = 180           # the issue's protocol (the demo's size)
 VARIANTS = ["full", "no_gate", "only_anat", "only_dwi", "only_func", "only_clin"]
+# The split protocol, pinned here rather than taken from config.yaml (whose demo may use fewer splits).
+PROTOCOL = {"protocol": "cv", "folds": 5, "seeds": [0, 1], "val_fraction": 0.2}
 BASELINE = "baseline"
 PROFILES = ("anat", "dwi", "func")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "generality.json"
@@ -115,11 +117,12 @@ def apply_overrides(cfg: dict, overrides: dict[str, Any]) -> dict:
 
 def piece_config(bids_dir: Path, overrides: dict[str, Any]) -> dict:
     """The workflow config of a piece: the repository's config.yaml (the demo's settings), pointed at the
-    cohort, no generation, the benchmark's variants, no lambda sweep, the logistic baseline, then ``--set``."""
+    cohort, no generation, the benchmark's variants and split protocol (5 folds x 2 seeds), no lambda sweep,
+    the logistic baseline, then ``--set``."""
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["bids_dir"], cfg["output_dir"] = str(bids_dir), "results"
     cfg.setdefault("synthetic", {})["generate"] = False
-    cfg["evaluation"].update({"variants": list(VARIANTS), "lambda_sweep": [], "baseline": "logreg"})
+    cfg["evaluation"].update({"variants": list(VARIANTS), "lambda_sweep": [], "baseline": "logreg", **PROTOCOL})
     return apply_overrides(cfg, overrides)
 
 
