@@ -7,7 +7,8 @@ usage: probe_localise.py signal      per region and channel: d' (affected vs not
        probe_localise.py tail        readers on peaks of a label-aware tail statistic (patients minus controls
                                      beyond |z| > t), fixed settings and chosen by inner CV
        probe_localise.py moe         the oracle's small mixture (bench/generality.py oracle_fit's network) fed
-                                     the image read-outs of the true regions, or label-free PCA scores
+                                     the image read-outs of the true regions, screened voxels, tail peaks, or
+                                     label-free PCA scores (PROBE_MOE_CASES=n: the first n cases only)
 
 Runs on a workflow folder cached up to ``cache/cohort`` (``PROBE_WORKDIR``, default /tmp/tune90) and its
 BIDS cohort (``PROBE_BIDS``, default $PROBE_WORKDIR/bids), whose synth-truth names the regions and who is
@@ -270,8 +271,26 @@ def moe() -> None:
                 out[m] = PCA(k, random_state=0).fit(v[tr] - v[tr].mean(0)).transform(v - v[tr].mean(0))
             return out
         return make
-    for name, make in [("true-region image read-outs", lambda tr: {m: true_regions(m) for m in MODALITIES}),
-                       *[(f"PCA {k} per modality (train fold)", pca(k)) for k in (3, 5, 10)]]:
+    def anova(k):
+        def make(tr):
+            out = {}
+            for m in MODALITIES:
+                v = voxels(m, 1.0)
+                out[m] = v[:, SelectKBest(f_classif, k=k).fit(v[tr], y[tr]).get_support()]
+            return out
+        return make
+    def union(tr):  # both localisers' features: the mean-difference screen and the tail peaks
+        out = {}
+        for m in MODALITIES:
+            v = voxels(m, 1.0)
+            screened = v[:, SelectKBest(f_classif, k=50).fit(v[tr], y[tr]).get_support()]
+            out[m] = np.concatenate([screened, tail_peaks(m, 0.7, 2.0, 2)(tr)[0]], 1)
+        return out
+    cases = [("true-region image read-outs", lambda tr: {m: true_regions(m) for m in MODALITIES}),
+             ("ANOVA top 50 + tail peaks (0.7, |z|>2, 2)", union),
+             *[(f"ANOVA top {k} voxels (train fold)", anova(k)) for k in (20, 50)],
+             *[(f"PCA {k} per modality (train fold)", pca(k)) for k in (3, 5, 10)]]
+    for name, make in cases[:int(os.environ.get("PROBE_MOE_CASES", len(cases)))]:
         res = {v: [] for v in variants}
         for tr_all, te in folds.split(y, y):
             tr, va = train_test_split(tr_all, test_size=0.2, stratify=y[tr_all], random_state=0)
