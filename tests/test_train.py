@@ -459,6 +459,7 @@ def test_gated_run_adopts_the_ungated_runs_experts_and_fits_only_its_gate(cohort
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # the very experts: full - no_gate = the gate
     assert any(k.startswith("gate.") for k in ours)
     assert m["experts_from"] == "no_gate" and m["epochs_run"] == donor["epochs_run"] == 3
+    assert m["train_seconds"] == 0.0 < donor["train_seconds"]  # counted once, in the donor's run
     assert not (tmp_path / "full" / "checkpoint").exists()  # no epoch was trained here
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "full" / "history.csv"),
                                   pd.read_csv(tmp_path / "no_gate" / "history.csv"))

@@ -66,7 +66,10 @@ def nilearn_image(loader: str) -> nib.Nifti1Image:
     pickle) is read in milliseconds. It is written on first use, atomically, per nilearn version; one that
     does not match its JSON is rewritten, and an unwritable cache folder only costs the time.
     """
-    folder = template_cache_dir()
+    try:
+        folder = template_cache_dir()
+    except (RuntimeError, KeyError, OSError):  # no home folder to resolve: compute in memory, as before
+        folder = Path(os.devnull) / "unusable"
     arr_path, meta_path = folder / f"{loader}.npy", folder / f"{loader}.json"
     try:
         meta = json.loads(meta_path.read_text())

@@ -555,7 +555,9 @@ def _finish(run: Run, state: dict[str, Any]) -> dict[str, Any]:
                "stopped_early": state["stopped_early"], "experts_from": state.get("experts_from"),
                "n_params": model.num_params(),
                "flops_per_sample": model.estimate_flops(), "device": str(run.dev),
-               "train_seconds": float(sum(r["seconds"] for r in state["history"])),
+               # adopted experts trained in the donor's run: their seconds are counted there, not again here
+               "train_seconds": (0.0 if state.get("experts_from")
+                                 else float(sum(r["seconds"] for r in state["history"]))),
                "n": {p: len(rs) for p, rs in data.rows.items()},
                "n_excluded": {p: len(rs) for p, rs in data.excluded.items()}, **results}
     meta = {"model_config": run.mcfg.to_dict(), "train_config": asdict(tc),
