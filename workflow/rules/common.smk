@@ -13,6 +13,7 @@ from neuromoe.inputs.bids import MODALITIES, validate_dataset
 from neuromoe.config import validate_config
 from neuromoe.errors import NeuroMoEError
 from neuromoe.preproc import preproc_keys
+from neuromoe.learn.variants import expert_donor
 
 try:
     validate_config(config)  # readable, every problem at once, semantic checks
@@ -152,3 +153,13 @@ def all_targets():
             f"{OUT}/evaluation/explain/group_saliency.png",
         ]
     )
+
+
+def adopted_experts(wildcards):
+    """Input of a train job: a gated run whose experts train as an ungated run's do adopts that run's
+    (neuromoe.learn.variants.expert_donor); VARIANTS and MODEL come from rules/train.smk.
+    """
+    donor = expert_donor(wildcards.variant, VARIANTS, config["train"]["gate_fit"])
+    if donor is None:
+        return {}
+    return {"experts_from": f"{MODEL}/runs/{donor}/{wildcards.split}/model.safetensors"}

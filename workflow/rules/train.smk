@@ -2,9 +2,7 @@
 # non-deep baseline.
 MODEL = f"{OUT}/model"
 
-from neuromoe.config import TrainConfig
 from neuromoe.learn.splits import planned_split_ids
-from neuromoe.learn.variants import expert_donor
 
 EV = config["evaluation"]
 SPLIT_IDS = planned_split_ids(EV["protocol"], EV["seeds"], EV["folds"])
@@ -21,18 +19,6 @@ BASELINE_RUNS = (
     if EV["baseline"] != "none"
     else []
 )
-
-
-def adopted_experts(wildcards):
-    """A gated run whose experts train as an ungated run's do adopts that run's (train.expert_donor)."""
-    donor = expert_donor(
-        wildcards.variant, VARIANTS, TrainConfig.from_config(config).gate_fit
-    )
-    return (
-        {"experts_from": f"{MODEL}/runs/{donor}/{wildcards.split}/model.safetensors"}
-        if donor
-        else {}
-    )
 
 
 wildcard_constraints:
