@@ -354,7 +354,9 @@ def oracle_fit(x, clin, y, tr, va, te, experts, gate: bool, seed: int,
                epochs: int = 300) -> tuple[float, np.ndarray]:
     """A small mixture of experts on the true read-outs (one 2-feature expert per image modality, a clinical
     expert, the clinical gate; the workflow's ``moe_loss`` and ``class_weights``), full-batch, the epoch of
-    lowest validation loss kept. Returns test balanced accuracy and test gate weights (N_test, experts)."""
+    lowest validation loss kept. Returns test balanced accuracy and test gate weights (N_test, experts).
+    ``x``: (N, 3, 2) read-outs, or a mapping modality -> (N, F) features of any width (studies/experts feeds
+    it image features)."""
     import torch
     from sklearn.metrics import balanced_accuracy_score
     from torch import nn
@@ -365,11 +367,11 @@ def oracle_fit(x, clin, y, tr, va, te, experts, gate: bool, seed: int,
     med = np.nanmedian(clin[tr], axis=0)
     c = np.where(np.isnan(clin), med, clin)
     c = (c - c[tr].mean(0)) / (c[tr].std(0) + 1e-6)
-    xt, ct, yt = (torch.tensor(a, dtype=torch.float32) for a in (x, c, y))
-    yt = yt.long()
-    mods = {"anat": 0, "dwi": 1, "func": 2}
+    feats = x if isinstance(x, dict) else {m: x[:, i] for i, m in enumerate(("anat", "dwi", "func"))}
+    ft = {m: torch.tensor(np.asarray(f), dtype=torch.float32) for m, f in feats.items()}
+    ct, yt = torch.tensor(c, dtype=torch.float32), torch.tensor(y).long()
     torch.manual_seed(seed)
-    heads = nn.ModuleList([nn.Sequential(nn.Linear(2 if e in mods else ct.shape[1], 16), nn.ReLU(),
+    heads = nn.ModuleList([nn.Sequential(nn.Linear(ft[e].shape[1] if e in ft else ct.shape[1], 16), nn.ReLU(),
                                          nn.Linear(16, 3)) for e in experts])
     gate_net = nn.Sequential(nn.Linear(ct.shape[1], 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, len(experts)))
     params = list(heads.parameters()) + (list(gate_net.parameters()) if gate else [])
@@ -378,7 +380,7 @@ def oracle_fit(x, clin, y, tr, va, te, experts, gate: bool, seed: int,
     nets = nn.ModuleList([heads, gate_net])
 
     def forward(idx) -> MoEOutput:
-        lp = torch.stack([F.log_softmax(h(xt[idx, mods[e]] if e in mods else ct[idx]), -1)
+        lp = torch.stack([F.log_softmax(h(ft[e][idx] if e in ft else ct[idx]), -1)
                           for e, h in zip(experts, heads, strict=True)], 1)
         lw = F.log_softmax(gate_net(ct[idx]), -1) if gate else torch.full((len(idx), len(experts)),
                                                                          -math.log(len(experts)))

@@ -68,57 +68,54 @@ def nilearn_image(loader: str) -> nib.Nifti1Image:
     """
     try:
         folder = template_cache_dir()
-    except (RuntimeError, KeyError, OSError):  # no home folder to resolve: compute in memory, as before
-        folder = Path(os.devnull) / "unusable"
-    arr_path, meta_path = folder / f"{loader}.npy", folder / f"{loader}.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        data = np.load(arr_path, allow_pickle=False)
-        if list(data.shape) == meta["shape"] and str(data.dtype) == meta["dtype"]:
-            return nib.Nifti1Image(data, np.asarray(meta["affine"], dtype=np.float64))
-    except (OSError, ValueError, KeyError):
-        pass  # absent or damaged: computed again below
+    except (RuntimeError, KeyError, OSError):  # no home folder to resolve: no copy, the image from nilearn
+        folder = None
+    if folder is not None:
+        try:
+            meta = json.loads((folder / f"{loader}.json").read_text())
+            data = np.load(folder / f"{loader}.npy", allow_pickle=False)
+            if list(data.shape) == meta["shape"] and str(data.dtype) == meta["dtype"]:
+                return nib.Nifti1Image(data, np.asarray(meta["affine"], dtype=np.float64))
+        except (OSError, ValueError, KeyError):
+            pass  # absent or damaged: computed again below
     from nilearn import datasets  # about a second to import; most of the package never needs it
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nilearn warns about future keyword changes; not ours to fix
         img = getattr(datasets, loader)(resolution=2)
-    data = np.asarray(img.dataobj)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for path, write in ((arr_path, lambda f: np.save(f, data, allow_pickle=False)),
-                            (meta_path, lambda f: f.write(json.dumps({
-                                "loader": loader, "resolution_mm": 2, "shape": list(data.shape),
-                                "dtype": str(data.dtype), "affine": np.asarray(img.affine).tolist()}).encode()))):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                write(fh)
-            os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home: no copy, the same image
-    return nib.Nifti1Image(data, np.asarray(img.affine, dtype=np.float64))
-
-
-def _nilearn(name: str) -> nib.Nifti1Image:
-    return nilearn_image(name)
+    data, affine = np.asarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+    if folder is not None:
+        meta = {"loader": loader, "resolution_mm": 2, "shape": list(data.shape), "dtype": str(data.dtype),
+                "affine": affine.tolist()}
+        try:  # the array first, its JSON last: a reader takes the pair only once both are whole
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{loader}.{os.getpid()}.tmp.npy"
+            np.save(tmp, data, allow_pickle=False)
+            os.replace(tmp, folder / f"{loader}.npy")
+            tmp = folder / f".{loader}.{os.getpid()}.tmp.json"
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, folder / f"{loader}.json")
+        except OSError:
+            pass  # a read-only cache folder: no copy, the same image
+    return nib.Nifti1Image(data, affine)
 
 
 @lru_cache(maxsize=1)
 def mni_t1() -> nib.Nifti1Image:
     """MNI152 2009a symmetric T1 template, brain-only, 2 mm, (99, 117, 95) float32 in [0, 1] (WM about 0.87)."""
-    return _frozen(_nilearn("load_mni152_template"), np.float32)
+    return _frozen(nilearn_image("load_mni152_template"), np.float32)
 
 
 @lru_cache(maxsize=1)
 def brain_mask() -> nib.Nifti1Image:
     """Brain mask of the template (uint8 0/1), same 2 mm grid; includes the CSF just around the brain."""
-    return _frozen(_nilearn("load_mni152_brain_mask"), np.uint8)
+    return _frozen(nilearn_image("load_mni152_brain_mask"), np.uint8)
 
 
 @lru_cache(maxsize=1)
 def gm_probability() -> nib.Nifti1Image:
     """Grey-matter probability in [0, 1] (float32), 2 mm template grid; zero outside the brain mask."""
-    img = _nilearn("load_mni152_gm_template")
+    img = nilearn_image("load_mni152_gm_template")
     data = np.clip(img.get_fdata(dtype=np.float32), 0, 1) * (brain_mask().get_fdata(dtype=np.float32) > 0)
     return _frozen(nib.Nifti1Image(data, img.affine), np.float32)
 
@@ -126,7 +123,7 @@ def gm_probability() -> nib.Nifti1Image:
 @lru_cache(maxsize=1)
 def wm_probability() -> nib.Nifti1Image:
     """White-matter probability in [0, 1] (float32), 2 mm template grid; zero outside the brain mask."""
-    img = _nilearn("load_mni152_wm_template")
+    img = nilearn_image("load_mni152_wm_template")
     data = np.clip(img.get_fdata(dtype=np.float32), 0, 1) * (brain_mask().get_fdata(dtype=np.float32) > 0)
     return _frozen(nib.Nifti1Image(data, img.affine), np.float32)
 
@@ -143,13 +140,13 @@ def csf_probability() -> nib.Nifti1Image:
 @lru_cache(maxsize=1)
 def gm_mask() -> nib.Nifti1Image:
     """nilearn's grey-matter mask (uint8 0/1) on the 2 mm template grid."""
-    return _frozen(_nilearn("load_mni152_gm_mask"), np.uint8)
+    return _frozen(nilearn_image("load_mni152_gm_mask"), np.uint8)
 
 
 @lru_cache(maxsize=1)
 def wm_mask() -> nib.Nifti1Image:
     """nilearn's white-matter mask (uint8 0/1) on the 2 mm template grid."""
-    return _frozen(_nilearn("load_mni152_wm_mask"), np.uint8)
+    return _frozen(nilearn_image("load_mni152_wm_mask"), np.uint8)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from neuromoe.learn.model import (
     moe_loss,
 )
 from neuromoe.learn.splits import split_rows
-from neuromoe.learn.variants import expert_donor, variant_spec  # noqa: F401 - re-exported
+from neuromoe.learn.variants import variant_spec
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_wce", "train_balance", "train_acc", "val_loss", "val_acc",
                    "val_balanced_acc", "val_balance", "lr", "seconds"]

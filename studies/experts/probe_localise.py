@@ -96,6 +96,26 @@ def logreg(c: float) -> LogisticRegression:
     return LogisticRegression(C=c, class_weight="balanced", max_iter=3000)
 
 
+def robust_z(a: np.ndarray, tr: np.ndarray) -> np.ndarray:
+    """Every voxel's z against the training part: (a - median) / (1.4826 MAD)."""
+    med = np.median(a[tr], 0)
+    return (a - med) / (1.4826 * np.median(np.abs(a[tr] - med), 0) + 1e-3)
+
+
+def take_peaks(stat: np.ndarray, k: int, peaks: list) -> None:
+    """Append the ``k`` highest voxels of ``stat`` (changed in place) to ``peaks``, at least 3 voxels apart."""
+    for _ in range(k):
+        p = np.unravel_index(np.argmax(stat), stat.shape)
+        peaks.append(p)
+        stat[tuple(slice(max(0, j - 2), j + 3) for j in p)] = -1.0
+
+
+def peak_features(m: str, z: np.ndarray, peaks: list) -> tuple[np.ndarray, float]:
+    """The z of every channel at the peaks, (N, C * peaks), and the fraction of peaks in a true region."""
+    hit = float(np.mean([region_weight(m)[p] > 0.5 for p in peaks]))
+    return np.stack([z[:, :, i, j, kk] for i, j, kk in peaks], -1).reshape(len(y), -1), hit
+
+
 def deviation_peaks(m: str, sigma: float, t: float, k: int, edge_min: int):
     """A label-free localiser: robust z of every voxel against the training fold (median, MAD), voxels
     ranked by the fraction of training subjects beyond |z| > t (a focal change in some subjects makes that
@@ -105,16 +125,9 @@ def deviation_peaks(m: str, sigma: float, t: float, k: int, edge_min: int):
     edge = ndimage.distance_transform_edt(mask)
 
     def fit_features(tr):
-        med = np.median(a[tr], 0)
-        z = (a - med) / (1.4826 * np.median(np.abs(a[tr] - med), 0) + 1e-3)
-        score = np.where(mask & (edge >= edge_min), (np.abs(z[tr]) > t).mean(0).max(0), -1.0)
-        peaks = []
-        for _ in range(k):
-            p = np.unravel_index(np.argmax(score), score.shape)
-            peaks.append(p)
-            score[tuple(slice(max(0, j - 2), j + 3) for j in p)] = -1.0
-        hit = float(np.mean([region_weight(m)[p] > 0.5 for p in peaks]))
-        return np.stack([z[:, :, i, j, kk] for i, j, kk in peaks], -1).reshape(len(y), -1), hit
+        z, peaks = robust_z(a, tr), []
+        take_peaks(np.where(mask & (edge >= edge_min), (np.abs(z[tr]) > t).mean(0).max(0), -1.0), k, peaks)
+        return peak_features(m, z, peaks)
     return fit_features
 
 
@@ -166,20 +179,13 @@ def tail_peaks(m: str, sigma: float, t: float, k: int, edge_min: int = 2):
     edge = ndimage.distance_transform_edt(mask)
 
     def fit_features(tr):
-        med = np.median(a[tr], 0)
-        z = (a - med) / (1.4826 * np.median(np.abs(a[tr] - med), 0) + 1e-3)
+        z, peaks = robust_z(a, tr), []
         ztr, ytr = z[tr], y[tr]
-        peaks = []
         for c in (1, 2):
             lo = (ztr[ytr == c] < -t).mean(0) - (ztr[ytr == 0] < -t).mean(0)
             hi = (ztr[ytr == c] > t).mean(0) - (ztr[ytr == 0] > t).mean(0)
-            stat = np.where(mask & (edge >= edge_min), np.maximum(lo, hi).max(0), -1.0)
-            for _ in range(k):
-                p = np.unravel_index(np.argmax(stat), stat.shape)
-                peaks.append(p)
-                stat[tuple(slice(max(0, j - 2), j + 3) for j in p)] = -1.0
-        hit = float(np.mean([region_weight(m)[p] > 0.5 for p in peaks]))
-        return np.stack([z[:, :, i, j, kk] for i, j, kk in peaks], -1).reshape(len(y), -1), hit
+            take_peaks(np.where(mask & (edge >= edge_min), np.maximum(lo, hi).max(0), -1.0), k, peaks)
+        return peak_features(m, z, peaks)
     return fit_features
 
 
@@ -206,62 +212,20 @@ def tail() -> None:
 
 
 def moe() -> None:
-    import math
-
     import torch
     from sklearn.decomposition import PCA
     from sklearn.model_selection import train_test_split
-    from torch import nn
-    from torch.nn import functional as F
 
-    from neuromoe.learn.model import MoEOutput, class_weights, moe_loss
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from generality import oracle_fit  # the oracle's network, fed image features here
 
     torch.set_num_threads(1)
     idx = cohort.index
     clin = idx[["age", "updrs3", "moca", "rbdsq", "serum_nfl", "serum_asyn"]].to_numpy(float)
     clin[:, 4:] = np.log(clin[:, 4:])
-    clin = np.c_[clin, (idx["sex"] == "M").to_numpy(float)]
+    clin = np.c_[clin, (idx["sex"] == "M").to_numpy(float)]  # the oracle's columns, imputed and scaled there
     variants = {"full": (*MODALITIES, "clin"), "no_gate": (*MODALITIES, "clin"),
                 **{f"only_{m}": (m,) for m in MODALITIES}}
-
-    def fit(feats, tr, va, te, experts, gate, epochs=300):  # bench/generality.py oracle_fit, any features
-        med = np.nanmedian(clin[tr], 0)
-        c = np.where(np.isnan(clin), med, clin)
-        ct = torch.tensor((c - c[tr].mean(0)) / (c[tr].std(0) + 1e-6), dtype=torch.float32)
-        ft = {m: torch.tensor((f - f[tr].mean(0)) / (f[tr].std(0) + 1e-6), dtype=torch.float32)
-              for m, f in feats.items()}
-        yt = torch.tensor(y).long()
-        torch.manual_seed(0)
-        heads = nn.ModuleList([nn.Sequential(nn.Linear(ft[e].shape[1] if e in ft else ct.shape[1], 16), nn.ReLU(),
-                                             nn.Linear(16, 3)) for e in experts])
-        gnet = nn.Sequential(nn.Linear(ct.shape[1], 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, len(experts)))
-        nets = nn.ModuleList([heads, gnet])
-        opt = torch.optim.AdamW(list(heads.parameters()) + (list(gnet.parameters()) if gate else []), 3e-3,
-                                weight_decay=1e-2)
-        w = class_weights(y[tr], 3)
-
-        def fwd(i):
-            lp = torch.stack([F.log_softmax(h(ft[e][i] if e in ft else ct[i]), -1)
-                              for e, h in zip(experts, heads, strict=True)], 1)
-            lw = (F.log_softmax(gnet(ct[i]), -1) if gate
-                  else torch.full((len(i), len(experts)), -math.log(len(experts))))
-            return MoEOutput(torch.logsumexp(lw.unsqueeze(-1) + lp, 1), lw.exp(), lp)
-        best, state = float("inf"), None
-        for _ in range(epochs):
-            nets.train()
-            loss, _ = moe_loss(fwd(tr), yt[tr], w, balance_lambda=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            nets.eval()
-            with torch.no_grad():
-                vl = moe_loss(fwd(va), yt[va], w)[0].item()
-            if vl < best:
-                best, state = vl, {k: v.clone() for k, v in nets.state_dict().items()}
-        nets.load_state_dict(state)
-        nets.eval()
-        with torch.no_grad():
-            return balanced_accuracy_score(y[te], fwd(te).log_probs.argmax(1).numpy())
 
     def pca(k):
         def make(tr):
@@ -294,9 +258,9 @@ def moe() -> None:
         res = {v: [] for v in variants}
         for tr_all, te in folds.split(y, y):
             tr, va = train_test_split(tr_all, test_size=0.2, stratify=y[tr_all], random_state=0)
-            feats = make(tr)
+            feats = {m: (f - f[tr].mean(0)) / (f[tr].std(0) + 1e-6) for m, f in make(tr).items()}
             for v, experts in variants.items():
-                res[v].append(fit(feats, tr, va, te, experts, v == "full"))
+                res[v].append(oracle_fit(feats, clin, y, tr, va, te, experts, v == "full", seed=0)[0])
         print(f"{name:36s}", "  ".join(f"{v} {100 * np.mean(a):.1f}" for v, a in res.items()), flush=True)
 
 
