@@ -550,3 +550,36 @@ def test_crossfit_on_a_training_part_too_small_to_fold_is_an_early_input_error(c
         train_run(cohort["cache"], small, "holdout-s0", "full", cfg, tmp_path / "run", device="cpu",
                   progress=False)
     assert not (tmp_path / "run" / "checkpoint").exists()  # nothing trained
+
+
+def test_screen_experts_look_only_at_training_subjects_and_resume_with_their_voxels(
+        cohort: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import neuromoe.learn.train
+
+    calls: list[list[int]] = []
+    real = neuromoe.learn.train.fit_screens
+
+    def spy(model, cache, rows):  # noqa: ANN001
+        calls.append(sorted(int(r) for r in rows))
+        real(model, cache, rows)
+
+    monkeypatch.setattr(neuromoe.learn.train, "fit_screens", spy)
+    cfg = make_cfg(epochs=8, lr=5e-3, batch_size=4, gate_fit="crossfit", crossfit_folds=3, select="last",
+                   gate_fit_steps=50)
+    cfg["model"].update(encoder="screen", screen_top_k=8, screen_peaks=1)
+    m = run(cohort, tmp_path / "a", cfg=cfg)
+    train_rows = list(range(12))  # the splits' first 12 subjects, cache rows in id order
+    assert calls[0] == train_rows and len(calls) == 1 + 3
+    held = [sorted(set(train_rows) - set(c)) for c in calls[1:]]  # each crossfit fold's screen never saw these
+    assert all(h and set(c) < set(train_rows) for h, c in zip(held, calls[1:], strict=True))
+    assert sorted(r for h in held for r in h) == train_rows
+    assert m["val"]["balanced_accuracy"] >= 0.6  # the class signal is in half of every volume
+    # Killed after 3 epochs and resumed: the screens come back from the checkpoint, not from a second fit.
+    calls.clear()
+    assert not run(cohort, tmp_path / "b", cfg=cfg, max_epochs_this_run=3)["finished"]
+    assert run(cohort, tmp_path / "b", cfg=cfg)["test"]["loss"] == m["test"]["loss"]
+    assert calls[:2] == [train_rows, calls[1]] and len(calls) == 1 + 3  # one fit at epoch 0, then the folds'
+    model, _ = load_model(tmp_path / "b" / "model.safetensors")
+    ref = load_checkpoint(tmp_path / "a" / "model.safetensors").model_state
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model.encoders["dwi"].index, ref["encoders.dwi.index"])

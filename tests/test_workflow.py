@@ -123,7 +123,7 @@ def test_repository_config_is_valid() -> None:
 
 def test_paper_preset_is_the_papers_protocol() -> None:
     """presets/paper.yaml merged over config.yaml the way Snakemake merges --configfile: none of the demo's
-    departures from the paper (flat pooling, crossfit gate, last-epoch weights) leaks into the preset."""
+    departures from the paper (voxel-screen experts, flat pooling, last-epoch weights) leaks into the preset."""
     from snakemake.utils import update_config
 
     from neuromoe.config import validate_config
@@ -132,7 +132,8 @@ def test_paper_preset_is_the_papers_protocol() -> None:
     update_config(cfg, yaml.safe_load((REPO / "presets" / "paper.yaml").read_text()))
     cfg = validate_config(cfg)
     assert cfg["cache"]["grid"] == [64, 64, 64]
-    assert (cfg["model"]["dim"], cfg["model"]["depth"], cfg["model"]["pooling"]) == (256, 4, "mean")
+    assert (cfg["model"]["encoder"], cfg["model"]["dim"], cfg["model"]["depth"], cfg["model"]["pooling"]) == (
+        "vit", 256, 4, "mean")
     assert (cfg["train"]["gate_fit"], cfg["train"]["select"], cfg["train"]["flip_lr"]) == ("joint", "val_loss", 0.0)
     assert cfg["evaluation"]["seeds"] == [0, 1, 2]
 

@@ -2,6 +2,7 @@
 
     anat (B,1,D,H,W)  -> Conv3d patch embed + 3D pos. emb. -> K pre-norm blocks -> LN, pool -> h_anat
     dwi, func         -> (same, own weights)                                      -> h_dwi, h_func
+    (model.encoder: cnn -> ConvEncoder; screen -> VoxelScreen, voxels fitted on the training subjects)
     clin (B,F)        -> FCN                                                      -> h_clin
     expert_m: FFN(h_m) -> logits_m (B,C);   gate: softmax(MLP(clin)) (B,E), absent experts masked
     log P_out = logsumexp_m(log w_m + log_softmax(logits_m))
@@ -19,10 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from neuromoe.learn.screen import VoxelScreen
 from neuromoe.learn.variants import EXPERTS, MRI_MODALITIES  # noqa: F401 - re-exported: the canonical orders
 
 POOLINGS = ("mean", "max", "flat")  # token pooling choices of VolumeEncoder
-ENCODERS = ("vit", "cnn")  # per-modality encoder: the paper's transformer, or a small 3D CNN
+ENCODERS = ("vit", "cnn", "screen")  # per-modality encoder: the paper's transformer, a small 3D CNN, or a
+# supervised voxel screen fitted on the training subjects (neuromoe.learn.screen)
 
 
 @dataclass
@@ -55,6 +58,10 @@ class ModelConfig:
     flat_channels: int = 4  # pooling "flat": features kept per token before the position-wise readout
     encoder: str = "vit"  # vit (the paper's) | cnn (ConvEncoder: conv stages, then the same pooling)
     cnn_channels: tuple[int, ...] = (16, 32, 32)  # encoder cnn: width of each conv-ReLU-maxpool stage
+    screen_top_k: int = 50  # encoder screen: voxels of largest ANOVA F per modality
+    screen_peaks: int = 2  # encoder screen: tail peaks per patient class (every channel at each)
+    screen_threshold: float = 2.0  # encoder screen: |robust z| of a tail
+    screen_sigma: float = 1.0  # encoder screen: Gaussian smoothing (grid voxels) before reading
 
     def __post_init__(self) -> None:
         self.grid = tuple(int(g) for g in self.grid)
@@ -102,6 +109,13 @@ class ModelConfig:
                 raise ValueError(f"encoder cnn halves the grid {len(self.cnn_channels)} times (one per "
                                  f"cnn_channels entry): grid {self.grid} must be divisible by "
                                  f"{2 ** len(self.cnn_channels)}")
+        if self.encoder == "screen":
+            if self.screen_top_k < 0 or self.screen_peaks < 0 or self.screen_top_k + self.screen_peaks < 1:
+                raise ValueError("encoder screen needs screen_top_k >= 0 and screen_peaks >= 0, not both 0; got "
+                                 f"{self.screen_top_k} and {self.screen_peaks}")
+            if self.screen_threshold <= 0 or self.screen_sigma < 0:
+                raise ValueError(f"screen_threshold must be > 0 and screen_sigma >= 0, got "
+                                 f"{self.screen_threshold} and {self.screen_sigma}")
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
         if self.n_clinical < 0:
@@ -275,19 +289,32 @@ def _fcn(sizes: list[int], dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _encoder(cfg: ModelConfig, in_channels: int) -> nn.Module:
+    if cfg.encoder == "screen":
+        return VoxelScreen(in_channels, cfg.grid, cfg.n_classes, cfg.screen_top_k, cfg.screen_peaks,
+                           cfg.screen_threshold, cfg.screen_sigma)
+    return (VolumeEncoder if cfg.encoder == "vit" else ConvEncoder)(cfg, in_channels)
+
+
+def _encoder_width(cfg: ModelConfig, modality: str) -> int:
+    """Features an MRI encoder hands its expert head: ``dim``, or the screen's voxel count."""
+    if cfg.encoder == "screen":
+        return cfg.screen_top_k + cfg.screen_peaks * (cfg.n_classes - 1) * cfg.channels[modality]
+    return cfg.dim
+
+
 class NeuroMoE(nn.Module):
     """The mixture of experts; ``forward(images, clin, present) -> MoEOutput``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        encoder = VolumeEncoder if cfg.encoder == "vit" else ConvEncoder
-        self.encoders = nn.ModuleDict({m: encoder(cfg, cfg.channels[m]) for m in cfg.mri_experts})
+        self.encoders = nn.ModuleDict({m: _encoder(cfg, cfg.channels[m]) for m in cfg.mri_experts})
         self.clin_encoder = (_fcn([cfg.n_clinical, *cfg.clin_hidden], cfg.clin_dropout)
                              if "clin" in cfg.experts else None)
         heads = {}
         for m in cfg.experts:
-            d_in = cfg.clin_hidden[-1] if m == "clin" else cfg.dim
+            d_in = cfg.clin_hidden[-1] if m == "clin" else _encoder_width(cfg, m)
             heads[m] = nn.Sequential(nn.Linear(d_in, cfg.expert_hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
                                      nn.Linear(cfg.expert_hidden, cfg.n_classes))
         self.heads = nn.ModuleDict(heads)
@@ -372,6 +399,9 @@ class NeuroMoE(nn.Module):
             if cfg.encoder == "cnn":
                 flops += self._cnn_flops(cfg.channels[m])
                 continue
+            if cfg.encoder == "screen":
+                flops += self.encoders[m].flops()
+                continue
             flops += 2 * N * cfg.channels[m] * p3 * d + cfg.depth * per_block
             if cfg.pooling == "flat":
                 flops += 2 * N * d * cfg.flat_channels + 2 * N * cfg.flat_channels * d  # reduce + readout
@@ -379,7 +409,7 @@ class NeuroMoE(nn.Module):
             sizes = [cfg.n_clinical, *cfg.clin_hidden]
             flops += sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         for m in cfg.experts:
-            d_in = cfg.clin_hidden[-1] if m == "clin" else d
+            d_in = cfg.clin_hidden[-1] if m == "clin" else _encoder_width(cfg, m)
             flops += 2 * (d_in * cfg.expert_hidden + cfg.expert_hidden * cfg.n_classes)
         if cfg.use_gate:
             flops += 2 * (cfg.n_clinical * cfg.gate_hidden + cfg.gate_hidden * len(cfg.experts))

@@ -59,6 +59,7 @@ from neuromoe.learn.model import (
     class_weights,
     moe_loss,
 )
+from neuromoe.learn.screen import fit_screens
 from neuromoe.learn.splits import split_rows
 from neuromoe.learn.variants import variant_spec
 
@@ -355,6 +356,7 @@ def crossfit_log_probs(mcfg: ModelConfig, data: RunData, tc: TrainConfig, dev: t
         fold_seed = derive_seed(seed, "crossfit", fold)
         torch.manual_seed(fold_seed)
         sub = NeuroMoE(mcfg).to(dev)
+        fit_screens(sub, data.cohort, rows[fit_idx])  # a fold's screen sees only the fold's fitting subjects
         opt = torch.optim.AdamW(_param_groups(sub, tc.weight_decay), lr=tc.lr, fused=dev.type == "cuda" or None)
         sampler = EpochSampler(len(fit_idx), fold_seed)
         loader = DataLoader(CohortDataset(data.cohort, rows[fit_idx].tolist(), data.clinical), sampler=sampler,
@@ -641,7 +643,12 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
                                 for p, ds in datasets.items() if p != "train"},
                   loader_kw=loader_kw, warmup=tc.warmup_epochs * len(train_loader),
                   total=tc.epochs * len(train_loader), weights=data.weights.to(dev), progress=progress)
-        state = _adopt_experts(run, Path(experts_from)) if experts_from and run.uniform_weights else _resume(run)
+        if experts_from and run.uniform_weights:
+            state = _adopt_experts(run, Path(experts_from))
+        else:
+            state = _resume(run)
+            if state["epoch"] == 0:  # a resumed model has its fitted inputs in the checkpoint
+                fit_screens(model, data.cohort, data.rows["train"])
         epochs_here = 0
         while not state["finished"]:
             row = _run_epoch(run, state)

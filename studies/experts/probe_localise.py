@@ -8,8 +8,10 @@ usage: probe_localise.py signal      per region and channel: d' (affected vs not
                                      beyond |z| > t), fixed settings and chosen by inner CV
        probe_localise.py moe         the oracle's small mixture (bench/generality.py oracle_fit's network) fed
                                      the image read-outs of the true regions, screened voxels, tail peaks, or
-                                     label-free PCA scores (PROBE_MOE_CASES=n: the first n cases only)
+                                     label-free PCA scores (PROBE_MOE_CASES=n: the first n cases only;
+                                     PROBE_MOE_ONLY=text: the cases whose name holds it)
 
+``PROBE_EVERY=k`` keeps every k-th subject (the same design at 1/k of the size).
 Runs on a workflow folder cached up to ``cache/cohort`` (``PROBE_WORKDIR``, default /tmp/tune90) and its
 BIDS cohort (``PROBE_BIDS``, default $PROBE_WORKDIR/bids), whose synth-truth names the regions and who is
 affected. Nothing of the product is changed; sklearn readers on the decoded cache, seconds per reader.
@@ -46,6 +48,10 @@ profile = np.array([truth[s]["profile"] for s in subjects])
 y = cohort.y
 mask = cohort.mask.astype(bool)
 X = {m: decode(np.asarray(cohort.arrays[m]), cohort.dtype) for m in MODALITIES}  # (N, C, D, H, W)
+# PROBE_EVERY=k: every k-th subject only (a smaller cohort of the same design; ids in the cache's order)
+KEEP = np.arange(0, len(y), int(os.environ.get("PROBE_EVERY", 1)))
+subjects, profile, y = [subjects[i] for i in KEEP], profile[KEEP], y[KEEP]
+X = {m: a[KEEP] for m, a in X.items()}
 folds = StratifiedKFold(5, shuffle=True, random_state=0)
 
 
@@ -220,7 +226,7 @@ def moe() -> None:
     from generality import oracle_fit  # the oracle's network, fed image features here
 
     torch.set_num_threads(1)
-    idx = cohort.index
+    idx = cohort.index.iloc[KEEP]
     clin = idx[["age", "updrs3", "moca", "rbdsq", "serum_nfl", "serum_asyn"]].to_numpy(float)
     clin[:, 4:] = np.log(clin[:, 4:])
     clin = np.c_[clin, (idx["sex"] == "M").to_numpy(float)]  # the oracle's columns, imputed and scaled there
@@ -250,11 +256,29 @@ def moe() -> None:
             screened = v[:, SelectKBest(f_classif, k=50).fit(v[tr], y[tr]).get_support()]
             out[m] = np.concatenate([screened, tail_peaks(m, 0.7, 2.0, 2)(tr)[0]], 1)
         return out
+    def product(sigma, top_k=50, peaks=2, threshold=2.0):  # neuromoe.learn.screen, as model.encoder screen fits it
+        import torch
+
+        from neuromoe.learn.screen import VoxelScreen
+
+        def make(tr):
+            out = {}
+            for m in MODALITIES:
+                scr = VoxelScreen(X[m].shape[1], cohort.grid, 3, top_k, peaks, threshold, sigma)
+                vol = torch.from_numpy(X[m])
+                scr.fit(vol[tr], y[tr], mask)
+                out[m] = scr(vol).numpy()
+            return out
+        return make
     cases = [("true-region image read-outs", lambda tr: {m: true_regions(m) for m in MODALITIES}),
+             *[(f"model.encoder screen, sigma {s}", product(s)) for s in (1.0, 0.7)],
+             *[(f"model.encoder screen, top_k {k}, peaks {p}", product(1.0, k, p)) for k, p in
+               ((20, 2), (50, 4), (20, 4), (100, 2))],
              ("ANOVA top 50 + tail peaks (0.7, |z|>2, 2)", union),
              *[(f"ANOVA top {k} voxels (train fold)", anova(k)) for k in (20, 50)],
              *[(f"PCA {k} per modality (train fold)", pca(k)) for k in (3, 5, 10)]]
-    for name, make in cases[:int(os.environ.get("PROBE_MOE_CASES", len(cases)))]:
+    only = os.environ.get("PROBE_MOE_ONLY", "")  # cases whose name contains this text
+    for name, make in [c for c in cases if only in c[0]][:int(os.environ.get("PROBE_MOE_CASES", len(cases)))]:
         res = {v: [] for v in variants}
         for tr_all, te in folds.split(y, y):
             tr, va = train_test_split(tr_all, test_size=0.2, stratify=y[tr_all], random_state=0)

@@ -1,0 +1,219 @@
+"""A supervised voxel screen per MRI modality (``model.encoder: screen``): where to look, fitted on the
+training subjects, then a small network on what is there.
+
+Why: a focal change that only some patients of a diagnosis carry moves that diagnosis's voxel means by a
+fraction of its size, so a whole-brain learner (the paper's ViT, a CNN, an L2 logistic) must find ~10
+informative voxels among ~10,000 from the labels alone and, at cohort sizes of 100-200, does not
+(studies/experts/README.md measures it). Two classical screens find them far more often:
+
+* a mean-difference screen: the ``top_k`` voxels (any channel) of largest one-way ANOVA F across the
+  diagnoses (``sklearn.feature_selection.f_classif``), as a voxel-based SVM pipeline would select them;
+* a tail screen: per voxel and patient diagnosis, the fraction of that diagnosis's subjects whose robust z
+  (against all training subjects: median, 1.4826 MAD) lies beyond ``threshold`` minus the fraction of the
+  controls (the first class) beyond it (a change in *some* patients only, which a mean difference dilutes);
+  the ``peaks`` best-separated maxima per patient diagnosis, at least 2 voxels inside the brain mask; every
+  channel there. (Against all other classes instead of the controls it finds fewer regions: 79 vs 87 %
+  on tuning design 1, studies/experts/README.md.)
+
+Both read the volumes smoothed by a Gaussian of ``sigma`` grid voxels, done by the module itself (a fixed
+separable convolution), so the fit and every later forward pass read the same values. The chosen voxels and
+their training mean and SD are buffers of ``VoxelScreen``: they travel in ``model.safetensors`` with the
+weights, and a subject predicted later is read at the same places. Fitting is ``fit_screen`` (numpy) on
+the training part of each run, as the clinical scaling is; a crossfit fold fits its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+MIN_SEPARATION = 3  # grid voxels between two tail peaks (Chebyshev distance)
+EDGE_MIN = 2  # tail peaks lie at least this many voxels inside the brain mask (registration residue at the edge)
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """1D Gaussian taps (radius ceil(3 sigma)), summing to 1; ``[1.0]`` for sigma 0."""
+    if sigma <= 0:
+        return np.ones(1, np.float32)
+    r = int(math.ceil(3 * sigma))
+    t = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def smooth(x: Tensor, taps: Tensor) -> Tensor:
+    """(B, C, D, H, W) -> same shape: separable convolution with ``taps`` along each spatial axis, zero padded
+    (the cache is zero outside the brain)."""
+    B, C = x.shape[:2]
+    r = taps.numel() // 2
+    if r == 0:
+        return x
+    y = x.reshape(B * C, 1, *x.shape[2:])
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = taps.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r  # F.pad lists the last axis first
+        y = F.conv3d(F.pad(y, pad), taps.view(shape).to(y.dtype))
+    return y.reshape(x.shape)
+
+
+def take_peaks(stat: np.ndarray, k: int, min_separation: int = MIN_SEPARATION) -> list[tuple[int, int, int]]:
+    """The ``k`` highest voxels of a 3D statistic, each at least ``min_separation`` voxels (Chebyshev) from the
+    ones before (greedy non-maximum suppression). Voxels at -inf are never taken; fewer than ``k`` may come back."""
+    s = np.array(stat, dtype=np.float64, copy=True)
+    peaks: list[tuple[int, int, int]] = []
+    r = min_separation - 1
+    for _ in range(k):
+        flat = int(np.argmax(s))
+        if not np.isfinite(s.flat[flat]):
+            break
+        p = tuple(int(i) for i in np.unravel_index(flat, s.shape))
+        peaks.append(p)  # type: ignore[arg-type]
+        s[tuple(slice(max(0, j - r), j + r + 1) for j in p)] = -np.inf
+    return peaks
+
+
+def robust_z(a: np.ndarray) -> np.ndarray:
+    """(N, ...) -> z of every value against its column's median and 1.4826 MAD over the N subjects."""
+    med = np.median(a, axis=0)
+    mad = 1.4826 * np.median(np.abs(a - med), axis=0)
+    return (a - med) / (mad + 1e-3)
+
+
+def tail_statistic(z: np.ndarray, y: np.ndarray, cls: int, threshold: float, reference: int | None = None
+                   ) -> np.ndarray:
+    """(N, C, *grid) robust z -> (*grid): per voxel, max over channels and both directions of the fraction of
+    class ``cls`` beyond ``threshold`` minus the fraction of class ``reference`` (None: all other classes)
+    beyond it."""
+    inside, rest = z[y == cls], (z[y != cls] if reference is None else z[y == reference])
+    lo = (inside < -threshold).mean(0) - (rest < -threshold).mean(0)
+    hi = (inside > threshold).mean(0) - (rest > threshold).mean(0)
+    return np.maximum(lo, hi).max(0)
+
+
+def fit_screen(smoothed: np.ndarray, y: np.ndarray, mask: np.ndarray, n_classes: int, top_k: int, peaks: int,
+               threshold: float) -> np.ndarray:
+    """Choose the screen's voxels on training volumes; returns flat indices into (C, D, H, W), int64.
+
+    Args:
+        smoothed: (N, C, D, H, W) float32 training volumes, already smoothed (``VoxelScreen.smoothed``).
+        y: (N,) int class labels in 0..n_classes-1, >= 2 of class 0 and one more class; class 0 is the reference
+            (the controls: the first of ``participants.labels``).
+        mask: (D, H, W) bool brain mask on the grid; only voxels inside are chosen.
+        top_k: voxels of largest ANOVA F (any channel).
+        peaks: tail peaks per non-reference class; every channel at each is taken
+            (``peaks * (n_classes - 1) * C`` indices).
+        threshold: |robust z| beyond which a subject's voxel counts as a tail.
+    Returns:
+        ``top_k + peaks * (n_classes - 1) * C`` indices; a peak the statistic cannot place (a class absent
+        here, or too few voxels) repeats its class's best peak (or the first voxel inside the mask's core),
+        so the length never depends on the data.
+    """
+    from scipy import ndimage
+    from sklearn.feature_selection import f_classif
+
+    n, c = smoothed.shape[:2]
+    grid = smoothed.shape[2:]
+    mask = np.asarray(mask, bool)
+    if mask.shape != grid or not mask.any():
+        raise ValueError(f"mask {mask.shape} must be a non-empty (D, H, W) = {grid} brain mask")
+    y = np.asarray(y, np.int64)
+    counts = np.bincount(y, minlength=n_classes) if len(y) else np.zeros(n_classes, int)
+    if len(y) != n or len(counts) != n_classes or counts[0] < 2 or (counts > 0).sum() < 2:
+        raise ValueError(f"fit_screen needs {n} labels in 0..{n_classes - 1}: >= 2 of the reference class 0 "
+                         f"and a second class; got {len(y)} labels, counts per class {counts.tolist()}")
+    flat = smoothed.reshape(n, c, -1)[:, :, mask.ravel()]  # (N, C, V)
+    v = mask.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f, _ = f_classif(flat.reshape(n, -1), y)
+    f = np.nan_to_num(f, nan=-1.0)  # constant voxels
+    order = np.argsort(-f, kind="stable")[:top_k]
+    inside = np.flatnonzero(mask.ravel())
+    chosen = [int(ch * math.prod(grid) + inside[j]) for ch, j in zip(order // v, order % v, strict=True)]
+    z = robust_z(smoothed)
+    edge = ndimage.distance_transform_edt(mask) >= EDGE_MIN
+    for cls in range(1, n_classes):
+        found = []
+        if counts[cls]:  # a class absent from these subjects (a small crossfit fold) gets fallback peaks
+            found = take_peaks(np.where(edge, tail_statistic(z, y, cls, threshold, reference=0), -np.inf), peaks)
+        found += [found[0] if found else tuple(int(i) for i in np.argwhere(edge)[0])] * (peaks - len(found))
+        for p in found:
+            vox = int(np.ravel_multi_index(p, grid))
+            chosen += [ch * math.prod(grid) + vox for ch in range(c)]
+    return np.asarray(chosen, np.int64)
+
+
+class VoxelScreen(nn.Module):
+    """One MRI modality (B, C, D, H, W) -> (B, n_features): smoothed values at the fitted voxels, standardised
+    with the training subjects' mean and SD. Unfitted, ``forward`` raises (``fit`` first)."""
+
+    def __init__(self, in_channels: int, grid: Sequence[int], n_classes: int, top_k: int, peaks: int,
+                 threshold: float, sigma: float) -> None:
+        super().__init__()
+        self.in_channels, self.grid, self.n_classes = in_channels, tuple(grid), n_classes
+        self.top_k, self.peaks, self.threshold = top_k, peaks, threshold
+        self.n_features = top_k + peaks * (n_classes - 1) * in_channels
+        self.register_buffer("taps", torch.from_numpy(gaussian_kernel(sigma)))
+        self.register_buffer("index", torch.zeros(self.n_features, dtype=torch.long))
+        self.register_buffer("center", torch.zeros(self.n_features))
+        self.register_buffer("scale", torch.ones(self.n_features))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def smoothed(self, x: Tensor) -> Tensor:
+        """(B, C, D, H, W) -> the same smoothed, as the screen reads it."""
+        return smooth(x.float(), self.taps)
+
+    def read(self, x: Tensor) -> Tensor:
+        """(B, C, D, H, W) -> (B, n_features) smoothed values at the chosen voxels, not standardised."""
+        return self.smoothed(x).flatten(1)[:, self.index]
+
+    @torch.no_grad()
+    def fit(self, volumes: Tensor, y: np.ndarray, mask: np.ndarray, chunk: int = 32) -> None:
+        """Choose the voxels on training ``volumes`` (N, C, D, H, W) with labels ``y`` (N,) and the (D, H, W)
+        brain ``mask``; set their standardisation from the same subjects."""
+        sm = torch.cat([self.smoothed(volumes[i:i + chunk].to(self.taps.device))
+                        for i in range(0, len(volumes), chunk)]).cpu().numpy()
+        idx = fit_screen(sm, y, mask, self.n_classes, self.top_k, self.peaks, self.threshold)
+        feats = sm.reshape(len(sm), -1)[:, idx]
+        self.index.copy_(torch.from_numpy(idx))
+        self.center.copy_(torch.from_numpy(feats.mean(0)))
+        self.scale.copy_(torch.from_numpy(feats.std(0) + 1e-3))
+        self.fitted.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, D, H, W) -> (B, n_features)."""
+        if not bool(self.fitted):
+            raise RuntimeError("VoxelScreen is not fitted: call fit_screens(model, ...) on the training "
+                               "subjects before training or predicting")
+        return (self.read(x) - self.center) / self.scale
+
+    def flops(self) -> int:
+        """Forward FLOPs per sample: the three 1D smoothing passes (the gather is free)."""
+        return 2 * 3 * self.taps.numel() * self.in_channels * math.prod(self.grid)
+
+
+def fit_screens(model: nn.Module, cohort, rows: Sequence[int]) -> None:
+    """Fit every ``VoxelScreen`` of ``model`` (its ``encoders``) on the cohort cache rows ``rows`` (a run's
+    training part), leaving out the subjects without that modality. A no-op for the other encoders.
+
+    ``cohort``: an opened ``neuromoe.cache.store.CohortCache``. ValueError (naming the modality) when a class
+    has fewer than 2 training subjects with the modality."""
+    from neuromoe.cache.store import MODALITIES, decode
+
+    rows = np.asarray(rows, np.int64)
+    for m, enc in getattr(model, "encoders", {}).items():
+        if not isinstance(enc, VoxelScreen):
+            continue
+        use = rows[cohort.present[rows, MODALITIES.index(m)]]
+        vols = torch.from_numpy(decode(np.asarray(cohort.arrays[m][np.sort(use)]), cohort.dtype))
+        try:
+            enc.fit(vols, cohort.y[np.sort(use)], cohort.mask)
+        except ValueError as e:
+            raise ValueError(f"model.encoder screen, modality {m}: {e}") from None

@@ -1,0 +1,101 @@
+"""The supervised voxel screen (``model.encoder: screen``): it finds focal changes that only some patients
+carry, reads the same places after a checkpoint round trip, and never looks at subjects it was not fitted on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from neuromoe.learn.model import ModelConfig, NeuroMoE
+from neuromoe.learn.screen import VoxelScreen, fit_screen, gaussian_kernel, smooth, take_peaks
+
+GRID = (12, 12, 12)
+
+
+def ball(centre: tuple[int, int, int], radius: float = 1.5) -> np.ndarray:
+    idx = np.indices(GRID)
+    return sum((idx[i] - c) ** 2 for i, c in enumerate(centre)) <= radius ** 2
+
+
+def planted(n_per_class: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(N, 2, 12^3) noise volumes and labels HC/PD/iRBD (0/1/2). A third of the PD subjects carry a -5 SD
+    change at region ``pd`` (channel 1), a third of the iRBD subjects +5 SD at ``irbd`` (channel 0); every
+    PD subject is 1.5 SD brighter at ``mean`` (channel 0), a change of the class mean."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1, 2], n_per_class)
+    x = rng.standard_normal((len(y), 2, *GRID)).astype(np.float32)
+    regions = {"pd": ball((3, 4, 6)), "irbd": ball((8, 7, 4)), "mean": ball((6, 8, 8))}
+    carriers = {1: np.flatnonzero(y == 1)[::3], 2: np.flatnonzero(y == 2)[::3]}
+    x[carriers[1][:, None], 1, regions["pd"]] -= 5.0
+    x[carriers[2][:, None], 0, regions["irbd"]] += 5.0
+    x[np.flatnonzero(y == 1)[:, None], 0, regions["mean"]] += 1.5
+    return x, y, regions
+
+
+def test_smoothing_is_a_gaussian_filter() -> None:
+    x = np.random.default_rng(1).standard_normal((2, 3, *GRID)).astype(np.float32)
+    taps = gaussian_kernel(1.0)
+    assert taps.sum() == pytest.approx(1.0) and len(taps) == 7
+    got = smooth(torch.from_numpy(x), torch.from_numpy(taps)).numpy()
+    want = ndimage.gaussian_filter(x, (0, 0, 1.0, 1.0, 1.0), mode="constant", truncate=3.0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert smooth(torch.from_numpy(x), torch.from_numpy(gaussian_kernel(0.0))).numpy() is not None
+    np.testing.assert_array_equal(smooth(torch.from_numpy(x), torch.ones(1)).numpy(), x)
+
+
+def test_peaks_are_the_largest_values_and_kept_apart() -> None:
+    stat = np.zeros(GRID)
+    stat[2, 2, 2], stat[2, 3, 2], stat[9, 9, 9] = 5.0, 4.0, 3.0
+    assert take_peaks(stat, 2) == [(2, 2, 2), (9, 9, 9)]  # (2, 3, 2) is too close to the first
+    assert take_peaks(np.full(GRID, -np.inf), 3) == []
+
+
+def test_screen_finds_changes_that_only_some_patients_carry() -> None:
+    x, y, regions = planted()
+    mask = np.ones(GRID, bool)
+    idx = fit_screen(x, y, mask, n_classes=3, top_k=5, peaks=1, threshold=2.0)
+    assert len(idx) == 5 + 1 * 2 * 2  # top_k, then every channel of one peak per patient class
+    ch, vox = np.divmod(idx, np.prod(GRID))
+    where = np.stack(np.unravel_index(vox, GRID), 1)
+    in_region = {name: r[tuple(where.T)] for name, r in regions.items()}
+    # The class-mean change is what the ANOVA ranks first; the tail peaks land on the rare focal changes.
+    assert in_region["mean"][:5].all() and (ch[:5] == 0).all()
+    assert in_region["pd"][5:7].all() and in_region["irbd"][7:9].all()
+    # Without the tail screen, the rare changes are not among the ANOVA's best voxels.
+    assert not (in_region["pd"][:5] | in_region["irbd"][:5]).any()
+
+
+def test_screen_needs_controls_and_keeps_its_size_when_a_class_is_absent() -> None:
+    x, y, _ = planted(n_per_class=3)
+    with pytest.raises(ValueError, match="reference class 0"):
+        fit_screen(x[3:], y[3:], np.ones(GRID, bool), 3, 5, 1, 2.0)  # no controls
+    assert len(fit_screen(x[:6], y[:6], np.ones(GRID, bool), 3, 5, 1, 2.0)) == 5 + 2 * 2  # no iRBD
+
+
+def tiny_screen_model(seed: int = 0) -> NeuroMoE:
+    torch.manual_seed(seed)
+    return NeuroMoE(ModelConfig(channels={"anat": 1, "dwi": 2, "func": 2}, grid=GRID, n_clinical=4, n_classes=3,
+                                dim=8, heads=2, clin_hidden=(8,), expert_hidden=8, gate_hidden=8,
+                                encoder="screen", screen_top_k=6, screen_peaks=1)).eval()
+
+
+def test_fitted_screens_travel_with_the_weights() -> None:
+    x, y, _ = planted()
+    images = {"anat": torch.from_numpy(x[:, :1]), "dwi": torch.from_numpy(x), "func": torch.from_numpy(x)}
+    clin = torch.randn(len(y), 4)
+    model = tiny_screen_model()
+    with pytest.raises(RuntimeError, match="not fitted"):
+        model(images, clin)
+    for m, enc in model.encoders.items():
+        enc.fit(images[m][::2], y[::2], np.ones(GRID, bool))
+    feats = model.encoders["dwi"](images["dwi"][::2])
+    assert feats.shape == (45, 6 + 1 * 2 * 2)
+    np.testing.assert_allclose(feats.mean(0), 0.0, atol=1e-4)  # standardised on the fitting subjects
+    out = model(images, clin)
+    again = tiny_screen_model(seed=1)  # other random weights, unfitted screens
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again(images, clin).log_probs, out.log_probs)
+    assert isinstance(again.encoders["anat"], VoxelScreen) and bool(again.encoders["anat"].fitted)
+    assert model.estimate_flops() > 0
