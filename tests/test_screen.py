@@ -99,3 +99,14 @@ def test_fitted_screens_travel_with_the_weights() -> None:
     torch.testing.assert_close(again(images, clin).log_probs, out.log_probs)
     assert isinstance(again.encoders["anat"], VoxelScreen) and bool(again.encoders["anat"].fitted)
     assert model.estimate_flops() > 0
+
+
+def test_screen_reads_float32_under_a_bf16_autocast() -> None:
+    x, y, _ = planted()
+    scr = VoxelScreen(2, GRID, 3, 5, 1, 2.0, 1.0)
+    scr.fit(torch.from_numpy(x), y, np.ones(GRID, bool))
+    want = scr(torch.from_numpy(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = scr(torch.from_numpy(x))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)

@@ -167,8 +167,10 @@ class VoxelScreen(nn.Module):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     def smoothed(self, x: Tensor) -> Tensor:
-        """(B, C, D, H, W) -> the same smoothed, as the screen reads it."""
-        return smooth(x.float(), self.taps)
+        """(B, C, D, H, W) -> the same smoothed, as the screen reads it: in float32 even under a bf16 autocast
+        (the fit read float32 values; bf16 would move a z of 5 by ~0.03)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return smooth(x.float(), self.taps)
 
     def read(self, x: Tensor) -> Tensor:
         """(B, C, D, H, W) -> (B, n_features) smoothed values at the chosen voxels, not standardised."""
