@@ -230,16 +230,30 @@ def _pick(cfg: dict, dotted: str) -> Any:
     return node
 
 
+def _with_defaults(cfg: dict) -> dict | None:
+    """``cfg`` with the schema's defaults filled (a copy), or None when it no longer validates."""
+    from neuromoe.config import ConfigError, validate_config
+
+    try:
+        return validate_config(yaml.safe_load(yaml.safe_dump(cfg)))
+    except ConfigError:
+        return None
+
+
 def reusable_preprocessing(wf: Path, cfg: dict) -> Path | None:
     """A sibling workflow folder of the same design and size whose cohort cache is built with the same
-    preprocessing settings, or None."""
+    preprocessing settings, or None. Both configs are compared with the schema's defaults filled, so a
+    folder written before a new key got its default still matches when that default is what it ran."""
     prefix = wf.name.split("_")[0] + "_" + wf.name.split("_")[1]  # design-<S>_n<N>
+    cfg = _with_defaults(cfg) or cfg
     for other in sorted(wf.parent.glob(prefix + "*")):
         if other == wf or not (other / "results" / "cache" / "cohort" / "manifest.json").is_file():
             continue
         try:
-            ocfg = yaml.safe_load((other / "config.yaml").read_text())
+            ocfg = _with_defaults(yaml.safe_load((other / "config.yaml").read_text()))
         except (OSError, yaml.YAMLError):
+            continue
+        if ocfg is None:
             continue
         if other.name.split("_")[:2] == wf.name.split("_")[:2] and all(
                 _pick(ocfg, k) == _pick(cfg, k) for k in PREPROCESSING_KEYS):

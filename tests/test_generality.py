@@ -235,6 +235,14 @@ def test_a_new_setting_reuses_the_preprocessing_of_the_same_design(gen, tmp_path
     assert gen.reusable_preprocessing(grid, gen.piece_config(bids, {"cache.grid": [16, 16, 16]})) is None
     assert gen.reusable_preprocessing(tmp_path / gen.piece_name(12, 9), gen.piece_config(bids, {})) is None
 
+    # A folder written before a key existed matches when the key's default is the new config's value.
+    older = yaml.safe_load(yaml.safe_dump(cfg))
+    del older["preprocessing"]["keep_series"]  # added to config.yaml later, default false
+    (base / "config.yaml").write_text(yaml.safe_dump(older))
+    assert gen.reusable_preprocessing(train, gen.piece_config(bids, {"train.epochs": 3})) == base
+    series = tmp_path / gen.piece_name(11, 9, {"preprocessing.keep_series": True})
+    assert gen.reusable_preprocessing(series, gen.piece_config(bids, {"preprocessing.keep_series": True})) is None
+
     gen.seed_preprocessing(base, train)
     t1 = "results/derivatives/neuromoe/sub-01/anat/t1.nii.gz"
     assert (train / t1).stat().st_ino == (base / t1).stat().st_ino  # hard links: no second copy on disk
