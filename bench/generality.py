@@ -456,25 +456,50 @@ def oracle(n: int, params=None, *, data_seed: int = DEMO_COHORT_SEED, protocol: 
 
 
 # --- the results file ----------------------------------------------------------------------------------------
+def setting_of(cfg: dict | None) -> dict[str, Any]:
+    """What a piece trained with: the model and train sections of its config (the schema's defaults filled),
+    a short tag of them, and the settings a reader looks for first. config.yaml changes over time; a piece
+    with no ``--set`` records which config.yaml it ran with this way."""
+    full = _with_defaults(cfg) if cfg else None
+    if full is None:
+        return {"tag": None, "encoder": None, "gate_fit": None}
+    sections = {k: full.get(k) for k in ("model", "train")}
+    sections["train"] = {k: v for k, v in (sections["train"] or {}).items() if k not in ("num_workers", "device")}
+    tag = hashlib.sha1(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return {"tag": tag, "encoder": full["model"]["encoder"], "gate_fit": full["train"]["gate_fit"]}
+
+
+def entry_setting(entry: dict) -> dict[str, Any]:
+    return entry.get("setting") or setting_of(entry.get("config"))
+
+
+def current_setting(overrides: dict | None = None) -> dict[str, Any]:
+    """The setting a piece run now would train with (config.yaml + ``overrides``)."""
+    return setting_of(piece_config(Path("."), overrides or {}))
+
+
 def entry_key(entry: dict) -> tuple:
-    return (entry["design_seed"], int(entry["n_subjects"]), overrides_tag(entry.get("config_overrides") or {}))
+    return (entry["design_seed"], int(entry["n_subjects"]), overrides_tag(entry.get("config_overrides") or {}),
+            entry_setting(entry)["tag"])
 
 
 def pooled_difference(designs: Sequence[dict], n_subjects: int = DEFAULT_SUBJECTS,
-                      overrides: dict | None = None) -> dict[str, Any]:
-    """Full - no_gate over the finished held-out designs of one setting (subjects, overrides): a 95 %
-    t-interval over the per-design mean differences (designs as the unit, so split correlation within a
-    design does not narrow it)."""
+                      overrides: dict | None = None, setting: str | None = None) -> dict[str, Any]:
+    """Full - no_gate over the finished held-out designs of one setting (subjects, overrides, and the
+    training setting tag: config.yaml's now when None): a 95 % t-interval over the per-design mean
+    differences (designs as the unit, so split correlation within a design does not narrow it)."""
     tag = overrides_tag(overrides or {})
+    setting = setting or current_setting(overrides)["tag"]
     rows = [d for d in designs if d.get("finished") and d["design_seed"] in HELDOUT_DESIGN_SEEDS
             and int(d["n_subjects"]) == n_subjects and overrides_tag(d.get("config_overrides") or {}) == tag
+            and entry_setting(d)["tag"] == setting
             and (d.get("paired_full_minus_no_gate") or {}).get("mean") is not None]
     rows.sort(key=lambda d: d["design_seed"])
     s = summarise([d["paired_full_minus_no_gate"]["mean"] for d in rows])
     return {"mean": _finite(s.mean), "ci_low": _finite(s.ci_low), "ci_high": _finite(s.ci_high),
             "n_designs": len(rows), "design_seeds": [d["design_seed"] for d in rows],
             "designs_full_wins": sum(d["paired_full_minus_no_gate"]["mean"] > 0 for d in rows),
-            "n_subjects": n_subjects, "config_overrides": overrides or {}}
+            "n_subjects": n_subjects, "config_overrides": overrides or {}, "setting": setting}
 
 
 def merge_results(results: dict | None, entry: dict, meta: dict | None = None) -> dict:
@@ -490,9 +515,10 @@ def merge_results(results: dict | None, entry: dict, meta: dict | None = None) -
         out["machine"] = meta
     out["heldout_design_seeds"], out["tuning_design_seeds"] = list(HELDOUT_DESIGN_SEEDS), list(TUNING_DESIGN_SEEDS)
     out["pooled_full_minus_no_gate"] = pooled_difference(designs)
-    settings = {(int(d["n_subjects"]), overrides_tag(d.get("config_overrides") or {})): d.get("config_overrides") or {}
-                for d in designs if d["design_seed"] in HELDOUT_DESIGN_SEEDS}
-    out["pooled_by_setting"] = [pooled_difference(designs, n, ov) for (n, _), ov in sorted(settings.items())]
+    settings = {(int(d["n_subjects"]), overrides_tag(d.get("config_overrides") or {}), entry_setting(d)["tag"] or ""):
+                d.get("config_overrides") or {} for d in designs if d["design_seed"] in HELDOUT_DESIGN_SEEDS}
+    out["pooled_by_setting"] = [pooled_difference(designs, n, ov, tag or None)
+                                for (n, _, tag), ov in sorted(settings.items())]
     return out
 
 
@@ -605,7 +631,7 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
         "gate_by_profile": gate_by_profile(preds, true_profiles(cohort, preds["participant_id"])),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "preprocessing_reused_from": state.get("preprocessing_reused_from"),
-        "config": cfg, "git_commit": _git_commit(),
+        "config": cfg, "setting": setting_of(cfg), "git_commit": _git_commit(),
         "cpu_seconds": benchmark_cpu_seconds(res),
         "design": design, "machine": meta, "finished": True,
     }
@@ -668,12 +694,14 @@ def report(results: dict) -> str:
                 + f" | {orc} | {_fmt_diff(diff)} | {_wins(diff)} |")
 
     designs = [d for d in results.get("designs", []) if d.get("finished")]
+    now = current_setting()
     main = [d for d in designs if d["design_seed"] in HELDOUT_DESIGN_SEEDS
-            and int(d["n_subjects"]) == DEFAULT_SUBJECTS and not d.get("config_overrides")]
+            and int(d["n_subjects"]) == DEFAULT_SUBJECTS and not d.get("config_overrides")
+            and entry_setting(d)["tag"] == now["tag"]]
     lines = [f"Test balanced accuracy (%), mean over splits; held-out designs, {DEFAULT_SUBJECTS} subjects, "
-             "the repository's config.yaml:", "", head, sep]
+             f"the repository's config.yaml ({now['encoder']} experts, gate_fit {now['gate_fit']}):", "", head, sep]
     lines += [row(d, str(d["design_seed"])) for d in main]
-    p = results.get("pooled_full_minus_no_gate") or pooled_difference(designs)
+    p = pooled_difference(designs)
     lines.append(f"| **pooled** ({p['n_designs']} designs; full better in {p['designs_full_wins']}) | "
                  + " | ".join("" for _ in cols) + f" | | {_fmt_diff(p)} | {_wins(p)} |")
     rest = [d for d in designs if d not in main]
@@ -685,6 +713,9 @@ def report(results: dict) -> str:
                 label += ", tuning"
             if d.get("config_overrides"):
                 label += ", " + " ".join(f"{k}={json.dumps(v)}" for k, v in d["config_overrides"].items())
+            st = entry_setting(d)
+            if st["tag"] != current_setting(d.get("config_overrides"))["tag"]:
+                label += f" (an earlier config.yaml: {st['encoder']} experts, gate_fit {st['gate_fit']})"
             lines.append(row(d, label))
     return "\n".join(lines) + "\n"
 

@@ -152,8 +152,12 @@ def test_oracle_cohort_is_in_the_workflows_subject_order(gen) -> None:
 
 
 # --- results file ----------------------------------------------------------------------------------------
-def _entry(seed, diff: float, n: int = 180, overrides: dict | None = None) -> dict:
+def _entry(seed, diff: float, n: int = 180, overrides: dict | None = None, config: dict | None = None) -> dict:
+    import generality
+
+    config = config or generality.piece_config(Path("bids"), overrides or {})
     return {"design_seed": seed, "n_subjects": n, "config_overrides": overrides or {}, "finished": True,
+            "config": config, "setting": generality.setting_of(config),
             "balanced_accuracy": {"full": 0.5 + diff, "no_gate": 0.5, "baseline": 0.4},
             "oracle": {"full": {"test_balanced_accuracy_mean": 0.8}, "no_gate": {"test_balanced_accuracy_mean": 0.7}},
             "paired_full_minus_no_gate": {"mean": diff, "ci_low": diff - 0.05, "ci_high": diff + 0.05,
@@ -169,18 +173,21 @@ def test_results_merge_replaces_only_the_pieces_own_entry(gen, tmp_path: Path) -
     gen.write_results(out, _entry(h[1], 0.02, overrides={"train.epochs": 3}))  # another setting
     gen.write_results(out, _entry(gen.TUNING_DESIGN_SEEDS[0], 0.5))  # never pooled
     gen.write_results(out, _entry(None, 0.11))                       # the demo: never pooled
+    earlier = gen.piece_config(Path("bids"), {"model.encoder": "vit", "train.gate_fit": "crossfit"})
+    gen.write_results(out, _entry(h[1], 0.30, config=earlier))      # run before config.yaml changed: kept apart
     r = gen.write_results(out, _entry(h[0], 0.04), {"cpu": "b"})     # rerun of the first piece
     assert json.loads(out.read_text()) == r
     assert [p.name for p in out.parent.iterdir()] == ["generality.json"]  # no temporary or lock file left
-    assert len(r["designs"]) == 6 and r["machine"] == {"cpu": "b"}
+    assert len(r["designs"]) == 7 and r["machine"] == {"cpu": "b"}
     assert [d["paired_full_minus_no_gate"]["mean"] for d in r["designs"] if d["design_seed"] == h[0]] == [0.04]
     p = r["pooled_full_minus_no_gate"]
     assert p["n_designs"] == 2 and p["design_seeds"] == [h[0], h[1]] and p["mean"] == pytest.approx(0.03)
     half = stats.t.ppf(0.975, 1) * np.std([0.04, 0.02], ddof=1) / math.sqrt(2)
     assert p["ci_low"] == pytest.approx(0.03 - half) and p["designs_full_wins"] == 2
-    assert len(r["pooled_by_setting"]) == 3
+    assert len(r["pooled_by_setting"]) == 4
 
     table = gen.report(r)
+    assert "an earlier config.yaml: vit experts, gate_fit crossfit" in table and "+30.0" not in table.split("Other")[0]
     assert f"| {h[0]} | 54.0 | 50.0 |" in table and "| 80.0 / 70.0 | +4.0 [-1.0, 9.0] | not shown |" in table
     assert "**pooled** (2 designs; full better in 2)" in table and "tuning" in table and "demo, n 180" in table
 
