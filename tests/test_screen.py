@@ -110,3 +110,18 @@ def test_screen_reads_float32_under_a_bf16_autocast() -> None:
         got = scr(torch.from_numpy(x))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+def test_a_training_part_without_controls_is_an_input_error_naming_the_modality() -> None:
+    from types import SimpleNamespace
+
+    from neuromoe.errors import InputError
+    from neuromoe.learn.screen import fit_screens
+
+    x, y, _ = planted(n_per_class=3)
+    cache = SimpleNamespace(root="cache", y=y, mask=np.ones(GRID, bool), dtype="float16",
+                            present=np.ones((len(y), 3), bool),
+                            arrays={"anat": x[:, :1].astype(np.float16), "dwi": x.astype(np.float16),
+                                    "func": x.astype(np.float16)})
+    with pytest.raises(InputError, match="(?s)modality anat, 6 training subjects.*fix:"):
+        fit_screens(tiny_screen_model(), cache, rows=np.arange(3, 9))  # PD and iRBD only

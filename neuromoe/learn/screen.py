@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from neuromoe.errors import InputError
+
 MIN_SEPARATION = 3  # grid voxels between two tail peaks (Chebyshev distance)
 EDGE_MIN = 2  # tail peaks lie at least this many voxels inside the brain mask (registration residue at the edge)
 
@@ -130,7 +132,9 @@ def fit_screen(smoothed: np.ndarray, y: np.ndarray, mask: np.ndarray, n_classes:
         raise ValueError(f"fit_screen needs {n} labels in 0..{n_classes - 1}: >= 2 of the reference class 0 "
                          f"and a second class; got {len(y)} labels, counts per class {counts.tolist()}")
     flat = smoothed.reshape(n, c, -1)[:, :, mask.ravel()]  # (N, C, V)
-    v = mask.sum()
+    v = int(mask.sum())
+    if top_k > c * v:
+        raise ValueError(f"screen_top_k {top_k} is more than the {c} x {v} voxels inside the grid's brain mask")
     with np.errstate(divide="ignore", invalid="ignore"):
         f, _ = f_classif(flat.reshape(n, -1), y)
     f = np.nan_to_num(f, nan=-1.0)  # constant voxels
@@ -139,6 +143,8 @@ def fit_screen(smoothed: np.ndarray, y: np.ndarray, mask: np.ndarray, n_classes:
     chosen = [int(ch * math.prod(grid) + inside[j]) for ch, j in zip(order // v, order % v, strict=True)]
     z = robust_z(smoothed)
     edge = ndimage.distance_transform_edt(mask) >= EDGE_MIN
+    if not edge.any():  # a mask too thin for a core (a tiny grid): any voxel inside
+        edge = mask
     for cls in range(1, n_classes):
         found = []
         if counts[cls]:  # a class absent from these subjects (a small crossfit fold) gets fallback peaks
@@ -205,8 +211,8 @@ def fit_screens(model: nn.Module, cohort, rows: Sequence[int]) -> None:
     """Fit every ``VoxelScreen`` of ``model`` (its ``encoders``) on the cohort cache rows ``rows`` (a run's
     training part), leaving out the subjects without that modality. A no-op for the other encoders.
 
-    ``cohort``: an opened ``neuromoe.cache.store.CohortCache``. ValueError (naming the modality) when a class
-    has fewer than 2 training subjects with the modality."""
+    ``cohort``: an opened ``neuromoe.cache.store.CohortCache``. InputError (naming the modality and the fix)
+    when the training subjects with that modality hold fewer than 2 controls or a single class."""
     from neuromoe.cache.store import MODALITIES, decode
 
     rows = np.asarray(rows, np.int64)
@@ -218,4 +224,6 @@ def fit_screens(model: nn.Module, cohort, rows: Sequence[int]) -> None:
         try:
             enc.fit(vols, cohort.y[np.sort(use)], cohort.mask)
         except ValueError as e:
-            raise ValueError(f"model.encoder screen, modality {m}: {e}") from None
+            raise InputError(f"model.encoder screen, modality {m}, {len(use)} training subjects: {e}",
+                             path=cohort.root, fix="use more subjects per training part (5-fold CV of 60+), "
+                             "a smaller model.screen_top_k, or model.encoder: vit") from None
