@@ -296,13 +296,6 @@ def _encoder(cfg: ModelConfig, in_channels: int) -> nn.Module:
     return (VolumeEncoder if cfg.encoder == "vit" else ConvEncoder)(cfg, in_channels)
 
 
-def _encoder_width(cfg: ModelConfig, modality: str) -> int:
-    """Features an MRI encoder hands its expert head: ``dim``, or the screen's voxel count."""
-    if cfg.encoder == "screen":
-        return cfg.screen_top_k + cfg.screen_peaks * (cfg.n_classes - 1) * cfg.channels[modality]
-    return cfg.dim
-
-
 class NeuroMoE(nn.Module):
     """The mixture of experts; ``forward(images, clin, present) -> MoEOutput``."""
 
@@ -314,7 +307,7 @@ class NeuroMoE(nn.Module):
                              if "clin" in cfg.experts else None)
         heads = {}
         for m in cfg.experts:
-            d_in = cfg.clin_hidden[-1] if m == "clin" else _encoder_width(cfg, m)
+            d_in = cfg.clin_hidden[-1] if m == "clin" else self._width(m)
             heads[m] = nn.Sequential(nn.Linear(d_in, cfg.expert_hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
                                      nn.Linear(cfg.expert_hidden, cfg.n_classes))
         self.heads = nn.ModuleDict(heads)
@@ -324,6 +317,10 @@ class NeuroMoE(nn.Module):
         # Transformer linears: N(0, 0.02) as nanoGPT/ViT. The small FCNs (clinical, heads, gate) keep torch's
         # fan-in init: at width 8-128, four 0.02-scaled layers in a row would start with vanishing gradients.
         self.encoders.apply(self._init_weights)
+
+    def _width(self, modality: str) -> int:
+        """Features an MRI encoder hands its expert head: ``dim``, or a screen's voxel count."""
+        return getattr(self.encoders[modality], "n_features", self.cfg.dim)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -409,7 +406,7 @@ class NeuroMoE(nn.Module):
             sizes = [cfg.n_clinical, *cfg.clin_hidden]
             flops += sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         for m in cfg.experts:
-            d_in = cfg.clin_hidden[-1] if m == "clin" else _encoder_width(cfg, m)
+            d_in = cfg.clin_hidden[-1] if m == "clin" else self._width(m)
             flops += 2 * (d_in * cfg.expert_hidden + cfg.expert_hidden * cfg.n_classes)
         if cfg.use_gate:
             flops += 2 * (cfg.n_clinical * cfg.gate_hidden + cfg.gate_hidden * len(cfg.experts))

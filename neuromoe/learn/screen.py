@@ -12,8 +12,8 @@ informative voxels among ~10,000 from the labels alone and, at cohort sizes of 1
   (against all training subjects: median, 1.4826 MAD) lies beyond ``threshold`` minus the fraction of the
   controls (the first class) beyond it (a change in *some* patients only, which a mean difference dilutes);
   the ``peaks`` best-separated maxima per patient diagnosis, at least 2 voxels inside the brain mask; every
-  channel there. (Against all other classes instead of the controls it finds fewer regions: 79 vs 87 %
-  on tuning design 1, studies/experts/README.md.)
+  channel there. (Against all other classes instead of the controls it found fewer regions: 79 vs 87 %
+  on tuning design 1 with a variant not kept, studies/experts/README.md.)
 
 Both read the volumes smoothed by a Gaussian of ``sigma`` grid voxels, done by the module itself (a fixed
 separable convolution), so the fit and every later forward pass read the same values. The chosen voxels and
@@ -82,19 +82,19 @@ def take_peaks(stat: np.ndarray, k: int, min_separation: int = MIN_SEPARATION) -
     return peaks
 
 
-def robust_z(a: np.ndarray) -> np.ndarray:
-    """(N, ...) -> z of every value against its column's median and 1.4826 MAD over the N subjects."""
-    med = np.median(a, axis=0)
-    mad = 1.4826 * np.median(np.abs(a - med), axis=0)
+def robust_z(a: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+    """(N, ...) -> z of every value against its column's median and 1.4826 MAD over the subjects of ``ref``
+    (M, ...) (default: ``a`` itself)."""
+    ref = a if ref is None else ref
+    med = np.median(ref, axis=0)
+    mad = 1.4826 * np.median(np.abs(ref - med), axis=0)
     return (a - med) / (mad + 1e-3)
 
 
-def tail_statistic(z: np.ndarray, y: np.ndarray, cls: int, threshold: float, reference: int | None = None
-                   ) -> np.ndarray:
+def tail_statistic(z: np.ndarray, y: np.ndarray, cls: int, threshold: float, reference: int = 0) -> np.ndarray:
     """(N, C, *grid) robust z -> (*grid): per voxel, max over channels and both directions of the fraction of
-    class ``cls`` beyond ``threshold`` minus the fraction of class ``reference`` (None: all other classes)
-    beyond it."""
-    inside, rest = z[y == cls], (z[y != cls] if reference is None else z[y == reference])
+    class ``cls`` beyond ``threshold`` minus the fraction of class ``reference`` beyond it."""
+    inside, rest = z[y == cls], z[y == reference]
     lo = (inside < -threshold).mean(0) - (rest < -threshold).mean(0)
     hi = (inside > threshold).mean(0) - (rest > threshold).mean(0)
     return np.maximum(lo, hi).max(0)

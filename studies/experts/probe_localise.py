@@ -35,6 +35,7 @@ from sklearn.preprocessing import StandardScaler
 from neuromoe.cache.store import MODALITIES, decode, open_cohort
 from neuromoe.inputs import templates as tpl
 from neuromoe.inputs.synth import read_design, read_truth
+from neuromoe.learn.screen import robust_z, take_peaks  # the product's, so probe and product agree
 
 W = Path(os.environ.get("PROBE_WORKDIR", "/tmp/tune90"))
 BIDS = Path(os.environ.get("PROBE_BIDS", W / "bids"))
@@ -102,20 +103,6 @@ def logreg(c: float) -> LogisticRegression:
     return LogisticRegression(C=c, class_weight="balanced", max_iter=3000)
 
 
-def robust_z(a: np.ndarray, tr: np.ndarray) -> np.ndarray:
-    """Every voxel's z against the training part: (a - median) / (1.4826 MAD)."""
-    med = np.median(a[tr], 0)
-    return (a - med) / (1.4826 * np.median(np.abs(a[tr] - med), 0) + 1e-3)
-
-
-def take_peaks(stat: np.ndarray, k: int, peaks: list) -> None:
-    """Append the ``k`` highest voxels of ``stat`` (changed in place) to ``peaks``, at least 3 voxels apart."""
-    for _ in range(k):
-        p = np.unravel_index(np.argmax(stat), stat.shape)
-        peaks.append(p)
-        stat[tuple(slice(max(0, j - 2), j + 3) for j in p)] = -1.0
-
-
 def peak_features(m: str, z: np.ndarray, peaks: list) -> tuple[np.ndarray, float]:
     """The z of every channel at the peaks, (N, C * peaks), and the fraction of peaks in a true region."""
     hit = float(np.mean([region_weight(m)[p] > 0.5 for p in peaks]))
@@ -131,8 +118,8 @@ def deviation_peaks(m: str, sigma: float, t: float, k: int, edge_min: int):
     edge = ndimage.distance_transform_edt(mask)
 
     def fit_features(tr):
-        z, peaks = robust_z(a, tr), []
-        take_peaks(np.where(mask & (edge >= edge_min), (np.abs(z[tr]) > t).mean(0).max(0), -1.0), k, peaks)
+        z, peaks = robust_z(a, a[tr]), []
+        peaks += take_peaks(np.where(mask & (edge >= edge_min), (np.abs(z[tr]) > t).mean(0).max(0), -np.inf), k)
         return peak_features(m, z, peaks)
     return fit_features
 
@@ -185,12 +172,12 @@ def tail_peaks(m: str, sigma: float, t: float, k: int, edge_min: int = 2):
     edge = ndimage.distance_transform_edt(mask)
 
     def fit_features(tr):
-        z, peaks = robust_z(a, tr), []
+        z, peaks = robust_z(a, a[tr]), []
         ztr, ytr = z[tr], y[tr]
         for c in (1, 2):
             lo = (ztr[ytr == c] < -t).mean(0) - (ztr[ytr == 0] < -t).mean(0)
             hi = (ztr[ytr == c] > t).mean(0) - (ztr[ytr == 0] > t).mean(0)
-            take_peaks(np.where(mask & (edge >= edge_min), np.maximum(lo, hi).max(0), -1.0), k, peaks)
+            peaks += take_peaks(np.where(mask & (edge >= edge_min), np.maximum(lo, hi).max(0), -np.inf), k)
         return peak_features(m, z, peaks)
     return fit_features
 
