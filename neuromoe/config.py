@@ -288,6 +288,7 @@ class TrainConfig(Section):
     gate_fit_steps: int = 300
     crossfit_folds: int = 3
     select: str = "val_loss"
+    screen_refits: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,15 @@ import torch
 from scipy import ndimage
 
 from neuromoe.learn.model import ModelConfig, NeuroMoE
-from neuromoe.learn.screen import VoxelScreen, fit_screen, gaussian_kernel, smooth, take_peaks
+from neuromoe.learn.screen import (
+    VoxelScreen,
+    fit_screen,
+    gaussian_kernel,
+    smooth,
+    take_peaks,
+    weighted_f,
+    weighted_median,
+)
 
 GRID = (12, 12, 12)
 
@@ -125,3 +133,38 @@ def test_a_training_part_without_controls_is_an_input_error_naming_the_modality(
                                     "func": x.astype(np.float16)})
     with pytest.raises(InputError, match="(?s)modality anat, 6 training subjects.*fix:"):
         fit_screens(tiny_screen_model(), cache, rows=np.arange(3, 9))  # PD and iRBD only
+
+
+def test_weighted_statistics_reduce_to_the_unweighted_ones() -> None:
+    from sklearn.feature_selection import f_classif
+
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((31, 40)), np.arange(31) % 3
+    np.testing.assert_allclose(weighted_f(x, y, np.full(31, 0.7)), f_classif(x, y)[0], rtol=1e-10)
+    np.testing.assert_array_equal(weighted_median(x, np.ones(31)), np.median(x, axis=0))
+    w = (np.arange(31) >= 20).astype(float)  # weight 0 leaves a subject out
+    np.testing.assert_array_equal(weighted_median(x, w), np.median(x[20:], axis=0))
+    np.testing.assert_allclose(weighted_f(x, y, w), f_classif(x[20:], y[20:])[0], rtol=1e-10)
+
+
+def test_weights_find_a_change_that_only_the_weighted_subjects_carry() -> None:
+    """The refit of a screen (train.screen_refits) weights the subjects its expert explains: a change carried by
+    every PD patient of that group wins over one that a larger, mixed group carries more often in all."""
+    rng = np.random.default_rng(4)
+    y = np.repeat([0, 1, 2], 30)
+    group = np.arange(90) % 3 == 0  # the subjects this expert explains (a third of each class)
+    x = rng.standard_normal((90, 1, *GRID)).astype(np.float32)
+    own, decoy = ball((3, 4, 6)), ball((8, 8, 7))
+    x[np.flatnonzero((y == 1) & group)[:, None], 0, own] -= 6.0  # every PD patient of the group
+    others = np.flatnonzero((y == 1) & ~group)
+    x[others[: int(0.6 * len(others))][:, None], 0, decoy] -= 6.0  # 60 % of the other PD patients
+    mask = np.ones(GRID, bool)
+
+    def pd_peak(weights: np.ndarray | None) -> tuple[int, ...]:
+        idx = fit_screen(x, y, mask, n_classes=3, top_k=1, peaks=1, threshold=2.0, weights=weights)
+        return tuple(int(i) for i in np.unravel_index(idx[1], GRID))
+
+    assert decoy[pd_peak(None)]  # unweighted: 0.4 of all PD beyond the tail at the decoy, 0.33 at the own
+    assert own[pd_peak(np.where(group, 1.0, 0.05))]
+    with pytest.raises(ValueError, match="weights"):
+        fit_screen(x, y, mask, 3, 1, 1, 2.0, weights=-np.ones(90))

@@ -583,3 +583,39 @@ def test_screen_experts_look_only_at_training_subjects_and_resume_with_their_vox
     ref = load_checkpoint(tmp_path / "a" / "model.safetensors").model_state
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
     assert torch.equal(model.encoders["dwi"].index, ref["encoders.dwi.index"])
+
+
+def test_screen_refits_weight_each_screen_by_its_responsibilities_and_resume_exactly(
+        cohort: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import neuromoe.learn.train
+
+    calls: list[dict | None] = []
+    real = neuromoe.learn.train.fit_screens
+
+    def spy(model, cache, rows, weights=None):  # noqa: ANN001
+        calls.append(None if weights is None else {m: np.asarray(w) for m, w in weights.items()})
+        real(model, cache, rows, weights)
+
+    monkeypatch.setattr(neuromoe.learn.train, "fit_screens", spy)
+    cfg = make_cfg(epochs=4, lr=5e-3, batch_size=4, gate_fit="joint", select="last", screen_refits=1)
+    cfg["model"].update(encoder="screen", screen_top_k=8, screen_peaks=1)
+    m = run(cohort, tmp_path / "a", cfg=cfg)
+    assert m["screen_round"] == 1 and m["epochs_run"] == 8
+    hist = pd.read_csv(tmp_path / "a" / "history.csv")
+    assert hist["round"].tolist() == [0] * 4 + [1] * 4 and hist["epoch"].tolist() == list(range(1, 9))
+    # Round 0 fits the screens on every training subject alike; round 1 on each subject's share of each expert.
+    assert calls[0] is None and len(calls) == 2 and set(calls[1]) == {"anat", "dwi", "func"}
+    shares = np.stack([calls[1][k] for k in ("anat", "dwi", "func")], 1)
+    assert shares.shape[0] == 12 and ((shares >= 0) & (shares <= 1)).all() and shares.sum(1).max() <= 1 + 1e-6
+    assert shares.std() > 0.01  # the trained mixture does not share every subject alike
+    # Killed at the end of round 0, and again inside round 1: the same model as the uninterrupted run.
+    ref = load_checkpoint(tmp_path / "a" / "model.safetensors").model_state
+    for stop in (4, 6):
+        out = tmp_path / f"stop{stop}"
+        assert not run(cohort, out, cfg=cfg, max_epochs_this_run=stop)["finished"]
+        assert run(cohort, out, cfg=cfg)["test"]["loss"] == m["test"]["loss"]
+        got = load_checkpoint(out / "model.safetensors").model_state
+        assert all(torch.equal(v, ref[k]) for k, v in got.items())
+    # An ungated single-expert variant has nobody to share subjects with: no refit, one round.
+    calls.clear()
+    assert run(cohort, tmp_path / "only", "only_dwi", cfg=cfg)["screen_round"] == 0 and calls == [None]

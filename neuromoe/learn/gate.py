@@ -1,4 +1,5 @@
-"""The gate fitted alone to frozen experts (``train.gate_fit: heldout`` / ``crossfit``; docs/model.md)."""
+"""The gate fitted alone to frozen experts (``train.gate_fit: heldout`` / ``crossfit``; docs/model.md), and the
+posterior routing of trained subjects (``responsibilities``, for ``train.screen_refits``)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,19 @@ def fit_gate(model: NeuroMoE, loader: DataLoader, dev: torch.device, weights: Te
                          seed, lr, weight_decay)
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def responsibilities(model: NeuroMoE, loader: DataLoader, dev: torch.device) -> Tensor:
+    """Eval-mode pass -> (N, E) float32: each expert's share in explaining each subject's true class, the
+    posterior of the mixture's routing ``w_m P_m(y | x) / sum_k w_k P_k(y | x)`` (the E-step of EM for a
+    mixture of experts, Jordan & Jacobs 1994). An ungated model routes uniformly over the present experts;
+    absent experts get 0. Rows in ``loader`` order, which must carry labels (training subjects)."""
+    out = []
+    model.eval()
+    for batch in loader:
+        images, clin, present, y = to_device(batch, model.cfg.experts, dev)
+        o = model(images, clin, present)
+        joint = torch.log(o.gate.float()) + o.expert_log_probs.float()[torch.arange(len(y)), :, y]
+        out.append(torch.softmax(joint.masked_fill(~present, float("-inf")), dim=1).cpu())
+    return torch.cat(out)

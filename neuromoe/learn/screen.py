@@ -25,7 +25,7 @@ the training part of each run, as the clinical scaling is; a crossfit fold fits 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -82,26 +82,71 @@ def take_peaks(stat: np.ndarray, k: int, min_separation: int = MIN_SEPARATION) -
     return peaks
 
 
-def robust_z(a: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+def weighted_median(a: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(N, ...) -> (...): per column, the smallest value at which the cumulative weight reaches half the total
+    (``weights``: (N,), >= 0, positive sum)."""
+    flat = a.reshape(len(a), -1)
+    order = np.argsort(flat, axis=0, kind="stable")
+    cum = np.cumsum(weights[order], axis=0)
+    first = np.argmax(cum >= 0.5 * cum[-1], axis=0)
+    return flat[order[first, np.arange(flat.shape[1])], np.arange(flat.shape[1])].reshape(a.shape[1:])
+
+
+def robust_z(a: np.ndarray, ref: np.ndarray | None = None, weights: np.ndarray | None = None) -> np.ndarray:
     """(N, ...) -> z of every value against its column's median and 1.4826 MAD over the subjects of ``ref``
-    (M, ...) (default: ``a`` itself)."""
+    (M, ...) (default: ``a`` itself); with ``weights`` (M,), the weighted median and weighted MAD."""
     ref = a if ref is None else ref
-    med = np.median(ref, axis=0)
-    mad = 1.4826 * np.median(np.abs(ref - med), axis=0)
+    if weights is None:
+        med = np.median(ref, axis=0)
+        mad = 1.4826 * np.median(np.abs(ref - med), axis=0)
+    else:
+        med = weighted_median(ref, weights)
+        mad = 1.4826 * weighted_median(np.abs(ref - med), weights)
     return (a - med) / (mad + 1e-3)
 
 
-def tail_statistic(z: np.ndarray, y: np.ndarray, cls: int, threshold: float, reference: int = 0) -> np.ndarray:
+def tail_statistic(z: np.ndarray, y: np.ndarray, cls: int, threshold: float, reference: int = 0,
+                   weights: np.ndarray | None = None) -> np.ndarray:
     """(N, C, *grid) robust z -> (*grid): per voxel, max over channels and both directions of the fraction of
-    class ``cls`` beyond ``threshold`` minus the fraction of class ``reference`` beyond it."""
-    inside, rest = z[y == cls], z[y == reference]
-    lo = (inside < -threshold).mean(0) - (rest < -threshold).mean(0)
-    hi = (inside > threshold).mean(0) - (rest > threshold).mean(0)
+    class ``cls`` beyond ``threshold`` minus the fraction of class ``reference`` beyond it (fractions of the
+    subjects' ``weights`` (N,) when given)."""
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)
+
+    def fraction(cl: int, beyond: np.ndarray) -> np.ndarray:
+        sel = y == cl
+        if weights is None:
+            return beyond[sel].mean(0)
+        return np.tensordot(w[sel], beyond[sel], axes=1) / max(w[sel].sum(), 1e-12)
+
+    lo = fraction(cls, z < -threshold) - fraction(reference, z < -threshold)
+    hi = fraction(cls, z > threshold) - fraction(reference, z > threshold)
     return np.maximum(lo, hi).max(0)
 
 
+def weighted_f(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(N, F) -> (F,): one-way ANOVA F across the classes of ``y`` with subject ``weights`` (N,): weighted
+    between-class over within-class sum of squares, each over its degrees of freedom, the subjects counted as
+    Kish's effective number ``(sum w)^2 / sum w^2`` and the classes as those with weight. Equal weights give
+    ``f_classif``'s F; 0/1 weights its F on the subjects weighted 1."""
+    w = np.asarray(weights, np.float64)
+    classes = np.unique(y[w > 0])
+    total = w.sum()
+    grand = w @ x / total
+    between = np.zeros(x.shape[1])
+    within = np.zeros(x.shape[1])
+    for c in classes:
+        sel = y == c
+        wc = w[sel]
+        mean = wc @ x[sel] / wc.sum()
+        between += wc.sum() * (mean - grand) ** 2
+        within += wc @ (x[sel] - mean) ** 2
+    n_eff = total**2 / float(w @ w)
+    dof_b, dof_w = max(len(classes) - 1, 1), max(n_eff - len(classes), 1e-12)
+    return (between / dof_b) / (within / dof_w)
+
+
 def fit_screen(smoothed: np.ndarray, y: np.ndarray, mask: np.ndarray, n_classes: int, top_k: int, peaks: int,
-               threshold: float) -> np.ndarray:
+               threshold: float, weights: np.ndarray | None = None) -> np.ndarray:
     """Choose the screen's voxels on training volumes; returns flat indices into (C, D, H, W), int64.
 
     Args:
@@ -113,6 +158,8 @@ def fit_screen(smoothed: np.ndarray, y: np.ndarray, mask: np.ndarray, n_classes:
         peaks: tail peaks per non-reference class; every channel at each is taken
             (``peaks * (n_classes - 1) * C`` indices).
         threshold: |robust z| beyond which a subject's voxel counts as a tail.
+        weights: (N,) non-negative subject weights (``train.screen_refits``: how much each subject belongs
+            to this expert); the F, the robust z and the tail fractions are then weighted. None: all equal.
     Returns:
         ``top_k + peaks * (n_classes - 1) * C`` indices; a peak the statistic cannot place (a class absent
         here, or too few voxels) repeats its class's best peak (or the first voxel inside the mask's core),
@@ -135,20 +182,28 @@ def fit_screen(smoothed: np.ndarray, y: np.ndarray, mask: np.ndarray, n_classes:
     v = int(mask.sum())
     if top_k > c * v:
         raise ValueError(f"screen_top_k {top_k} is more than the {c} x {v} voxels inside the grid's brain mask")
+    if weights is not None:
+        weights = np.asarray(weights, np.float64)
+        if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"weights must be {n} finite non-negative numbers with a positive sum")
     with np.errstate(divide="ignore", invalid="ignore"):
-        f, _ = f_classif(flat.reshape(n, -1), y)
+        if weights is None:
+            f, _ = f_classif(flat.reshape(n, -1), y)
+        else:
+            f = weighted_f(flat.reshape(n, -1).astype(np.float64), y, weights)
     f = np.nan_to_num(f, nan=-1.0)  # constant voxels
     order = np.argsort(-f, kind="stable")[:top_k]
     inside = np.flatnonzero(mask.ravel())
     chosen = [int(ch * math.prod(grid) + inside[j]) for ch, j in zip(order // v, order % v, strict=True)]
-    z = robust_z(smoothed)
+    z = robust_z(smoothed, weights=weights)
     edge = ndimage.distance_transform_edt(mask) >= EDGE_MIN
     if not edge.any():  # a mask too thin for a core (a tiny grid): any voxel inside
         edge = mask
     for cls in range(1, n_classes):
         found = []
         if counts[cls]:  # a class absent from these subjects (a small crossfit fold) gets fallback peaks
-            found = take_peaks(np.where(edge, tail_statistic(z, y, cls, threshold, reference=0), -np.inf), peaks)
+            found = take_peaks(np.where(edge, tail_statistic(z, y, cls, threshold, reference=0,
+                                                                    weights=weights), -np.inf), peaks)
         found += [found[0] if found else tuple(int(i) for i in np.argwhere(edge)[0])] * (peaks - len(found))
         for p in found:
             vox = int(np.ravel_multi_index(p, grid))
@@ -183,12 +238,14 @@ class VoxelScreen(nn.Module):
         return self.smoothed(x).flatten(1)[:, self.index]
 
     @torch.no_grad()
-    def fit(self, volumes: Tensor, y: np.ndarray, mask: np.ndarray, chunk: int = 32) -> None:
-        """Choose the voxels on training ``volumes`` (N, C, D, H, W) with labels ``y`` (N,) and the (D, H, W)
-        brain ``mask``; set their standardisation from the same subjects."""
+    def fit(self, volumes: Tensor, y: np.ndarray, mask: np.ndarray, chunk: int = 32,
+            weights: np.ndarray | None = None) -> None:
+        """Choose the voxels on training ``volumes`` (N, C, D, H, W) with labels ``y`` (N,), the (D, H, W)
+        brain ``mask`` and optional subject ``weights`` (N,) (see ``fit_screen``); set their standardisation
+        from the same subjects (unweighted: every subject passes through it)."""
         sm = torch.cat([self.smoothed(volumes[i:i + chunk].to(self.taps.device))
                         for i in range(0, len(volumes), chunk)]).cpu().numpy()
-        idx = fit_screen(sm, y, mask, self.n_classes, self.top_k, self.peaks, self.threshold)
+        idx = fit_screen(sm, y, mask, self.n_classes, self.top_k, self.peaks, self.threshold, weights)
         feats = sm.reshape(len(sm), -1)[:, idx]
         self.index.copy_(torch.from_numpy(idx))
         self.center.copy_(torch.from_numpy(feats.mean(0)))
@@ -207,9 +264,11 @@ class VoxelScreen(nn.Module):
         return 2 * 3 * self.taps.numel() * self.in_channels * math.prod(self.grid)
 
 
-def fit_screens(model: nn.Module, cohort, rows: Sequence[int]) -> None:
+def fit_screens(model: nn.Module, cohort, rows: Sequence[int],
+                weights: Mapping[str, np.ndarray] | None = None) -> None:
     """Fit every ``VoxelScreen`` of ``model`` (its ``encoders``) on the cohort cache rows ``rows`` (a run's
     training part), leaving out the subjects without that modality. A no-op for the other encoders.
+    ``weights``: per modality, (len(rows),) subject weights in ``rows``' order (``train.screen_refits``).
 
     ``cohort``: an opened ``neuromoe.cache.store.CohortCache``. InputError (naming the modality and the fix)
     when the training subjects with that modality hold fewer than 2 controls or a single class."""
@@ -219,10 +278,13 @@ def fit_screens(model: nn.Module, cohort, rows: Sequence[int]) -> None:
     for m, enc in getattr(model, "encoders", {}).items():
         if not isinstance(enc, VoxelScreen):
             continue
-        use = rows[cohort.present[rows, MODALITIES.index(m)]]
-        vols = torch.from_numpy(decode(np.asarray(cohort.arrays[m][np.sort(use)]), cohort.dtype))
+        keep = cohort.present[rows, MODALITIES.index(m)]
+        order = np.argsort(rows[keep], kind="stable")
+        use = rows[keep][order]  # ascending rows: the memory-mapped cache reads them in one pass
+        w = None if weights is None else np.asarray(weights[m], np.float64)[keep][order]
+        vols = torch.from_numpy(decode(np.asarray(cohort.arrays[m][use]), cohort.dtype))
         try:
-            enc.fit(vols, cohort.y[np.sort(use)], cohort.mask)
+            enc.fit(vols, cohort.y[use], cohort.mask, weights=w)
         except ValueError as e:
             raise InputError(f"model.encoder screen, modality {m}, {len(use)} training subjects: {e}",
                              path=cohort.root, fix="use more subjects per training part (5-fold CV of 60+), "

@@ -14,6 +14,11 @@ exactly as the ungated variant of the same experts does; given that variant's fi
 (``experts_from``, see ``expert_donor``) it adopts those experts and only fits its gate, so e.g. ``full`` and
 ``no_gate`` differ by the gate alone and the experts are trained once per split.
 
+Screen experts (``model.encoder: screen``) of a model with several experts trained jointly can be refitted
+(``train.screen_refits``, an EM loop): after a round's training, each training subject's responsibility of
+each expert (``gate.responsibilities``) weights that expert's screen fit, and the model trains again from a
+fresh initialisation on the refitted screens. The history then holds every round (column ``round``).
+
 The choices the paper leaves open (validation loss, ``gate_fit``, ``select``, schedule, weight decay, seeds,
 missing modalities) are in docs/model.md.
 """
@@ -51,7 +56,7 @@ from neuromoe.learn.checkpoint import (
 )
 from neuromoe.learn.clinical import ClinicalPreprocessor
 from neuromoe.learn.data import CohortDataset, to_device
-from neuromoe.learn.gate import expert_log_probs, fit_gate, fit_gate_to
+from neuromoe.learn.gate import expert_log_probs, fit_gate, fit_gate_to, responsibilities
 from neuromoe.learn.model import (
     MRI_MODALITIES,
     ModelConfig,
@@ -59,12 +64,12 @@ from neuromoe.learn.model import (
     class_weights,
     moe_loss,
 )
-from neuromoe.learn.screen import fit_screens
+from neuromoe.learn.screen import VoxelScreen, fit_screens
 from neuromoe.learn.splits import split_rows
 from neuromoe.learn.variants import variant_spec
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_wce", "train_balance", "train_acc", "val_loss", "val_acc",
-                   "val_balanced_acc", "val_balance", "lr", "seconds"]
+                   "val_balanced_acc", "val_balance", "lr", "seconds", "round"]
 
 class StopRun(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raise from ``on_epoch_end`` to stop a run the way a kill would (its checkpoint is already written)."""
@@ -376,7 +381,7 @@ def crossfit_log_probs(mcfg: ModelConfig, data: RunData, tc: TrainConfig, dev: t
 
 def _fresh_state() -> dict[str, Any]:
     return {"epoch": 0, "step": 0, "history": [], "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0,
-            "finished": False, "stopped_early": False}
+            "finished": False, "stopped_early": False, "round": 0, "epochs_before": 0}
 
 
 @dataclass
@@ -483,11 +488,11 @@ def _run_epoch(run: Run, state: dict[str, Any]) -> dict[str, Any]:
     val = predict(run.model, run.eval_loaders["val"], run.dev, uniform_weights=run.uniform_weights)
     vm = part_metrics(val, run.data.weights.numpy(), experts)
     n = max(sums["n"], 1.0)
-    row = {"epoch": epoch + 1, "train_loss": sums["loss"] / n, "train_wce": sums["wce"] / n,
+    row = {"epoch": state.get("epochs_before", 0) + epoch + 1, "train_loss": sums["loss"] / n, "train_wce": sums["wce"] / n,
            "train_balance": sums["balance"] / n, "train_acc": sums["correct"] / n,
            "val_loss": vm["loss"], "val_acc": vm["accuracy"], "val_balanced_acc": vm["balanced_accuracy"],
            "val_balance": float(np.mean((val["gate"].mean(0) - 1.0 / len(experts)) ** 2)),
-           "lr": lr, "seconds": time.time() - t0}
+           "lr": lr, "seconds": time.time() - t0, "round": state.get("round", 0)}
     state["history"].append(row)
     state["epoch"] = epoch + 1
     if tc.select == "last":  # the kept weights are last.safetensors' (written below)
@@ -509,6 +514,43 @@ def _run_epoch(run: Run, state: dict[str, Any]) -> dict[str, Any]:
                f"acc {row['val_acc']:.3f} bacc {row['val_balanced_acc']:.3f} lr {lr:.2e} "
                f"({row['seconds']:.1f} s)", file=sys.stderr)
     return row
+
+
+def refit_due(run: Run, state: dict[str, Any]) -> bool:
+    """Whether a finished round is followed by a screen refit (``train.screen_refits``): the model has screen
+    experts and another expert to share subjects with, and its experts train under its own routing (an
+    ungated model: uniform; ``gate_fit: joint``: the gate's)."""
+    screens = any(isinstance(e, VoxelScreen) for e in run.model.encoders.values())
+    return (screens and len(run.experts) > 1 and not run.uniform_weights
+            and state.get("round", 0) < run.tc.screen_refits)
+
+
+def refit_screens(run: Run, state: dict[str, Any]) -> dict[str, Any]:
+    """One EM step of the screens: responsibilities of the finished round's model on the training part
+    weight each screen's refit; the network restarts from a fresh initialisation (its heads read other
+    voxels now) with a fresh optimiser and schedule. Returns the next round's state, checkpointed at once
+    so that a kill resumes with the refitted screens."""
+    data, r = run.data, state.get("round", 0) + 1
+    if run.tc.select == "val_loss" and run.best_path.exists():  # the round's kept weights, as _finish keeps them
+        run.model.load_state_dict(load_checkpoint(run.best_path, device=run.dev).model_state)
+    loader = DataLoader(CohortDataset(data.cohort, data.rows["train"], data.clinical), shuffle=False,
+                        **run.loader_kw)
+    resp = responsibilities(run.model, loader, run.dev).numpy()
+    weights = {m: resp[:, i] for i, m in enumerate(run.experts) if m in MRI_MODALITIES}
+    torch.manual_seed(derive_seed(run.seed, "round", r))
+    fresh = NeuroMoE(run.mcfg).to(run.dev)
+    fit_screens(fresh, data.cohort, data.rows["train"], weights)
+    run.model.load_state_dict(fresh.state_dict())
+    run.opt = torch.optim.AdamW(_param_groups(run.model, run.tc.weight_decay), lr=run.tc.lr,
+                                fused=run.dev.type == "cuda" or None)
+    nxt = {**_fresh_state(), "round": r, "history": state["history"],
+           "epochs_before": state.get("epochs_before", 0) + state["epoch"]}
+    save_checkpoint(run.last_path, run.model.state_dict(), {"fingerprint": run.fingerprint, "state": nxt},
+                    optimizer_state=run.opt.state_dict(), rng_state=capture_rng_state())
+    share = ", ".join(f"{m} {w.mean():.2f}" for m, w in weights.items())
+    tqdm.write(f"{run.tag} round {r}: screens refitted on the responsibilities (mean share {share})",
+               file=sys.stderr)
+    return nxt
 
 
 def fit_gate_after(run: Run, state: dict[str, Any]) -> None:
@@ -553,8 +595,10 @@ def _finish(run: Run, state: dict[str, Any]) -> dict[str, Any]:
                                                 float_format="%.6g")
     metrics = {"finished": True, "split_id": run.split_id, "variant": run.variant, "experts": list(run.experts),
                "use_gate": run.use_gate, "balance_lambda": run.lam, "classes": list(classes), "seed": run.seed,
-               "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+               "best_epoch": state["best_epoch"],
+               "epochs_run": state.get("epochs_before", 0) + state["epoch"],
                "stopped_early": state["stopped_early"], "experts_from": state.get("experts_from"),
+               "screen_round": state.get("round", 0),
                "n_params": model.num_params(),
                "flops_per_sample": model.estimate_flops(), "device": str(run.dev),
                # adopted experts trained in the donor's run: their seconds are counted there, not again here
@@ -647,15 +691,19 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
             state = _adopt_experts(run, Path(experts_from))
         else:
             state = _resume(run)
-            if state["epoch"] == 0:  # a resumed model has its fitted inputs in the checkpoint
+            if state["epoch"] == 0 and not state.get("round"):  # a resumed model has its fitted inputs
                 fit_screens(model, data.cohort, data.rows["train"])
         epochs_here = 0
-        while not state["finished"]:
+        while not state["finished"] or refit_due(run, state):
+            if state["finished"]:
+                state = refit_screens(run, state)
+                continue
             row = _run_epoch(run, state)
             if on_epoch_end is not None:
                 on_epoch_end(state["epoch"], row)
             epochs_here += 1
-            if not state["finished"] and max_epochs_this_run is not None and epochs_here >= max_epochs_this_run:
+            more = not state["finished"] or refit_due(run, state)
+            if more and max_epochs_this_run is not None and epochs_here >= max_epochs_this_run:
                 return {"finished": False, "epochs_run": state["epoch"], "split_id": split_id, "variant": variant}
         return _finish(run, state)
     finally:
