@@ -488,7 +488,8 @@ def _run_epoch(run: Run, state: dict[str, Any]) -> dict[str, Any]:
     val = predict(run.model, run.eval_loaders["val"], run.dev, uniform_weights=run.uniform_weights)
     vm = part_metrics(val, run.data.weights.numpy(), experts)
     n = max(sums["n"], 1.0)
-    row = {"epoch": state.get("epochs_before", 0) + epoch + 1, "train_loss": sums["loss"] / n, "train_wce": sums["wce"] / n,
+    row = {"epoch": state.get("epochs_before", 0) + epoch + 1, "train_loss": sums["loss"] / n,
+           "train_wce": sums["wce"] / n,
            "train_balance": sums["balance"] / n, "train_acc": sums["correct"] / n,
            "val_loss": vm["loss"], "val_acc": vm["accuracy"], "val_balanced_acc": vm["balanced_accuracy"],
            "val_balance": float(np.mean((val["gate"].mean(0) - 1.0 / len(experts)) ** 2)),
