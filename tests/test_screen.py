@@ -168,3 +168,28 @@ def test_weights_find_a_change_that_only_the_weighted_subjects_carry() -> None:
     assert own[pd_peak(np.where(group, 1.0, 0.05))]
     with pytest.raises(ValueError, match="weights"):
         fit_screen(x, y, mask, 3, 1, 1, 2.0, weights=-np.ones(90))
+
+
+def test_fdr_keeps_only_significant_anova_voxels_and_reads_empty_slots_as_zero() -> None:
+    """screen_fdr: a cohort whose class means do not differ anywhere reads no ANOVA voxel (no noise features
+    for a small cohort's head to overfit); a real mean change is still read."""
+    from neuromoe.learn.screen import benjamini_hochberg
+
+    assert benjamini_hochberg(np.array([0.001, 0.008, 0.039, 0.041, 0.9]), 0.05) == 2
+    assert benjamini_hochberg(np.array([0.5, 0.9]), 0.05) == 0
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1, 2], 20)
+    noise = rng.standard_normal((60, 1, *GRID)).astype(np.float32)
+    mask = np.ones(GRID, bool)
+    idx = fit_screen(noise, y, mask, n_classes=3, top_k=10, peaks=1, threshold=2.0, fdr=0.05)
+    assert len(idx) == 10 + 2 and (idx[:10] == -1).all() and (idx[10:] >= 0).all()
+    x, y2, regions = planted(n_per_class=20)
+    idx = fit_screen(x, y2, mask, n_classes=3, top_k=10, peaks=1, threshold=2.0, fdr=0.05)
+    live = idx[:10][idx[:10] >= 0]
+    vox = live % np.prod(GRID)
+    planted_any = (regions["mean"] | regions["pd"] | regions["irbd"]).ravel()
+    assert len(live) and planted_any[vox].all() and regions["mean"].ravel()[vox].any()
+    scr = VoxelScreen(1, GRID, 3, top_k=10, peaks=1, threshold=2.0, sigma=0.0, fdr=0.05)
+    scr.fit(torch.from_numpy(noise), y, mask)
+    out = scr(torch.from_numpy(noise))
+    assert torch.isfinite(out).all() and (out[:, :10] == 0).all() and out[:, 10:].abs().sum() > 0

@@ -62,6 +62,7 @@ class ModelConfig:
     screen_peaks: int = 2  # encoder screen: tail peaks per patient class (every channel at each)
     screen_threshold: float = 2.0  # encoder screen: |robust z| of a tail
     screen_sigma: float = 1.0  # encoder screen: Gaussian smoothing (grid voxels) before reading
+    screen_fdr: float = 0.0  # encoder screen: ANOVA voxels kept only if significant at this BH FDR (0: top_k always)
 
     def __post_init__(self) -> None:
         self.grid = tuple(int(g) for g in self.grid)
@@ -116,6 +117,8 @@ class ModelConfig:
             if self.screen_threshold <= 0 or self.screen_sigma < 0:
                 raise ValueError(f"screen_threshold must be > 0 and screen_sigma >= 0, got "
                                  f"{self.screen_threshold} and {self.screen_sigma}")
+            if not 0 <= self.screen_fdr < 1:
+                raise ValueError(f"screen_fdr must be in [0, 1), got {self.screen_fdr}")
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
         if self.n_clinical < 0:
@@ -292,7 +295,7 @@ def _fcn(sizes: list[int], dropout: float) -> nn.Sequential:
 def _encoder(cfg: ModelConfig, in_channels: int) -> nn.Module:
     if cfg.encoder == "screen":
         return VoxelScreen(in_channels, cfg.grid, cfg.n_classes, cfg.screen_top_k, cfg.screen_peaks,
-                           cfg.screen_threshold, cfg.screen_sigma)
+                           cfg.screen_threshold, cfg.screen_sigma, cfg.screen_fdr)
     return (VolumeEncoder if cfg.encoder == "vit" else ConvEncoder)(cfg, in_channels)
 
 

@@ -145,8 +145,26 @@ def weighted_f(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (between / dof_b) / (within / dof_w)
 
 
+def f_pvalues(f: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """P-values of ``weighted_f``'s F under the F distribution with its degrees of freedom."""
+    from scipy.stats import f as f_dist
+
+    w = np.asarray(weights, np.float64)
+    k = len(np.unique(y[w > 0]))
+    n_eff = w.sum() ** 2 / float(w @ w)
+    return f_dist.sf(f, max(k - 1, 1), max(n_eff - k, 1e-12))
+
+
+def benjamini_hochberg(pvalues: np.ndarray, q: float) -> int:
+    """How many of the smallest p-values are discoveries at false discovery rate ``q`` (Benjamini & Hochberg
+    1995): the largest k with p_(k) <= q k / m."""
+    p = np.sort(np.asarray(pvalues, np.float64).ravel())
+    passed = np.flatnonzero(p <= q * np.arange(1, len(p) + 1) / max(len(p), 1))
+    return int(passed[-1] + 1) if len(passed) else 0
+
+
 def fit_screen(smoothed: np.ndarray, y: np.ndarray, mask: np.ndarray, n_classes: int, top_k: int, peaks: int,
-               threshold: float, weights: np.ndarray | None = None) -> np.ndarray:
+               threshold: float, weights: np.ndarray | None = None, fdr: float = 0.0) -> np.ndarray:
     """Choose the screen's voxels on training volumes; returns flat indices into (C, D, H, W), int64.
 
     Args:
@@ -160,10 +178,13 @@ def fit_screen(smoothed: np.ndarray, y: np.ndarray, mask: np.ndarray, n_classes:
         threshold: |robust z| beyond which a subject's voxel counts as a tail.
         weights: (N,) non-negative subject weights (``train.screen_refits``: how much each subject belongs
             to this expert); the F, the robust z and the tail fractions are then weighted. None: all equal.
+        fdr: > 0 keeps of the ``top_k`` ANOVA voxels only those significant at this Benjamini-Hochberg false
+            discovery rate over every voxel and channel (F test; weighted: Kish's effective number of
+            subjects); the slots left are -1 (read as a constant 0 by ``VoxelScreen``). 0: always ``top_k``.
     Returns:
-        ``top_k + peaks * (n_classes - 1) * C`` indices; a peak the statistic cannot place (a class absent
-        here, or too few voxels) repeats its class's best peak (or the first voxel inside the mask's core),
-        so the length never depends on the data.
+        ``top_k + peaks * (n_classes - 1) * C`` indices (-1: an ANOVA slot ``fdr`` left empty); a peak the
+        statistic cannot place (a class absent here, or too few voxels) repeats its class's best peak (or the
+        first voxel inside the mask's core), so the length never depends on the data.
     """
     from scipy import ndimage
     from sklearn.feature_selection import f_classif
@@ -188,13 +209,17 @@ def fit_screen(smoothed: np.ndarray, y: np.ndarray, mask: np.ndarray, n_classes:
             raise ValueError(f"weights must be {n} finite non-negative numbers with a positive sum")
     with np.errstate(divide="ignore", invalid="ignore"):
         if weights is None:
-            f, _ = f_classif(flat.reshape(n, -1), y)
+            f, pval = f_classif(flat.reshape(n, -1), y)
         else:
             f = weighted_f(flat.reshape(n, -1).astype(np.float64), y, weights)
+            pval = f_pvalues(f, y, weights)
     f = np.nan_to_num(f, nan=-1.0)  # constant voxels
     order = np.argsort(-f, kind="stable")[:top_k]
+    if fdr > 0:
+        order = order[:benjamini_hochberg(np.nan_to_num(pval, nan=1.0), fdr)]
     inside = np.flatnonzero(mask.ravel())
     chosen = [int(ch * math.prod(grid) + inside[j]) for ch, j in zip(order // v, order % v, strict=True)]
+    chosen += [-1] * (top_k - len(chosen))
     z = robust_z(smoothed, weights=weights)
     edge = ndimage.distance_transform_edt(mask) >= EDGE_MIN
     if not edge.any():  # a mask too thin for a core (a tiny grid): any voxel inside
@@ -213,13 +238,14 @@ def fit_screen(smoothed: np.ndarray, y: np.ndarray, mask: np.ndarray, n_classes:
 
 class VoxelScreen(nn.Module):
     """One MRI modality (B, C, D, H, W) -> (B, n_features): smoothed values at the fitted voxels, standardised
-    with the training subjects' mean and SD. Unfitted, ``forward`` raises (``fit`` first)."""
+    with the training subjects' mean and SD (a slot ``fdr`` left empty has scale inf: always 0). Unfitted,
+    ``forward`` raises (``fit`` first)."""
 
     def __init__(self, in_channels: int, grid: Sequence[int], n_classes: int, top_k: int, peaks: int,
-                 threshold: float, sigma: float) -> None:
+                 threshold: float, sigma: float, fdr: float = 0.0) -> None:
         super().__init__()
         self.in_channels, self.grid, self.n_classes = in_channels, tuple(grid), n_classes
-        self.top_k, self.peaks, self.threshold = top_k, peaks, threshold
+        self.top_k, self.peaks, self.threshold, self.fdr = top_k, peaks, threshold, fdr
         self.n_features = top_k + peaks * (n_classes - 1) * in_channels
         self.register_buffer("taps", torch.from_numpy(gaussian_kernel(sigma)))
         self.register_buffer("index", torch.zeros(self.n_features, dtype=torch.long))
@@ -245,11 +271,13 @@ class VoxelScreen(nn.Module):
         from the same subjects (unweighted: every subject passes through it)."""
         sm = torch.cat([self.smoothed(volumes[i:i + chunk].to(self.taps.device))
                         for i in range(0, len(volumes), chunk)]).cpu().numpy()
-        idx = fit_screen(sm, y, mask, self.n_classes, self.top_k, self.peaks, self.threshold, weights)
+        idx = fit_screen(sm, y, mask, self.n_classes, self.top_k, self.peaks, self.threshold, weights, self.fdr)
+        empty = idx < 0  # ANOVA slots the FDR left empty: a voxel read, then scaled to a constant 0
+        idx = np.where(empty, idx[~empty][0] if (~empty).any() else 0, idx)
         feats = sm.reshape(len(sm), -1)[:, idx]
         self.index.copy_(torch.from_numpy(idx))
         self.center.copy_(torch.from_numpy(feats.mean(0)))
-        self.scale.copy_(torch.from_numpy(feats.std(0) + 1e-3))
+        self.scale.copy_(torch.from_numpy(np.where(empty, np.inf, feats.std(0) + 1e-3)))
         self.fitted.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
