@@ -45,10 +45,41 @@ def head() -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     return new_image(data, aff), new_image(r < 0.8, aff, dtype=np.uint8)
 
 
+def _colour_pixels(path: str | Path, rgb: tuple[int, int, int], tol: int = 40) -> int:
+    """How many pixels of the PNG lie within ``tol`` (0-255 per channel) of colour ``rgb``."""
+    from matplotlib.image import imread
+
+    px = np.asarray(imread(str(path)))[..., :3] * 255.0
+    return int(np.all(np.abs(px - np.asarray(rgb)) <= tol, axis=-1).sum())
+
+
 def test_mask_outline(head, tmp_path):
     img, mask = head
     out = tmp_path / "figs" / "mask.png"
     _check_png(qc.plot_mask_outline(img, mask, out, "sub-01: brain mask"), out)
+    assert _colour_pixels(out, (255, 0, 0)) > 500  # the red outline is drawn on every row
+
+
+def test_mosaic_tiles_slices_with_blank_gaps():
+    a, b = np.zeros((3, 4)), np.ones((3, 4))
+    tiles, x0s = qc._mosaic([a, b], gap=2)
+    assert tiles.shape == (3, 10) and x0s == [0, 6]
+    np.testing.assert_array_equal(tiles[:, 6:], b)
+    assert np.isnan(tiles[:, 4:6]).all() and not np.isnan(tiles[:, :4]).any()
+
+
+def test_anisotropic_voxels(tmp_path):
+    """2 x 2 x 6 mm voxels: one mosaic per row still draws (imshow aspect / extents in mm)."""
+    g = np.indices((40, 48, 14), dtype=np.float32)
+    r = np.sqrt(((g[0] - 20) / 16) ** 2 + ((g[1] - 24) / 20) ** 2 + ((g[2] - 7) / 5) ** 2)
+    data = np.where(r < 1, 100 + 40 * np.sin(g[0] / 2), 0).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 6.0, 1.0])
+    img, mask = new_image(data, aff), new_image(r < 0.8, aff, dtype=np.uint8)
+    out = tmp_path / "aniso_mask.png"
+    _check_png(qc.plot_mask_outline(img, mask, out, "anisotropic"), out)
+    assert _colour_pixels(out, (255, 0, 0)) > 500
+    out = tmp_path / "aniso_maps.png"
+    _check_png(qc.plot_map_slices({"A": img, "B": new_image(data * r, aff)}, out, "anisotropic", mask=mask), out)
 
 
 def test_registration_edges(head, tmp_path):
@@ -56,6 +87,8 @@ def test_registration_edges(head, tmp_path):
     moved = new_image(np.roll(np.asarray(img.dataobj), 2, axis=1), img.affine)
     out = tmp_path / "reg.png"
     _check_png(qc.plot_registration_edges(img, moved, out, "sub-01: T1w in MNI"), out)
+    assert _colour_pixels(out, (0xFF, 0x40, 0x40)) > 200  # template edges: outline (red) ...
+    assert _colour_pixels(out, (0x40, 0xC0, 0xFF)) > 200  # ... and inner boundary (blue)
 
 
 def test_map_slices(head, tmp_path):

@@ -193,3 +193,17 @@ def test_fdr_keeps_only_significant_anova_voxels_and_reads_empty_slots_as_zero()
     scr.fit(torch.from_numpy(noise), y, mask)
     out = scr(torch.from_numpy(noise))
     assert torch.isfinite(out).all() and (out[:, :10] == 0).all() and out[:, 10:].abs().sum() > 0
+
+
+def test_reading_the_chosen_voxels_equals_smoothing_the_whole_volume() -> None:
+    """The forward pass smooths only where the screen reads (edges and corners included): the same values as
+    the whole-volume smoothing the fit uses."""
+    rng = np.random.default_rng(8)
+    x = torch.from_numpy(rng.standard_normal((3, 2, *GRID)).astype(np.float32))
+    for sigma in (0.0, 1.0, 1.5):
+        scr = VoxelScreen(2, GRID, 3, top_k=4, peaks=1, threshold=2.0, sigma=sigma)
+        corners = [0, int(np.ravel_multi_index((11, 11, 11), GRID)), int(np.ravel_multi_index((0, 5, 11), GRID))]
+        picks = corners + [int(np.prod(GRID)) + 7, 2 * int(np.prod(GRID)) - 1] + list(rng.integers(0, 2 * 12**3, 3))
+        scr.index.copy_(torch.tensor(picks[: scr.n_features]))
+        want = scr.smoothed(x).flatten(1)[:, scr.index]
+        torch.testing.assert_close(scr.read(x), want, rtol=1e-5, atol=1e-5)

@@ -252,6 +252,8 @@ class VoxelScreen(nn.Module):
         self.register_buffer("center", torch.zeros(self.n_features))
         self.register_buffer("scale", torch.ones(self.n_features))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._neighbours: tuple[Tensor, Tensor] | None = None  # read's gather plan, rebuilt when index changes
+        self._neighbours_of: tuple | None = None
 
     def smoothed(self, x: Tensor) -> Tensor:
         """(B, C, D, H, W) -> the same smoothed, as the screen reads it: in float32 even under a bf16 autocast
@@ -259,9 +261,36 @@ class VoxelScreen(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return smooth(x.float(), self.taps)
 
+    def neighbourhoods(self) -> tuple[Tensor, Tensor]:
+        """Flat indices (n_features, K) into (C, D, H, W) of the K = (2r + 1)^3 voxels the Gaussian reaches from
+        each chosen voxel, and their weights (n_features, K): the separable taps' outer product, 0 where a
+        neighbour lies outside the grid (its index clamped inside), as ``smooth``'s zero padding."""
+        taps = self.taps.float()
+        r = taps.numel() // 2
+        d_, h_, w_ = self.grid
+        n = d_ * h_ * w_
+        ch, vox = self.index // n, self.index % n
+        off = torch.arange(-r, r + 1, device=self.index.device)
+        d = (vox // (h_ * w_))[:, None, None, None] + off[None, :, None, None]
+        h = ((vox // w_) % h_)[:, None, None, None] + off[None, None, :, None]
+        w = (vox % w_)[:, None, None, None] + off[None, None, None, :]
+        valid = (d >= 0) & (d < d_) & (h >= 0) & (h < h_) & (w >= 0) & (w < w_)
+        flat = (ch[:, None, None, None] * n + (d.clamp(0, d_ - 1) * h_ + h.clamp(0, h_ - 1)) * w_
+                + w.clamp(0, w_ - 1))
+        weights = (taps[:, None, None] * taps[None, :, None] * taps[None, None, :])[None] * valid
+        return flat.flatten(1), weights.flatten(1)
+
     def read(self, x: Tensor) -> Tensor:
-        """(B, C, D, H, W) -> (B, n_features) smoothed values at the chosen voxels, not standardised."""
-        return self.smoothed(x).flatten(1)[:, self.index]
+        """(B, C, D, H, W) -> (B, n_features) smoothed values at the chosen voxels, not standardised: the
+        smoothing evaluated at those voxels only (a gather of their neighbourhoods and a weighted sum), equal to
+        ``smoothed(x)`` read there up to float rounding and a fraction of its cost (training was mostly the
+        whole-volume convolution). In float32 even under a bf16 autocast."""
+        key = (self.index._version, self.index.data_ptr(), self.taps.data_ptr())  # a fit or load changes index
+        if self._neighbours_of != key:
+            self._neighbours, self._neighbours_of = self.neighbourhoods(), key
+        idx, weights = self._neighbours
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return (x.float().flatten(1)[:, idx] * weights).sum(-1)
 
     @torch.no_grad()
     def fit(self, volumes: Tensor, y: np.ndarray, mask: np.ndarray, chunk: int = 32,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from scipy import ndimage, signal, stats
+from scipy import ndimage
 
 from neuromoe.errors import StageError
 
@@ -264,6 +264,36 @@ def regress_nuisance(data: np.ndarray, regressors: np.ndarray | None = None, det
     return resid.astype(np.float32)
 
 
+def detrend(y: np.ndarray) -> np.ndarray:
+    """(V, T) float64 -> each row minus its least-squares line (``scipy.signal.detrend(type="linear")``, whose
+    import alone costs a second per job)."""
+    t = np.arange(y.shape[1], dtype=np.float64)
+    t -= t.mean()
+    centred = y - y.mean(axis=1, keepdims=True)
+    slope = centred @ t / (t @ t)
+    return centred - slope[:, None] * t
+
+
+def rank_rows(a: np.ndarray) -> np.ndarray:
+    """(V, T) -> float64 ranks 1..T along each row, ties sharing their average rank
+    (``scipy.stats.rankdata(a, axis=1)``; a constant series ranks (T + 1) / 2 everywhere)."""
+    a = np.asarray(a)
+    v, n = a.shape
+    order = np.argsort(a, axis=1, kind="stable")
+    srt = np.take_along_axis(a, order, axis=1)
+    new = np.ones((v, n), bool)  # first element of each run of equal values
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    run_id = np.cumsum(new, axis=1) - 1  # run index per sorted position
+    pos = np.arange(1, n + 1, dtype=np.float64)
+    flat_run = run_id + (np.arange(v) * n)[:, None]  # runs numbered over the whole array
+    total = np.bincount(flat_run.ravel(), weights=np.broadcast_to(pos, (v, n)).ravel(), minlength=v * n)
+    count = np.bincount(flat_run.ravel(), minlength=v * n)
+    avg = total[flat_run] / count[flat_run]
+    out = np.empty((v, n))
+    np.put_along_axis(out, order, avg, axis=1)
+    return out
+
+
 def bandpass(data: np.ndarray, tr: float, band: Sequence[float] = DEFAULT_BAND_HZ) -> np.ndarray:
     """Zero-phase band-pass (V, T) -> (V, T) float32, ``band`` in Hz, ``tr`` in seconds.
 
@@ -272,7 +302,7 @@ def bandpass(data: np.ndarray, tr: float, band: Sequence[float] = DEFAULT_BAND_H
     """
     y = np.asarray(data, dtype=np.float64)
     mean = y.mean(axis=1, keepdims=True)
-    y = signal.detrend(y, axis=1, type="linear")
+    y = detrend(y)
     freqs = np.fft.rfftfreq(y.shape[1], d=tr)
     spec = np.fft.rfft(y, axis=1)
     spec[:, (freqs < band[0]) | (freqs > band[1])] = 0.0
@@ -286,7 +316,7 @@ def bandpass(data: np.ndarray, tr: float, band: Sequence[float] = DEFAULT_BAND_H
 def _amplitude_spectrum(data: np.ndarray, tr: float) -> tuple[np.ndarray, np.ndarray]:
     """Frequencies (F,) in Hz for 0 < f <= Nyquist and the one-sided amplitude spectrum (V, F), after
     linear detrending of each series (so drift does not dominate the lowest bins)."""
-    y = signal.detrend(np.asarray(data, dtype=np.float64), axis=1, type="linear")
+    y = detrend(np.asarray(data, dtype=np.float64))
     freqs = np.fft.rfftfreq(y.shape[1], d=tr)
     amp = np.abs(np.fft.rfft(y, axis=1))
     return freqs[1:], amp[:, 1:]
@@ -389,7 +419,7 @@ def reho(data: np.ndarray, mask: np.ndarray, neighbourhood: int = 27) -> np.ndar
     n_t = data.shape[3]
     # Ranks are integers or half-integers <= n: float32 holds them, and their sums over <= 27 voxels, exactly.
     ranks = np.zeros(m.shape + (n_t,), dtype=np.float32)
-    ranks[m] = stats.rankdata(data[box][m], axis=1)
+    ranks[m] = rank_rows(data[box][m])
     r_sum = _neighbour_sum(ranks, neighbourhood)[m].astype(np.float64)  # (V, T)
     k = _neighbour_sum(m.astype(np.float32), neighbourhood)[m].astype(np.float64)  # (V,)
     s2 = np.einsum("vt,vt->v", r_sum, r_sum)

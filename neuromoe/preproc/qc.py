@@ -11,6 +11,14 @@ empty mask, missing columns) rather than writing an empty or misleading figure; 
 (parents created) and returns its path. Slices are shown in RAS orientation (images are reoriented to
 the closest canonical axes first): axial and coronal with the subject's right on the image's right
 ("neurological"), sagittal with anterior to the right.
+
+Slices are drawn as mosaics: the slices of one row are tiled with numpy into one array (blank, NaN, gaps
+between tiles) shown by ONE ``imshow`` on ONE axes, outlines/edges by ONE ``contour`` on the tiled mask or
+template, and the slice labels as text at the tile positions (``plot_map_slices``, whose rows mix the
+three views, places one strip image per view in millimetres on the row's one axes). Rendering cost is
+per axes and per artist, not per pixel: with one axes per slice (18 axes, each with image, contour and
+ticks) a figure cost 0.29-0.42 CPU s, as mosaics 0.16-0.22 s (data preparation included), and six
+figures per subject add up over cohorts of hundreds of subjects.
 """
 
 from __future__ import annotations
@@ -47,16 +55,18 @@ def plot_mask_outline(t1: nib.Nifti1Image, mask: nib.Nifti1Image, out_png: str |
     data = np.asarray(img.dataobj, dtype=np.float32)
     vmin, vmax = _robust_range(data[m] if m.sum() > 10 else data)
     zooms = img.header.get_zooms()[:3]
-    fig = Figure(figsize=(2.0 * n_slices, 6.4), dpi=DPI)
+    mf = m.astype(np.float32)
+    fig = _view_rows_figure(n_slices)
     for r, view in enumerate(VIEWS):
-        for c, k in enumerate(_slice_positions(m, r, n_slices)):
-            ax = fig.add_subplot(3, n_slices, r * n_slices + c + 1)
-            ax.imshow(_slice(data, view, k), cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
-                      aspect=_aspect(view, zooms), interpolation="nearest")
-            sl = _slice(m.astype(np.float32), view, k)
-            if sl.any():
-                ax.contour(sl, levels=[0.5], colors="red", linewidths=1.0)
-            _decorate(ax, f"{view[0]} {k}")
+        ks = _slice_positions(m, r, n_slices)
+        ax = fig.add_subplot(3, 1, r + 1)
+        tiles, x0s = _mosaic([_slice(data, view, k) for k in ks])
+        ax.imshow(tiles, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", aspect=_aspect(view, zooms),
+                  interpolation="nearest")
+        outline, _ = _mosaic([_slice(mf, view, k) for k in ks])
+        if _crosses(outline, [0.5]):
+            ax.contour(outline, levels=[0.5], colors="red", linewidths=1.0)
+        _label_tiles(ax, view, ks, x0s, 0.0, tiles.shape[1] / len(ks), tiles.shape[0])
     return _save(fig, out_png, title)
 
 
@@ -79,16 +89,18 @@ def plot_registration_edges(template: nib.Nifti1Image, moved: nib.Nifti1Image, o
     levels = sorted({float(np.percentile(t[fg], 5)), inner})
     vmin, vmax = _robust_range(d[d > 0] if (d > 0).sum() > 10 else d)
     zooms = tpl.header.get_zooms()[:3]
-    fig = Figure(figsize=(2.0 * n_slices, 6.4), dpi=DPI)
+    colors = ["#ff4040", "#40c0ff"][: len(levels)]
+    fig = _view_rows_figure(n_slices)
     for r, view in enumerate(VIEWS):
-        for c, k in enumerate(_slice_positions(fg, r, n_slices)):
-            ax = fig.add_subplot(3, n_slices, r * n_slices + c + 1)
-            ax.imshow(_slice(d, view, k), cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
-                      aspect=_aspect(view, zooms), interpolation="nearest")
-            ts = _slice(t, view, k)
-            if np.ptp(ts) > 0:
-                ax.contour(ts, levels=levels, colors=["#ff4040", "#40c0ff"][: len(levels)], linewidths=0.8)
-            _decorate(ax, f"{view[0]} {k}")
+        ks = _slice_positions(fg, r, n_slices)
+        ax = fig.add_subplot(3, 1, r + 1)
+        tiles, x0s = _mosaic([_slice(d, view, k) for k in ks])
+        ax.imshow(tiles, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", aspect=_aspect(view, zooms),
+                  interpolation="nearest")
+        edges, _ = _mosaic([_slice(t, view, k) for k in ks])
+        if _crosses(edges, levels):
+            ax.contour(edges, levels=levels, colors=colors, linewidths=0.8)
+        _label_tiles(ax, view, ks, x0s, 0.0, tiles.shape[1] / len(ks), tiles.shape[0])
     return _save(fig, out_png, title)
 
 
@@ -117,21 +129,33 @@ def plot_map_slices(maps: Mapping[str, nib.Nifti1Image], out_png: str | Path, ti
         raise ValueError("plot_map_slices: every map is zero; nothing to show.")
     zooms = first.header.get_zooms()[:3]
     ncol = 3 * n_slices
-    fig = Figure(figsize=(1.7 * ncol + 1.0, 2.0 * len(names) + 0.6), dpi=DPI)
+    height = 2.0 * len(names) + 0.6
+    fig = Figure(figsize=(1.7 * ncol + 1.0, height), dpi=DPI)
+    fig.subplots_adjust(left=0.03, right=0.97, bottom=0.02, top=1 - 0.45 / height, hspace=0.08)
+    positions = [_slice_positions(support, v, n_slices) for v in range(len(VIEWS))]
     for r, name in enumerate(names):
         d = datas[name]
         vals = d[support & np.isfinite(d)]
         vmin, vmax = _robust_range(vals if vals.size else d[np.isfinite(d)])
-        im = None
-        for v, view in enumerate(VIEWS):
-            for c, k in enumerate(_slice_positions(support, v, n_slices)):
-                ax = fig.add_subplot(len(names), ncol, r * ncol + v * n_slices + c + 1)
-                im = ax.imshow(_slice(d, view, k), cmap="viridis", vmin=vmin, vmax=vmax, origin="lower",
-                               aspect=_aspect(view, zooms), interpolation="nearest")
-                _decorate(ax, f"{view[0]} {k}")
-                if v == 0 and c == 0:
-                    ax.set_ylabel(name, fontsize=10)
-        fig.colorbar(im, ax=fig.axes[-ncol:], fraction=0.02, pad=0.01)
+        ax = fig.add_subplot(len(names), 1, r + 1)
+        # The three views differ in slice shape (and, for anisotropic voxels, in pixel aspect): one strip
+        # image per view, placed side by side in millimetres (extent), so one axes holds the whole row.
+        strips = [_mosaic([_slice(d, view, k) for k in ks]) for view, ks in zip(VIEWS, positions, strict=True)]
+        sizes = [_pixel_mm(view, zooms) for view in VIEWS]
+        top = max(tiles.shape[0] * zv for (tiles, _), (_, zv) in zip(strips, sizes, strict=True))
+        x, zh, im = 0.0, 1.0, None
+        for view, ks, (tiles, x0s), (zh, zv) in zip(VIEWS, positions, strips, sizes, strict=True):
+            h, w = tiles.shape[0] * zv, tiles.shape[1] * zh
+            y = (top - h) / 2
+            im = ax.imshow(tiles, cmap="viridis", vmin=vmin, vmax=vmax, origin="lower",
+                           extent=(x, x + w, y, y + h), interpolation="nearest")
+            _label_tiles(ax, view, ks, [x + x0 * zh for x0 in x0s], y, w / len(ks), h)
+            x += w + 6 * zh
+        ax.set_xlim(0, x - 6 * zh)
+        ax.set_ylim(0, top)
+        ax.set_aspect("equal")
+        ax.text(-0.005, 0.5, name, transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
     return _save(fig, out_png, title)
 
 
@@ -211,8 +235,41 @@ def _slice(data: np.ndarray, view: str, k: int) -> np.ndarray:
 
 
 def _aspect(view: str, zooms: Sequence[float]) -> float:
+    zh, zv = _pixel_mm(view, zooms)
+    return zv / zh
+
+
+def _pixel_mm(view: str, zooms: Sequence[float]) -> tuple[float, float]:
+    """(horizontal, vertical) size in mm of one pixel of ``_slice(data, view, k)``."""
     zx, zy, zz = (float(z) for z in zooms)
-    return {"axial": zy / zx, "coronal": zz / zx, "sagittal": zz / zy}[view]
+    return {"axial": (zx, zy), "coronal": (zx, zz), "sagittal": (zy, zz)}[view]
+
+
+def _mosaic(slices: Sequence[np.ndarray], gap: int = 2) -> tuple[np.ndarray, list[int]]:
+    """Slices of one shape side by side in one float array, ``gap`` NaN columns between them (drawn blank
+    by imshow, no contour through them); also the first column of each tile."""
+    h, w = slices[0].shape
+    out = np.full((h, len(slices) * (w + gap) - gap), np.nan, dtype=np.float32)
+    x0s = [c * (w + gap) for c in range(len(slices))]
+    for x0, sl in zip(x0s, slices, strict=True):
+        out[:, x0:x0 + w] = sl
+    return out, x0s
+
+
+def _crosses(values: np.ndarray, levels: Sequence[float]) -> bool:
+    """Whether any contour level lies inside the finite range of ``values`` (contour warns otherwise)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return False
+    lo, hi = float(finite.min()), float(finite.max())
+    return any(lo < lev < hi for lev in levels)
+
+
+def _view_rows_figure(n_slices: int) -> Figure:
+    """Figure for 3 rows (axial, coronal, sagittal), each one mosaic axes of ``n_slices`` tiles."""
+    fig = Figure(figsize=(2.0 * n_slices, 6.4), dpi=DPI)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, hspace=0.06)
+    return fig
 
 
 def _slice_positions(support: np.ndarray, view_index: int, n: int) -> list[int]:
@@ -239,10 +296,14 @@ def _robust_range(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _decorate(ax: object, label: str) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.text(0.02, 0.02, label, transform=ax.transAxes, color="yellow", fontsize=7, va="bottom")
+def _label_tiles(ax: object, view: str, ks: Sequence[int], x0s: Sequence[float], y0: float, tile_w: float,
+                 tile_h: float) -> None:
+    """No axis (ticks are costly to build even when empty); the label ("a 36": view initial and slice
+    index) at each tile's lower left."""
+    ax.set_axis_off()
+    for x0, k in zip(x0s, ks, strict=True):
+        ax.text(x0 + 0.02 * tile_w, y0 + 0.02 * tile_h, f"{view[0]} {k}", color="yellow", fontsize=7,
+                va="bottom")
 
 
 def _save(fig: Figure, out_png: str | Path, title: str) -> str:
@@ -251,5 +312,6 @@ def _save(fig: Figure, out_png: str | Path, title: str) -> str:
         raise ValueError(f"QC figures are PNG; got {out.name}.")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.suptitle(title, fontsize=11)
-    fig.savefig(out, dpi=DPI, facecolor="white")
+    # zlib level 3 instead of 6: a third less encoding time for ~1% larger files.
+    fig.savefig(out, dpi=DPI, facecolor="white", pil_kwargs={"compress_level": 3})
     return str(out)
