@@ -130,6 +130,13 @@ def overrides_tag(overrides: dict[str, Any]) -> str:
     return json.dumps(overrides, sort_keys=True, separators=(",", ":"))
 
 
+def effective_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``--set`` keys whose value differs from today's config.yaml (a piece run with ``--set`` restating
+    config.yaml's values ran the protocol's setting)."""
+    base = piece_config(Path("."), {})
+    return {k: v for k, v in (overrides or {}).items() if _pick(base, k) != v}
+
+
 def piece_name(design_seed: int | None, n_subjects: int, overrides: dict[str, Any] | None = None) -> str:
     name = f"design-{'demo' if design_seed is None else design_seed}_n{n_subjects}"
     if overrides:
@@ -488,10 +495,11 @@ def pooled_difference(designs: Sequence[dict], n_subjects: int = DEFAULT_SUBJECT
     """Full - no_gate over the finished held-out designs of one setting (subjects, overrides, and the
     training setting tag: config.yaml's now when None): a 95 % t-interval over the per-design mean
     differences (designs as the unit, so split correlation within a design does not narrow it)."""
-    tag = overrides_tag(overrides or {})
+    tag = overrides_tag(effective_overrides(overrides))
     setting = setting or current_setting(overrides)["tag"]
     rows = [d for d in designs if d.get("finished") and d["design_seed"] in HELDOUT_DESIGN_SEEDS
-            and int(d["n_subjects"]) == n_subjects and overrides_tag(d.get("config_overrides") or {}) == tag
+            and int(d["n_subjects"]) == n_subjects
+            and overrides_tag(effective_overrides(d.get("config_overrides"))) == tag
             and entry_setting(d)["tag"] == setting
             and (d.get("paired_full_minus_no_gate") or {}).get("mean") is not None]
     rows.sort(key=lambda d: d["design_seed"])
@@ -515,8 +523,9 @@ def merge_results(results: dict | None, entry: dict, meta: dict | None = None) -
         out["machine"] = meta
     out["heldout_design_seeds"], out["tuning_design_seeds"] = list(HELDOUT_DESIGN_SEEDS), list(TUNING_DESIGN_SEEDS)
     out["pooled_full_minus_no_gate"] = pooled_difference(designs)
-    settings = {(int(d["n_subjects"]), overrides_tag(d.get("config_overrides") or {}), entry_setting(d)["tag"] or ""):
-                d.get("config_overrides") or {} for d in designs if d["design_seed"] in HELDOUT_DESIGN_SEEDS}
+    settings = {(int(d["n_subjects"]), overrides_tag(effective_overrides(d.get("config_overrides"))),
+                 entry_setting(d)["tag"] or ""): effective_overrides(d.get("config_overrides"))
+                for d in designs if d["design_seed"] in HELDOUT_DESIGN_SEEDS}
     out["pooled_by_setting"] = [pooled_difference(designs, n, ov, tag or None)
                                 for (n, _, tag), ov in sorted(settings.items())]
     return out
@@ -696,7 +705,7 @@ def report(results: dict) -> str:
     designs = [d for d in results.get("designs", []) if d.get("finished")]
     now = current_setting()
     main = [d for d in designs if d["design_seed"] in HELDOUT_DESIGN_SEEDS
-            and int(d["n_subjects"]) == DEFAULT_SUBJECTS and not d.get("config_overrides")
+            and int(d["n_subjects"]) == DEFAULT_SUBJECTS and not effective_overrides(d.get("config_overrides"))
             and entry_setting(d)["tag"] == now["tag"]]
     lines = [f"Test balanced accuracy (%), mean over splits; held-out designs, {DEFAULT_SUBJECTS} subjects, "
              f"the repository's config.yaml ({now['encoder']} experts, gate_fit {now['gate_fit']}):", "", head, sep]

@@ -40,6 +40,15 @@ def test_run_arguments_and_defaults(gen) -> None:
         gen.build_parser().parse_args(["run"])  # --design-seed is required
 
 
+def test_a_set_that_restates_config_yaml_is_the_protocol_setting(gen) -> None:
+    base = gen.piece_config(Path("."), {})
+    same = {"model.encoder": base["model"]["encoder"], "train.epochs": base["train"]["epochs"]}
+    assert gen.effective_overrides(same) == {}
+    assert gen.effective_overrides({**same, "train.epochs": base["train"]["epochs"] + 1}) == {
+        "train.epochs": base["train"]["epochs"] + 1}
+    assert gen.current_setting(same)["tag"] == gen.current_setting()["tag"]
+
+
 def test_bad_arguments_are_refused(gen) -> None:
     for bad in (["train.epochs"], ["=3"], ["train..epochs=3"], ["bids_dir=/data"], ["synthetic.subjects=9"]):
         with pytest.raises(ValueError):
