@@ -5,9 +5,10 @@ config keys each (stage, backend) reads, which the workflow passes as the rule's
 
 python backend (PyPI packages only): one module per stage, ``anat`` (brain extraction, T1w -> MNI), ``dwi``,
 ``func``, with realignment in ``motion``, the SimpleITK tools in ``registration``, mask building blocks in
-``masks`` and the QC figures in ``qc``. Each stage module also holds the public tail both backends share
-(``write_outputs``; ``func.derive_maps`` for what FSL has no tool for). fsl backend: ``fsl`` (FSL's tools, then
-those shared tails). The contract both keep (outputs, spaces, sidecars, QC, errors) is docs/preprocessing.md.
+``masks``, numpy time-series helpers in ``series`` and the QC figures in ``qc``. Each stage module also holds
+the public tail both backends share (``write_outputs``; ``func.derive_maps`` for what FSL has no tool for).
+fsl backend: ``fsl`` (FSL's tools, then those shared tails). The contract both keep (outputs, spaces,
+sidecars, QC, errors) is docs/preprocessing.md.
 
 This package imports only the core modules and ``neuromoe.inputs`` (never cache, learn or results).
 Submodules are not imported here: importing SimpleITK, dipy or matplotlib costs seconds, and a rule

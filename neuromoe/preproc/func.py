@@ -23,6 +23,7 @@ import pandas as pd
 from scipy import ndimage
 
 from neuromoe.errors import StageError
+from neuromoe.preproc.series import detrend, rank_rows
 
 if TYPE_CHECKING:  # SimpleITK costs ~1 s to import; only run_func and priors_to_native need it, lazily
     import SimpleITK as sitk
@@ -262,36 +263,6 @@ def regress_nuisance(data: np.ndarray, regressors: np.ndarray | None = None, det
     if keep_mean:
         resid += y.mean(axis=1, keepdims=True)
     return resid.astype(np.float32)
-
-
-def detrend(y: np.ndarray) -> np.ndarray:
-    """(V, T) float64 -> each row minus its least-squares line (``scipy.signal.detrend(type="linear")``, whose
-    import alone costs a second per job)."""
-    t = np.arange(y.shape[1], dtype=np.float64)
-    t -= t.mean()
-    centred = y - y.mean(axis=1, keepdims=True)
-    slope = centred @ t / (t @ t)
-    return centred - slope[:, None] * t
-
-
-def rank_rows(a: np.ndarray) -> np.ndarray:
-    """(V, T) -> float64 ranks 1..T along each row, ties sharing their average rank
-    (``scipy.stats.rankdata(a, axis=1)``; a constant series ranks (T + 1) / 2 everywhere)."""
-    a = np.asarray(a)
-    v, n = a.shape
-    order = np.argsort(a, axis=1, kind="stable")
-    srt = np.take_along_axis(a, order, axis=1)
-    new = np.ones((v, n), bool)  # first element of each run of equal values
-    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    run_id = np.cumsum(new, axis=1) - 1  # run index per sorted position
-    pos = np.arange(1, n + 1, dtype=np.float64)
-    flat_run = run_id + (np.arange(v) * n)[:, None]  # runs numbered over the whole array
-    total = np.bincount(flat_run.ravel(), weights=np.broadcast_to(pos, (v, n)).ravel(), minlength=v * n)
-    count = np.bincount(flat_run.ravel(), minlength=v * n)
-    avg = total[flat_run] / count[flat_run]
-    out = np.empty((v, n))
-    np.put_along_axis(out, order, avg, axis=1)
-    return out
 
 
 def bandpass(data: np.ndarray, tr: float, band: Sequence[float] = DEFAULT_BAND_HZ) -> np.ndarray:
