@@ -55,18 +55,7 @@ def plot_mask_outline(t1: nib.Nifti1Image, mask: nib.Nifti1Image, out_png: str |
     data = np.asarray(img.dataobj, dtype=np.float32)
     vmin, vmax = _robust_range(data[m] if m.sum() > 10 else data)
     zooms = img.header.get_zooms()[:3]
-    mf = m.astype(np.float32)
-    fig = _view_rows_figure(n_slices)
-    for r, view in enumerate(VIEWS):
-        ks = _slice_positions(m, r, n_slices)
-        ax = fig.add_subplot(3, 1, r + 1)
-        tiles, x0s = _mosaic([_slice(data, view, k) for k in ks])
-        ax.imshow(tiles, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", aspect=_aspect(view, zooms),
-                  interpolation="nearest")
-        outline, _ = _mosaic([_slice(mf, view, k) for k in ks])
-        if _crosses(outline, [0.5]):
-            ax.contour(outline, levels=[0.5], colors="red", linewidths=1.0)
-        _label_tiles(ax, view, ks, x0s, 0.0, tiles.shape[1] / len(ks), tiles.shape[0])
+    fig = _contour_rows(data, m.astype(np.float32), [0.5], ["red"], 1.0, m, (vmin, vmax), zooms, n_slices)
     return _save(fig, out_png, title)
 
 
@@ -90,18 +79,27 @@ def plot_registration_edges(template: nib.Nifti1Image, moved: nib.Nifti1Image, o
     vmin, vmax = _robust_range(d[d > 0] if (d > 0).sum() > 10 else d)
     zooms = tpl.header.get_zooms()[:3]
     colors = ["#ff4040", "#40c0ff"][: len(levels)]
+    fig = _contour_rows(d, t, levels, colors, 0.8, fg, (vmin, vmax), zooms, n_slices)
+    return _save(fig, out_png, title)
+
+
+def _contour_rows(background: np.ndarray, lines: np.ndarray, levels: list[float], colors: list[str],
+                  linewidth: float, where: np.ndarray, vrange: tuple[float, float], zooms: Sequence[float],
+                  n_slices: int) -> Figure:
+    """One mosaic row per view: ``n_slices`` slices (placed by ``where``) of ``background`` in grey, with the
+    ``levels`` contours of ``lines`` over them and each tile labelled."""
     fig = _view_rows_figure(n_slices)
     for r, view in enumerate(VIEWS):
-        ks = _slice_positions(fg, r, n_slices)
+        ks = _slice_positions(where, r, n_slices)
         ax = fig.add_subplot(3, 1, r + 1)
-        tiles, x0s = _mosaic([_slice(d, view, k) for k in ks])
-        ax.imshow(tiles, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", aspect=_aspect(view, zooms),
-                  interpolation="nearest")
-        edges, _ = _mosaic([_slice(t, view, k) for k in ks])
-        if _crosses(edges, levels):
-            ax.contour(edges, levels=levels, colors=colors, linewidths=0.8)
+        tiles, x0s = _mosaic([_slice(background, view, k) for k in ks])
+        ax.imshow(tiles, cmap="gray", vmin=vrange[0], vmax=vrange[1], origin="lower",
+                  aspect=_aspect(view, zooms), interpolation="nearest")
+        contour, _ = _mosaic([_slice(lines, view, k) for k in ks])
+        if _crosses(contour, levels):
+            ax.contour(contour, levels=levels, colors=colors, linewidths=linewidth)
         _label_tiles(ax, view, ks, x0s, 0.0, tiles.shape[1] / len(ks), tiles.shape[0])
-    return _save(fig, out_png, title)
+    return fig
 
 
 def plot_map_slices(maps: Mapping[str, nib.Nifti1Image], out_png: str | Path, title: str,
