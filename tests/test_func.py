@@ -455,3 +455,28 @@ def test_detrend_and_ranks_match_scipy() -> None:
     ties[0] = 2.0  # a constant series: every rank (T + 1) / 2
     for a in (ties, y.astype(np.float32)):
         np.testing.assert_array_equal(F.rank_rows(a), stats.rankdata(a, axis=1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_epi_mask_matches_nilearn(seed) -> None:
+    """The func stage's own EPI mask is nilearn's compute_epi_mask (same steps, same mask) on EPI-like means:
+    a bright ellipsoid head of uneven intensity, a dark background with noise, and a detached bright blob
+    (the largest-component step must drop it)."""
+    from nilearn.masking import compute_epi_mask
+
+    from neuromoe.preproc.masks import epi_mask
+
+    rng = np.random.default_rng(seed)
+    shape = (40, 48, 36)
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    r = np.sqrt(((g / np.array([0.7, 0.8, 0.75])[:, None, None, None]) ** 2).sum(0))
+    mean = np.where(r < 1, 500 + 150 * g[0] + rng.normal(0, 40, shape), rng.gamma(2.0, 10.0, shape))
+    mean[2:5, 2:5, 2:5] = 800  # a bright blob away from the head
+    mean = mean.astype(np.float32)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    ours = epi_mask(mean)
+    theirs = np.asarray(compute_epi_mask(nib.Nifti1Image(mean, affine)).dataobj) > 0
+    assert ours.dtype == bool and ours.shape == shape
+    assert 0.2 < ours.mean() < 0.6  # a head, not nothing or everything
+    assert not ours[2:5, 2:5, 2:5].any()
+    np.testing.assert_array_equal(ours, theirs)

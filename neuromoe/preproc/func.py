@@ -23,6 +23,7 @@ import pandas as pd
 from scipy import ndimage
 
 from neuromoe.errors import StageError
+from neuromoe.preproc.masks import epi_mask
 from neuromoe.preproc.series import detrend, rank_rows
 
 if TYPE_CHECKING:  # SimpleITK costs ~1 s to import; only run_func and priors_to_native need it, lazily
@@ -524,7 +525,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     Steps:
       1. TR from the sidecar; drop ``dummy_scans`` (StageError if < 1/f_low seconds remain).
       2. Rigid realignment of every volume to the middle one (correlation; mcflirt's default reference).
-      3. Brain mask of the mean realigned BOLD (nilearn ``compute_epi_mask``), minus voxels that left the
+      3. Brain mask of the mean realigned BOLD (``masks.epi_mask``: nilearn's ``compute_epi_mask``), minus voxels that left the
          field of view in any volume (their series would contain zeros).
       4. Mean BOLD -> T1w brain, rigid, mutual information, metric masks dilated by ~1 BOLD voxel so the
          brain edge counts (``func_xfm``: T1w points -> BOLD points); composed with ``anat_xfm`` it maps MNI
@@ -537,8 +538,6 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     """
     import logging
     import time
-
-    from nilearn.masking import compute_epi_mask
 
     from neuromoe.inputs.imageio import load_image, new_image
     from neuromoe.preproc import registration as reg
@@ -581,7 +580,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     # 3. brain mask
     mean_bold = data.mean(axis=3)
     mean_img = new_image(mean_bold, affine)
-    mask = np.asarray(compute_epi_mask(mean_img).dataobj) > 0
+    mask = epi_mask(mean_bold)
     mask &= data.min(axis=3) > 0
     if mask.sum() < 100:
         raise StageError(f"the BOLD brain mask is (nearly) empty ({int(mask.sum())} voxels)", subject=sub,

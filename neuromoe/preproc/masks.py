@@ -28,6 +28,36 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == (int(np.argmax(sizes)) + 1)
 
 
+def epi_mask(mean: np.ndarray, lower_cutoff: float = 0.2, upper_cutoff: float = 0.85, opening: int = 2
+             ) -> np.ndarray:
+    """Brain mask (bool, same shape) of a mean EPI volume: nilearn's ``compute_epi_mask`` with its defaults
+    (Nichols' histogram method), the same steps in the same order, so the same mask (tested against it).
+
+    The mean is smoothed by a Gaussian of 1 voxel FWHM; the threshold is the midpoint of the largest jump
+    between consecutive sorted intensities within the ``lower_cutoff``-``upper_cutoff`` fractions; then an
+    erosion of ``opening`` iterations, the largest component, a dilation of ``2 * opening`` and an erosion of
+    ``opening``. Here rather than imported from nilearn: ``nilearn.masking`` imports scikit-learn and
+    scipy.stats, ~1.4 CPU s of every func job for a few milliseconds of work.
+    """
+    arr = np.array(mean, dtype=np.float64 if mean.dtype == np.int64 else
+                   (np.float32 if mean.dtype.kind == "i" else mean.dtype), copy=True)
+    arr[~np.isfinite(arr)] = 0.0
+    for axis in range(arr.ndim):
+        ndimage.gaussian_filter1d(arr, 1.0 / np.sqrt(8 * np.log(2)), output=arr, axis=axis)
+    values = np.sort(arr.ravel())
+    lo = int(np.floor(lower_cutoff * len(values)))
+    hi = min(int(np.floor(upper_cutoff * len(values))), len(values) - 1)
+    jump = int(np.argmax(values[lo + 1:hi + 1] - values[lo:hi]))
+    mask = arr >= 0.5 * (values[jump + lo] + values[jump + lo + 1])
+    if opening:
+        mask = ndimage.binary_erosion(mask, iterations=opening)
+    if mask.any():
+        mask = largest_component(mask)
+    if opening:
+        mask = ndimage.binary_erosion(ndimage.binary_dilation(mask, iterations=2 * opening), iterations=opening)
+    return mask.astype(bool)
+
+
 def head_mask(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Boolean (X, Y, Z) mask of the head in a T1w array: everything inside the scalp, background excluded.
 
