@@ -290,7 +290,7 @@ class VoxelScreen(nn.Module):
             self._neighbours, self._neighbours_of = self.neighbourhoods(), key
         idx, weights = self._neighbours
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return (x.float().flatten(1)[:, idx] * weights).sum(-1)
+            return (x.flatten(1)[:, idx].float() * weights).sum(-1)  # gathered, then float: not every voxel
 
     @torch.no_grad()
     def fit(self, volumes: Tensor, y: np.ndarray, mask: np.ndarray, chunk: int = 32,
