@@ -71,6 +71,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"predictions: {out}")
 
 
+def cmd_check_report(args: argparse.Namespace) -> None:
+    from neuromoe.errors import InputError
+    from neuromoe.results.qcreport import check_report
+
+    promised = [ln.strip() for ln in Path(args.manifest).read_text().splitlines() if ln.strip()]
+    problems = check_report(args.report, promised)
+    if problems:
+        raise InputError("the report does not hold every file it promises:\n  " + "\n  ".join(problems),
+                         path=args.report, fix="rebuild it: snakemake --report " + str(args.report))
+    print(f"{args.report}: all {len(promised)} promised files present")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuromoe", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-explain", action="store_true", help="skip the saliency maps")
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(func=cmd_predict)
+
+    r = sub.add_parser("check-report", help="check that a Snakemake report holds every file its manifest lists")
+    r.add_argument("report", type=Path, help="the report (.zip or .html)")
+    r.add_argument("--manifest", required=True, type=Path, help="results/report_manifest.txt (the workflow writes it)")
+    r.set_defaults(func=cmd_check_report)
 
     c = sub.add_parser("config", help="print the validated config with defaults filled in")
     c.add_argument("--config", default=None)

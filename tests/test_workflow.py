@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -47,6 +48,19 @@ def test_logs_and_benchmarks_for_every_job(workflow_run: Path) -> None:
     assert list((out / "benchmarks" / "train").rglob("*.tsv")), "training jobs have benchmarks"
 
 
+def test_unchanged_make_demo_only_says_where_the_report_is(workflow_run: Path) -> None:
+    """A second, unchanged `make demo` runs no job and does not rebuild the report."""
+    from conftest import make_demo_cmd
+
+    report = workflow_run / "results/report.zip"
+    before = report.stat().st_mtime_ns
+    res = run(make_demo_cmd(workflow_run), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Nothing to be done" in res.stdout + res.stderr
+    assert report.stat().st_mtime_ns == before
+    assert f"Report: {workflow_run / 'results/report/report.html'}" in res.stdout
+
+
 def test_unchanged_rerun_is_a_noop(workflow_run: Path) -> None:
     res = run(snakemake_cmd(workflow_run, "-n", "--cores", "1"))
     assert res.returncode == 0, res.stderr
@@ -60,16 +74,53 @@ def test_evaluation_tables_have_every_variant(workflow_run: Path) -> None:
     assert (workflow_run / "results/evaluation/ablation.md").read_text().count("|") > 10
 
 
-def test_report_holds_every_figure(workflow_run: Path) -> None:
-    report = workflow_run / "report.html"
-    res = run(snakemake_cmd(workflow_run, "--cores", "1", "--report", str(report)), timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    html = report.read_text(errors="replace")
+def test_report_holds_every_figure(workflow_run: Path, tmp_path: Path) -> None:
+    """The zip report `make demo` built holds every file the workflow's manifest promises: the QC contact
+    sheets (not every subject's figures: those stay in the subject pages) and the evaluation's figures;
+    `neuromoe check-report` says so, and names a file a report lacks."""
+    import zipfile
+
+    report = workflow_run / "results/report.zip"
+    assert (workflow_run / "results/report/report.html").is_file()
+    assert "all 14 promised files present" in (workflow_run / "snakemake.log").read_text()
+    manifest = workflow_run / "results/report_manifest.txt"
+    promised = manifest.read_text().split()
     wanted = ["ablation_balanced_accuracy.png", "confusion_full.png", "roc_full.png", "calibration_full.png",
               "gates_full.png", "training_curves_full.png", "group_saliency.png", "ablation.md"]
-    wanted += [Path(paths.derivative("x", SUBJECTS[0], k)).name for k in paths.OUTPUTS if k.startswith("qc_")]
-    missing = [w for w in wanted if w not in html]
-    assert not missing, f"report lacks {missing}"
+    wanted += [f"group_{k[3:]}.png" for k in paths.OUTPUTS if k.startswith("qc_")]
+    assert sorted(promised) == sorted(wanted)
+    ok = run(["neuromoe", "check-report", str(report), "--manifest", str(manifest)])
+    assert ok.returncode == 0, ok.stderr
+    with zipfile.ZipFile(report) as zf:
+        names = [Path(n).name for n in zf.namelist()]
+    assert not any(n.startswith("sub-") and n.endswith(".png") for n in names), "per-subject figures in the report"
+    # a report that lost a figure fails the check with its name
+    lossy = tmp_path / "lossy.zip"
+    with zipfile.ZipFile(report) as src, zipfile.ZipFile(lossy, "w") as dst:
+        for item in src.infolist():
+            if not item.filename.endswith("roc_full.png"):
+                dst.writestr(item, src.read(item))
+    bad = run(["neuromoe", "check-report", str(lossy), "--manifest", str(manifest)])
+    assert bad.returncode != 0 and "roc_full.png: not in the report" in bad.stderr
+
+
+def test_subject_pages_show_every_qc_figure(workflow_run: Path) -> None:
+    """Each subject has an fMRIPrep-style page in the derivatives root whose images are its QC figures
+    (relative links that resolve), and the report's contact sheets are real images."""
+    import re
+
+    from PIL import Image
+
+    root = workflow_run / "results/derivatives/neuromoe"
+    for sub in SUBJECTS:
+        page = root / f"sub-{sub}.html"
+        srcs = re.findall(r"<img src='([^']+)'", page.read_text())
+        want = {Path(paths.derivative("results", sub, k)).name for k in paths.OUTPUTS if k.startswith("qc_")}
+        assert {Path(s).name for s in srcs} == want
+        assert all((root / s).is_file() for s in srcs)
+    for k in (k for k in paths.OUTPUTS if k.startswith("qc_")):
+        with Image.open(workflow_run / f"results/qc/group_{k[3:]}.png") as im:
+            assert im.width >= 400 and im.height >= 200
 
 
 def test_predict_reproduces_the_evaluation(workflow_run: Path, tmp_path: Path) -> None:
@@ -194,3 +245,26 @@ def test_a_stage_failure_names_the_subject_and_keeps_the_others(tmp_path: Path) 
     assert Path(paths.derivative(out, "01", "func_falff_mni")).is_file(), "sub-01 must be finished and kept"
     assert not Path(paths.derivative(out, "02", "func_falff_mni")).exists()
     assert Path(paths.derivative(out, "02", "anat_brain_mni")).is_file(), "sub-02's other stages are kept"
+
+
+def test_start_writes_the_demo_cohort_with_its_acquisition(tmp_path: Path) -> None:
+    """With synthetic.generate and no bids_dir, the workflow writes the cohort before anything else: whole
+    (written aside, then renamed), with config.yaml's synthetic.acquisition sizes."""
+    import nibabel as nib
+
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    acq = cfg["synthetic"]["acquisition"]
+    cfg.update({"bids_dir": "bids", "output_dir": "results"})
+    cfg["synthetic"]["subjects"] = 6
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = run(snakemake_cmd(tmp_path, "-n", "--cores", "2"), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (tmp_path / "bids.partial").exists()
+    bold = nib.load(tmp_path / "bids/sub-01/func/sub-01_task-rest_bold.nii.gz")
+    assert bold.shape[3] == acq["n_bold"] + cfg["preprocessing"]["func"]["dummy_scans"]
+    assert np.allclose(bold.header.get_zooms()[:3], acq["bold_voxel_mm"])
+    bvals = np.loadtxt(tmp_path / "bids/sub-01/dwi/sub-01_dwi.bval")
+    assert (bvals > 50).sum() == acq["n_directions"]
+    t1 = nib.load(tmp_path / "bids/sub-01/anat/sub-01_T1w.nii.gz")
+    assert np.allclose(t1.header.get_zooms(), acq["t1_voxel_mm"])
+    assert len(sorted((tmp_path / "bids").glob("sub-*"))) == 6

@@ -525,8 +525,8 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     Steps:
       1. TR from the sidecar; drop ``dummy_scans`` (StageError if < 1/f_low seconds remain).
       2. Rigid realignment of every volume to the middle one (correlation; mcflirt's default reference).
-      3. Brain mask of the mean realigned BOLD (``masks.epi_mask``: nilearn's ``compute_epi_mask``), minus voxels that left the
-         field of view in any volume (their series would contain zeros).
+      3. Brain mask of the mean realigned BOLD (``masks.epi_mask``: nilearn's ``compute_epi_mask``), minus
+         voxels that left the field of view in any volume (their series would contain zeros).
       4. Mean BOLD -> T1w brain, rigid, mutual information, metric masks dilated by ~1 BOLD voxel so the
          brain edge counts (``func_xfm``: T1w points -> BOLD points); composed with ``anat_xfm`` it maps MNI
          points to BOLD points.

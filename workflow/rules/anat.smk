@@ -6,18 +6,8 @@ rule anat:
         t1w=raw("T1w"),
     output:
         **keys("anat_"),
-        qc_anat_mask=report(
-            deriv("qc_anat_mask"),
-            category="1. Preprocessing QC",
-            subcategory="sub-{subject}",
-            caption="../report/qc_anat_mask.rst",
-        ),
-        qc_anat_reg=report(
-            deriv("qc_anat_reg"),
-            category="1. Preprocessing QC",
-            subcategory="sub-{subject}",
-            caption="../report/qc_anat_reg.rst",
-        ),
+        qc_anat_mask=deriv("qc_anat_mask"),
+        qc_anat_reg=deriv("qc_anat_reg"),
     log:
         f"{LOGS}/anat/sub-{{subject}}.log",
     benchmark:

@@ -50,18 +50,24 @@ if BACKEND == "fsl":
 if not Path(BIDS).exists() and config["synthetic"]["generate"]:
     from neuromoe.inputs.synth import SynthParams, make_cohort
 
+    _syn = config["synthetic"]
     print(
-        f"neuromoe: {BIDS} does not exist; writing the synthetic demo cohort "
-        f"({config['synthetic']['subjects']} subjects, seed {config['synthetic']['seed']}, "
-        f"design seed {config['synthetic'].get('design_seed')}) ...",
+        f"neuromoe: {BIDS} does not exist; writing the synthetic demo cohort ({_syn['subjects']} subjects, "
+        f"seed {_syn['seed']}, design seed {_syn.get('design_seed')}, {workflow.cores} processes) ...",
         file=sys.stderr,
     )
+    # Written next to BIDS and renamed when complete: an interrupted start leaves no half cohort behind.
+    _partial = Path(f"{BIDS}.partial")
     make_cohort(
-        BIDS,
-        config["synthetic"]["subjects"],
-        config["synthetic"]["seed"],
-        params=SynthParams(design_seed=config["synthetic"].get("design_seed")),
+        _partial,
+        _syn["subjects"],
+        _syn["seed"],
+        params=SynthParams(
+            design_seed=_syn.get("design_seed"), **_syn.get("acquisition", {})
+        ),
+        n_jobs=max(1, min(int(workflow.cores), _syn["subjects"])),
     )
+    os.replace(_partial, BIDS)
 
 try:
     DATASET = validate_dataset(BIDS, config)
@@ -151,7 +157,10 @@ def all_targets():
         + [
             f"{OUT}/evaluation/ablation.md",
             f"{OUT}/evaluation/explain/group_saliency.png",
+            # the QC sheets and subject pages, and the check of every file the report promises
+            f"{OUT}/report_manifest.txt",
         ]
+        + [f"{OUT}/derivatives/neuromoe/sub-{s}.html" for s in SUBJECTS]
     )
 
 
@@ -163,3 +172,29 @@ def adopted_experts(wildcards):
     if donor is None:
         return {}
     return {"experts_from": f"{MODEL}/runs/{donor}/{wildcards.split}/model.safetensors"}
+
+
+def qc_figures(wildcards=None):
+    """Every subject's QC figures, named <kind>__<subject> (a subject without a modality has none of it)."""
+    out = {}
+    for s in SUBJECTS:
+        for kind in QC_KINDS:
+            modality = kind.split("_")[1]
+            if modality == "anat" or DATASET.subjects[s].has(modality):
+                out[f"{kind}__{s}"] = deriv(kind, s)
+    return out
+
+
+def report_promised():
+    """Every file the report must hold: the QC sheets, the evaluation table and figures, the explanation."""
+    ev = rules.evaluate.output
+    return list(QC_SHEETS.values()) + [
+        ev.table,
+        ev.ablation_png,
+        ev.confusion,
+        ev.roc,
+        ev.calibration,
+        ev.gates,
+        ev.curves,
+        rules.explain.output.figure,
+    ]

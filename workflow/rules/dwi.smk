@@ -11,18 +11,8 @@ rule dwi:
         anat_xfm=deriv("anat_xfm"),
     output:
         **keys("dwi_"),
-        qc_dwi_fa=report(
-            deriv("qc_dwi_fa"),
-            category="1. Preprocessing QC",
-            subcategory="sub-{subject}",
-            caption="../report/qc_dwi_maps.rst",
-        ),
-        qc_dwi_motion=report(
-            deriv("qc_dwi_motion"),
-            category="1. Preprocessing QC",
-            subcategory="sub-{subject}",
-            caption="../report/qc_dwi_motion.rst",
-        ),
+        qc_dwi_fa=deriv("qc_dwi_fa"),
+        qc_dwi_motion=deriv("qc_dwi_motion"),
     log:
         f"{LOGS}/dwi/sub-{{subject}}.log",
     benchmark:

@@ -10,18 +10,8 @@ rule func:
         anat_xfm=deriv("anat_xfm"),
     output:
         **keys("func_"),
-        qc_func_maps=report(
-            deriv("qc_func_maps"),
-            category="1. Preprocessing QC",
-            subcategory="sub-{subject}",
-            caption="../report/qc_func_maps.rst",
-        ),
-        qc_func_motion=report(
-            deriv("qc_func_motion"),
-            category="1. Preprocessing QC",
-            subcategory="sub-{subject}",
-            caption="../report/qc_func_motion.rst",
-        ),
+        qc_func_maps=deriv("qc_func_maps"),
+        qc_func_motion=deriv("qc_func_motion"),
     log:
         f"{LOGS}/func/sub-{{subject}}.log",
     benchmark:
