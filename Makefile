@@ -28,12 +28,14 @@ DEMO_OUT ?= results
 
 demo: install
 	$(SNAKEMAKE) --cores $(CORES) $(DEMO_ARGS) --rerun-incomplete --show-failed-logs
+	@awk '/^### Pooled/{exit} {print}' $(DEMO_OUT)/evaluation/ablation.md
 	$(call report,$(DEMO_OUT),$(DEMO_ARGS))
 
 # The full ablation study (README: "The study"): 180 subjects at full image size, every variant, the lambda
 # sweep, 5 folds x 2 seeds. Hours on 2 cores; resumable: rerun the same command after an interruption.
 study: install
 	$(SNAKEMAKE) --cores $(CORES) --configfile presets/study.yaml --rerun-incomplete --show-failed-logs
+	@awk '/^### Pooled/{exit} {print}' study/evaluation/ablation.md
 	$(call report,study,--configfile presets/study.yaml)
 
 # $(call report,OUTPUT_DIR[,EXTRA SNAKEMAKE ARGS]): the zip report (its HTML loads each figure from

@@ -214,3 +214,20 @@ def test_single_figures_from_the_fixture(tmp_path: Path) -> None:
     assert_png(roc_figure(pred, tmp_path / "roc.png"))
     assert_png(gate_figure(pred, tmp_path / "gates.png"))
     assert_png(calibration_figure(pred, tmp_path / "cal.png"))
+
+
+def test_verdict_says_whether_full_beats_uniform_fusion_and_each_modality() -> None:
+    """The sentence atop ablation.md (and what `make demo` ends with): 'beats' only when the paired
+    interval of full - variant lies above 0."""
+    from neuromoe.results.evaluate import ablation_table, verdict
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(10):
+        for v, acc in {"full": 0.70, "no_gate": 0.55, "only_anat": 0.40, "only_dwi": 0.69}.items():
+            rows.append({"variant": v, "split_id": f"cv-s0-f{k}", "seed": 0, "fold": k, "protocol": "cv",
+                         "balanced_accuracy": acc + rng.normal(0, 0.03)})
+    said = verdict(ablation_table(pd.DataFrame(rows)))
+    assert said.startswith("The full model beats no_gate (full - no_gate: +1")
+    assert "It does not beat only_dwi (" in said and "only_anat +" in said
+    assert verdict(ablation_table(pd.DataFrame([r for r in rows if r["variant"] != "full"]))) == ""

@@ -59,6 +59,8 @@ def test_unchanged_make_demo_only_says_where_the_report_is(workflow_run: Path) -
     assert "Nothing to be done" in res.stdout + res.stderr
     assert report.stat().st_mtime_ns == before
     assert f"Report: {workflow_run / 'results/report/report.html'}" in res.stdout
+    assert "**Verdict**: The full model " in res.stdout  # it ends with the table and what it says, in words
+    assert "| **full** |" in res.stdout
 
 
 def test_unchanged_rerun_is_a_noop(workflow_run: Path) -> None:

@@ -246,6 +246,41 @@ def ablation_table(per_run: pd.DataFrame) -> pd.DataFrame:
     return sort_variants(pd.DataFrame(rows), extra=()).reset_index(drop=True)
 
 
+def verdict(table: pd.DataFrame, reference: str = "no_gate", singles_prefix: str = "only_") -> str:
+    """The comparison the ablation exists for, in words: does ``full`` beat ``reference`` (uniform fusion)
+    and every single-modality variant, by the paired difference of test balanced accuracy over the splits
+    both ran (95 % t-interval of full - variant: "beats" only when the whole interval is above 0)? Empty
+    when ``full`` is not in ``table``."""
+    rows = table.set_index("variant")
+    if "full" not in rows.index:
+        return ""
+
+    def diff(v: str) -> tuple[float, float, float, int]:  # full - v, from the table's v - full
+        r = rows.loc[v]
+        return (-r["delta_balanced_accuracy_mean"], -r["delta_balanced_accuracy_ci_high"],
+                -r["delta_balanced_accuracy_ci_low"], int(r["delta_balanced_accuracy_n"]))
+
+    def pts(d: tuple) -> str:
+        mean, lo, hi, n = d
+        return f"{100 * mean:+.1f} points" + (f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" if n >= 2 else "")
+
+    out = []
+    if reference in rows.index and rows.loc[reference, "delta_balanced_accuracy_n"] > 0:
+        d = diff(reference)
+        won = d[3] >= 2 and d[1] > 0
+        why = "" if won else ("; one split gives no interval" if d[3] < 2 else "; the interval is not above 0")
+        out.append(f"The full model {'beats' if won else 'does not beat'} {reference} (full - {reference}: "
+                   f"{pts(d)}{why}, {d[3]} paired split{'s' if d[3] != 1 else ''}).")
+    singles = [v for v in rows.index if str(v).startswith(singles_prefix)
+               and rows.loc[v, "delta_balanced_accuracy_n"] > 0]
+    if singles:
+        lost = [v for v in singles if not (diff(v)[3] >= 2 and diff(v)[1] > 0)]
+        spread = ", ".join(f"{v} {pts(diff(v))}" for v in singles)
+        out.append(("It beats every single modality" if not lost else
+                    f"It does not beat {', '.join(lost)}") + f" (full - variant: {spread}).")
+    return " ".join(out)
+
+
 def pooled_metrics(predictions: pd.DataFrame) -> pd.DataFrame:
     """Per variant and seed: metrics of the test predictions of all its folds concatenated.
 
@@ -367,7 +402,9 @@ def write_evaluation(runs: Sequence[Run] | str | Path | Iterable[str | Path], ou
     pooled.to_csv(out["pooled"], sep="\t", index=False, float_format="%.6g")
     summary.to_csv(out["pooled_summary"], sep="\t", index=False, float_format="%.6g")
     preds.to_csv(out["predictions"], sep="\t", index=False, float_format="%.6g")
-    out["ablation_md"].write_text(markdown_table(table, "Ablations (test metrics per run)") + "\n"
+    said = verdict(table)
+    out["ablation_md"].write_text((f"**Verdict**: {said}\n\n" if said else "")
+                                  + markdown_table(table, "Ablations (test metrics per run)") + "\n"
                                   + markdown_table(summary, "Pooled test predictions (all folds of a seed; "
                                                             "mean over seeds)"))
     if figures:
