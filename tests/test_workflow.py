@@ -270,3 +270,20 @@ def test_start_writes_the_demo_cohort_with_its_acquisition(tmp_path: Path) -> No
     t1 = nib.load(tmp_path / "bids/sub-01/anat/sub-01_T1w.nii.gz")
     assert np.allclose(t1.header.get_zooms(), acq["t1_voxel_mm"])
     assert len(sorted((tmp_path / "bids").glob("sub-*"))) == 6
+
+
+def test_job_benchmark_record_counts_children_and_startup(tmp_path: Path) -> None:
+    """neuromoe.smk.write_benchmark: Snakemake's column names, CPU of a child process included, wall time
+    from the process's start (so the interpreter's start-up counts)."""
+    import sys
+
+    out = tmp_path / "b.tsv"
+    code = ("import subprocess, sys, time\n"
+            "subprocess.run([sys.executable, '-c', 'x = 0\\nfor i in range(3 * 10**7): x += i'])\n"
+            f"from neuromoe.smk import write_benchmark\nwrite_benchmark({str(out)!r})\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    row = pd.read_csv(out, sep="\t").iloc[0]
+    assert {"s", "h:m:s", "max_rss", "cpu_time", "io_in", "io_out"} <= set(row.index)
+    assert row["cpu_time"] >= 0.5 and row["s"] >= row["cpu_time"] * 0.5  # the child's loop is counted
+    assert row["max_rss"] > 5 and row["status"] == "ok"

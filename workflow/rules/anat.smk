@@ -10,8 +10,7 @@ rule anat:
         qc_anat_reg=deriv("qc_anat_reg"),
     log:
         f"{LOGS}/anat/sub-{{subject}}.log",
-    benchmark:
-        f"{BENCH}/anat/sub-{{subject}}.tsv"
+        benchmark=f"{BENCH}/anat/sub-{{subject}}.tsv",
     conda:
         PREPROC_ENV
     threads: 1

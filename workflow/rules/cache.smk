@@ -18,8 +18,7 @@ rule cache_subject:
         directory(f"{CACHE}/subjects/sub-{{subject}}"),
     log:
         f"{LOGS}/cache_subject/sub-{{subject}}.log",
-    benchmark:
-        f"{BENCH}/cache_subject/sub-{{subject}}.tsv"
+        benchmark=f"{BENCH}/cache_subject/sub-{{subject}}.tsv",
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -41,8 +40,7 @@ rule cache_cohort:
         COHORT_FILES,
     log:
         f"{LOGS}/cache_cohort.log",
-    benchmark:
-        f"{BENCH}/cache_cohort.tsv"
+        benchmark=f"{BENCH}/cache_cohort.tsv",
     conda:
         "../../envs/torch.yaml"
     threads: 1

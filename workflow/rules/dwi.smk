@@ -15,8 +15,7 @@ rule dwi:
         qc_dwi_motion=deriv("qc_dwi_motion"),
     log:
         f"{LOGS}/dwi/sub-{{subject}}.log",
-    benchmark:
-        f"{BENCH}/dwi/sub-{{subject}}.tsv"
+        benchmark=f"{BENCH}/dwi/sub-{{subject}}.tsv",
     conda:
         PREPROC_ENV
     threads: 1

@@ -14,8 +14,7 @@ rule func:
         qc_func_motion=deriv("qc_func_motion"),
     log:
         f"{LOGS}/func/sub-{{subject}}.log",
-    benchmark:
-        f"{BENCH}/func/sub-{{subject}}.tsv"
+        benchmark=f"{BENCH}/func/sub-{{subject}}.tsv",
     conda:
         PREPROC_ENV
     threads: 1

@@ -22,8 +22,7 @@ rule qc_group:
         pages=[f"{OUT}/derivatives/neuromoe/sub-{s}.html" for s in SUBJECTS],
     log:
         f"{LOGS}/qc_group.log",
-    benchmark:
-        f"{BENCH}/qc_group.tsv"
+        benchmark=f"{BENCH}/qc_group.tsv",
     conda:
         PREPROC_ENV
     threads: 1

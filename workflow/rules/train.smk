@@ -56,8 +56,7 @@ rule train:
         [f"{MODEL}/runs/{{variant}}/{{split}}/{f}" for f in RUN_FILES],
     log:
         f"{LOGS}/train/{{variant}}/{{split}}.log",
-    benchmark:
-        f"{BENCH}/train/{{variant}}/{{split}}.tsv"
+        benchmark=f"{BENCH}/train/{{variant}}/{{split}}.tsv",
     conda:
         "../../envs/torch.yaml"
     # One intra-op thread: the demo model is tiny and 1 thread is ~7x faster per step than 2 on a
