@@ -40,12 +40,14 @@ study: install
 
 # $(call report,OUTPUT_DIR[,EXTRA SNAKEMAKE ARGS]): the zip report (its HTML loads each figure from
 # report/data/), unpacked next to it, checked against the workflow's manifest of what it must hold; rebuilt
-# only when a file it holds is newer, so an unchanged rerun only prints where it is.
+# only when a file it holds is newer, so an unchanged rerun only prints where it is (a report that failed its
+# check is removed, so the next run builds and checks it again).
 define report
 	@if [ ! -f $(1)/report.zip ] || [ -n "$$(find $(1)/report_manifest.txt $(1)/evaluation $(1)/qc -newer $(1)/report.zip -print -quit)" ]; then \
 	  $(SNAKEMAKE) --cores 1 $(2) --report $(abspath $(1))/report.zip && \
 	  rm -rf $(1)/report && $(BIN)/python -m zipfile -e $(1)/report.zip $(1)/ && \
-	  $(BIN)/neuromoe check-report $(1)/report.zip --manifest $(1)/report_manifest.txt; fi
+	  $(BIN)/neuromoe check-report $(1)/report.zip --manifest $(1)/report_manifest.txt \
+	  || { rm -f $(1)/report.zip; exit 1; }; fi
 	@echo "Report: $(abspath $(1)/report/report.html)  ($(1)/report.zip: the same, to share)"
 endef
 
