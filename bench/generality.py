@@ -177,11 +177,17 @@ def phase_targets(cfg: dict) -> dict[str, list[str]]:
             "evaluation": [f"{out}/evaluation/ablation.tsv"]}
 
 
+# Snakemake stats every input of every ready job at each scheduling round (update_input_sizes): with a
+# 180-subject DAG that was ~45 % of a core on this 2-core machine; a random subsample of the ready jobs is
+# all a few cores need (Makefile, profiles/local: the same).
+SCHEDULER_SUBSAMPLE = 20
+
+
 def snakemake_argv(workflow_dir: Path, cores: int, targets: Sequence[str]) -> list[str]:
     exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
     return [exe, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workflow_dir),
             "--configfile", str(workflow_dir / "config.yaml"), "--cores", str(cores), "--rerun-incomplete",
-            *targets]
+            "--scheduler-subsample", str(SCHEDULER_SUBSAMPLE), *targets]
 
 
 @contextlib.contextmanager

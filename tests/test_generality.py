@@ -78,7 +78,8 @@ def test_piece_config_is_the_repository_config_with_the_protocol(gen, tmp_path: 
     assert gen.cohort_seed(None) == 42 and gen.cohort_seed(11) != gen.cohort_seed(12)
     argv = gen.snakemake_argv(tmp_path, 2, ["a"])
     assert argv[1:] == ["--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
-                        str(tmp_path / "config.yaml"), "--cores", "2", "--rerun-incomplete", "a"]
+                        str(tmp_path / "config.yaml"), "--cores", "2", "--rerun-incomplete",
+                        "--scheduler-subsample", str(gen.SCHEDULER_SUBSAMPLE), "a"]
 
 
 # --- analysis --------------------------------------------------------------------------------------------
