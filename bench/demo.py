@@ -98,8 +98,8 @@ def main() -> None:
     entry = {
         "wall_s": round(wall_s, 1), "install_s": round(install_s, 1), "noop_s": round(noop_s, 1),
         "noop_ran_jobs": "Nothing to be done" not in again,
-        "disk_bytes": du(clone / "data") + du(results),
-        "data_bytes": du(clone / "data"), "results_bytes": du(results), "venv_bytes": du(clone / ".venv"),
+        "disk_bytes": (data_bytes := du(clone / "data")) + (results_bytes := du(results)),
+        "data_bytes": data_bytes, "results_bytes": results_bytes, "venv_bytes": du(clone / ".venv"),
         "report_bytes": (results / "report.zip").stat().st_size,
         "cores": args.cores, "git_commit": commit, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rules": rule_seconds(results), "ablation_md": table, "machine": meta,

@@ -100,8 +100,9 @@ def make_demo_cmd(work: Path) -> list[str]:
     same recipe (workflow, zip report, check of every promised file) as a user's first run."""
     import sys
 
-    return ["make", "-s", "-C", str(REPO), "demo", "CORES=2", f"VENV={sys.prefix}", f"DEMO_OUT={work / 'results'}",
-            f"DEMO_ARGS=--directory {work} --configfile {work / 'config.yaml'}"]
+    # -o install: the suite runs in an installed environment; make must never reinstall into it
+    return ["make", "-s", "-o", "install", "-C", str(REPO), "demo", "CORES=2", f"VENV={sys.prefix}",
+            f"DEMO_OUT={work / 'results'}", f"DEMO_ARGS=--directory {work} --configfile {work / 'config.yaml'}"]
 
 
 def write_workdir(dst: Path, bids: Path) -> Path:

@@ -66,3 +66,12 @@ def test_check_figure_and_report(tmp_path) -> None:
     assert check_report(report, ["roc_full.png", "ablation.md"]) == []
     assert check_report(report, ["roc_full.png", "confusion_full.png"]) == ["confusion_full.png: not in the report"]
     assert check_report(tmp_path / "none.zip", ["x"])[0].endswith("the report itself is missing")
+
+
+def test_qc_kinds_are_the_workflows_qc_figures() -> None:
+    """The pages' and sheets' headings name exactly the QC figures the stages write (neuromoe.paths), in the
+    order the workflow's report rules take them."""
+    from neuromoe import paths
+    from neuromoe.results.qcreport import QC_KINDS
+
+    assert list(QC_KINDS) == [k for k in paths.OUTPUTS if k.startswith("qc_")]

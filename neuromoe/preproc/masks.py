@@ -39,8 +39,7 @@ def epi_mask(mean: np.ndarray, lower_cutoff: float = 0.2, upper_cutoff: float = 
     ``opening``. Here rather than imported from nilearn: ``nilearn.masking`` imports scikit-learn and
     scipy.stats, ~1.4 CPU s of every func job for a few milliseconds of work.
     """
-    arr = np.array(mean, dtype=np.float64 if mean.dtype == np.int64 else
-                   (np.float32 if mean.dtype.kind == "i" else mean.dtype), copy=True)
+    arr = np.array(mean, dtype=np.result_type(mean.dtype, np.float32))  # a copy; floats keep their precision
     arr[~np.isfinite(arr)] = 0.0
     for axis in range(arr.ndim):
         ndimage.gaussian_filter1d(arr, 1.0 / np.sqrt(8 * np.log(2)), output=arr, axis=axis)

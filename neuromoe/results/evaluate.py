@@ -264,18 +264,20 @@ def verdict(table: pd.DataFrame, reference: str = "no_gate", singles_prefix: str
         mean, lo, hi, n = d
         return f"{100 * mean:+.1f} points" + (f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" if n >= 2 else "")
 
+    def beats(d: tuple) -> bool:
+        return d[3] >= 2 and d[1] > 0
+
+    diffs = {v: diff(v) for v in rows.index if v != "full" and rows.loc[v, "delta_balanced_accuracy_n"] > 0}
     out = []
-    if reference in rows.index and rows.loc[reference, "delta_balanced_accuracy_n"] > 0:
-        d = diff(reference)
-        won = d[3] >= 2 and d[1] > 0
-        why = "" if won else ("; one split gives no interval" if d[3] < 2 else "; the interval is not above 0")
-        out.append(f"The full model {'beats' if won else 'does not beat'} {reference} (full - {reference}: "
+    if reference in diffs:
+        d = diffs[reference]
+        why = "" if beats(d) else ("; one split gives no interval" if d[3] < 2 else "; the interval is not above 0")
+        out.append(f"The full model {'beats' if beats(d) else 'does not beat'} {reference} (full - {reference}: "
                    f"{pts(d)}{why}, {d[3]} paired split{'s' if d[3] != 1 else ''}).")
-    singles = [v for v in rows.index if str(v).startswith(singles_prefix)
-               and rows.loc[v, "delta_balanced_accuracy_n"] > 0]
+    singles = [v for v in diffs if str(v).startswith(singles_prefix)]
     if singles:
-        lost = [v for v in singles if not (diff(v)[3] >= 2 and diff(v)[1] > 0)]
-        spread = ", ".join(f"{v} {pts(diff(v))}" for v in singles)
+        lost = [v for v in singles if not beats(diffs[v])]
+        spread = ", ".join(f"{v} {pts(diffs[v])}" for v in singles)
         out.append(("It beats every single modality" if not lost else
                     f"It does not beat {', '.join(lost)}") + f" (full - variant: {spread}).")
     return " ".join(out)
