@@ -26,3 +26,10 @@ rule all:
     default_target: True
     input:
         all_targets(),
+
+
+rule participant:
+    # The BIDS App's participant level (neuromoe BIDS_DIR OUTPUT_DIR participant): preprocessing, maps and the
+    # per-subject cache of the selected subjects; `snakemake` alone (rule all) is the group level.
+    input:
+        participant_targets(),

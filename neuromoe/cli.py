@@ -34,6 +34,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from neuromoe.inputs.bids import validate_dataset
 
     cfg = _load_config(args.config)
+    if args.official:
+        cfg["validation"]["bids_validator"] = True
     ds = validate_dataset(args.bids_dir or cfg["bids_dir"], cfg)
     for w in ds.warnings:
         print(f"warning: {w}")
@@ -84,8 +86,14 @@ def cmd_check_report(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuromoe", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    from neuromoe import __version__
+
+    p = argparse.ArgumentParser(
+        prog="neuromoe", description=__doc__.splitlines()[0],
+        usage="neuromoe BIDS_DIR OUTPUT_DIR {participant,group} [options]   (the BIDS App: "
+              "neuromoe BIDS_DIR OUTPUT_DIR participant --help)\n       neuromoe COMMAND ...")
+    p.add_argument("--version", action="version", version=f"neuromoe {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("synth", help="write the synthetic demo BIDS cohort")
     s.add_argument("out_dir", type=Path)
@@ -99,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a BIDS dataset and participants.tsv; list every problem")
     v.add_argument("bids_dir", nargs="?", help="default: bids_dir from the config")
     v.add_argument("--config", default=None, help="config.yaml (default: the repository's)")
+    v.add_argument("--official", action="store_true",
+                   help="also run the official BIDS validator (bids-validator-deno, an optional extra)")
     v.set_defaults(func=cmd_validate)
 
     t = sub.add_parser("train", help="train one variant on one split of a cohort cache (resumes if interrupted)")
@@ -138,7 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in parser._subparsers._group_actions[0].choices:
+        from neuromoe import app  # neuromoe BIDS_DIR OUTPUT_DIR LEVEL ...: the BIDS App
+
+        try:
+            return app.main(argv)
+        except NeuroMoEError as exc:
+            print(f"neuromoe: error: {exc}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(argv)
     try:
         args.func(args)
     except NeuroMoEError as exc:

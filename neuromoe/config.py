@@ -146,15 +146,23 @@ def validate_config(cfg: dict, schema_path: Path = SCHEMA) -> dict:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """Read a config YAML (default: the repository's config.yaml), apply overrides, validate."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def read_config_file(path: str | Path) -> dict:
+    """The settings of one config YAML, not yet validated; ConfigError naming the file when it cannot be read."""
+    path = Path(path)
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} not found") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings (key: value), not a {type(cfg).__name__}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Read a config YAML (default: the repository's config.yaml), apply overrides, validate."""
+    cfg = read_config_file(path or DEFAULT_CONFIG)
     for k, v in (overrides or {}).items():
         cfg[k] = v
     return validate_config(cfg)

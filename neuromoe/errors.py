@@ -21,17 +21,18 @@ class InputError(NeuroMoEError):
     """Bad input data: names the subject, the file, what is wrong and how to fix it."""
 
     def __init__(self, cause: str, *, subject: str | None = None, path: str | Path | None = None,
-                 fix: str | None = None) -> None:
+                 fix: str | None = None, code: str | None = None) -> None:
         self.subject = subject
         self.path = str(path) if path is not None else None
         self.cause = cause
         self.fix = fix
+        self.code = code  # the BIDS validator's code for the same check (VOLUME_COUNT_MISMATCH, ...), if any
         super().__init__(self.format())
 
     def format(self) -> str:
         head = f"[{self.subject}] " if self.subject else ""
         where = f"{self.path}: " if self.path else ""
-        msg = f"{head}{where}{self.cause}"
+        msg = f"{head}{where}{self.cause}" + (f" [{self.code}]" if self.code else "")
         if self.fix:
             msg += f"\n  fix: {self.fix}"
         return msg

@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from neuromoe import MNI_SPACE
@@ -65,10 +66,15 @@ OUTPUTS: dict[str, tuple[str, dict[str, str], str, str]] = {
 SERIES: tuple[str, ...] = ("dwi_preproc", "dwi_bval", "dwi_bvec", "func_preproc")
 
 
-def stage_outputs(prefix: str, keep_series: bool = False) -> list[str]:
+FUNC_MAP_KEYS = {m: (f"func_{m.lower()}", f"func_{m.lower()}_mni") for m in ("fALFF", "ReHo")}
+
+
+def stage_outputs(prefix: str, keep_series: bool = False, func_maps: Sequence[str] | None = None) -> list[str]:
     """Output keys of the stage whose keys start with ``prefix`` (``anat_``, ``dwi_``, ``func_``), the series
-    left out unless ``keep_series``."""
-    return [k for k in OUTPUTS if k.startswith(prefix) and (keep_series or k not in SERIES)]
+    left out unless ``keep_series``; given ``func_maps`` (``cache.func_maps``), the BOLD maps not named there
+    too (the func stage computes only the maps it is asked for; DWI maps all come from one tensor fit)."""
+    unwanted = {k for m, ks in FUNC_MAP_KEYS.items() if func_maps is not None and m not in func_maps for k in ks}
+    return [k for k in OUTPUTS if k.startswith(prefix) and (keep_series or k not in SERIES) and k not in unwanted]
 
 
 def bids_name(subject: str, suffix: str, ext: str, **entities: str) -> str:

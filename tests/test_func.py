@@ -480,3 +480,18 @@ def test_epi_mask_matches_nilearn(seed) -> None:
     assert 0.2 < ours.mean() < 0.6  # a head, not nothing or everything
     assert not ours[2:5, 2:5, 2:5].any()
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_run_func_computes_only_the_maps_it_is_asked_for(tmp_path):
+    """cache.func_maps without ReHo (the BIDS App's --skip reho): the stage neither computes nor writes it."""
+    from neuromoe import paths
+
+    inputs, _ = make_func_inputs(tmp_path)
+    keys = paths.stage_outputs("func_", func_maps=["fALFF"]) + ["qc_func_maps"]
+    outputs = {k: paths.derivative(tmp_path / "out", "01", k) for k in keys}
+    assert F.wanted_maps(outputs) == ("fALFF",)
+    config = FuncConfig.of({"dummy_scans": 4, "band_hz": [0.01, 0.08], "nuisance": ["motion", "wm", "csf"]})
+    F.run_func(inputs, outputs, "01", config, threads=1)
+    assert all((tmp_path / p).exists() for p in outputs.values())
+    written = {p.name for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert any("stat-fALFF" in n for n in written) and not any("ReHo" in n for n in written)

@@ -182,6 +182,21 @@ def test_anat_stage_on_slurm_matches_local_run(slurm_env: dict[str, str], synth_
             assert (cluster / paths.derivative("results", s, k)).exists()
     assert not (cluster / "results" / "derivatives" / "neuromoe" / f"sub-{N_SUBJECTS:02d}").exists()
 
+    # The BIDS-App form, same profile: participant level for the same subjects, up to their anat stage.
+    app_out = tmp_path / "app"
+    res = run_bounded([sys.executable, "-m", "neuromoe.cli", bids, app_out, "participant",
+                       "--participant-label", *subjects, "--profile", "profiles/slurm", "--cores", str(cpus),
+                       "--until", "anat", "--resources", f"mem_mb={min(mem_mb, 32000)}",
+                       "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5"],
+                      timeout=TIMEOUT_S, env=slurm_env)
+    run_id = re.search(r"SLURM run ID: (\S+)", res.stdout)
+    if res.returncode != 0 and run_id:
+        subprocess.run(["scancel", "--name", run_id.group(1)], env=slurm_env, timeout=30)
+    assert res.returncode == 0 and run_id, res.stdout[-6000:]
+    assert all(j["State"] == "COMPLETED" for j in sacct_jobs(slurm_env, run_id.group(1)))
+    app_deriv = app_out / "derivatives" / "neuromoe"
+    assert_same_outputs(local / deriv, app_deriv)  # the same files and values as the plain local run
+
 
 # --- the profile, without a cluster --------------------------------------------------------------------------
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -141,11 +143,11 @@ def _check_dwi(bids_dir: Path, s: str, b0_threshold: float) -> list[InputError]:
                                    fix="write the b-vectors as three rows, one column per volume"))
     if bvals.size != n:
         problems.append(InputError(f"{bvals.size} b-values but the image has {n} volumes", subject=subj,
-                                   path=_rel(bids_dir, bval_p),
+                                   path=_rel(bids_dir, bval_p), code="VOLUME_COUNT_MISMATCH",
                                    fix="the .bval must list one b-value per DWI volume"))
     if bvecs.shape[0] == 3 and bvecs.shape[1] != n:
         problems.append(InputError(f"{bvecs.shape[1]} b-vectors but the image has {n} volumes", subject=subj,
-                                   path=_rel(bids_dir, bvec_p),
+                                   path=_rel(bids_dir, bvec_p), code="VOLUME_COUNT_MISMATCH",
                                    fix="the .bvec must have one column per DWI volume"))
     if not problems and not np.any(bvals <= b0_threshold):
         problems.append(InputError(f"no b=0 volume (all b-values > {b0_threshold} s/mm^2)", subject=subj,
@@ -210,7 +212,7 @@ def _check_participants(bids_dir: Path, cfg: dict, folders: set[str]) -> tuple[p
                                        fix="correct the label, or add it to participants.labels in config.yaml"))
         if pid not in folders:
             problems.append(InputError("listed in participants.tsv but has no folder (no images)", subject=pid,
-                                       path="participants.tsv",
+                                       path="participants.tsv", code="PARTICIPANT_ID_MISMATCH",
                                        fix=f"add {pid}/ with its images, or remove the row"))
     for col in pcfg["clinical_columns"]:
         vals = df[col]
@@ -226,13 +228,37 @@ def _check_participants(bids_dir: Path, cfg: dict, folders: set[str]) -> tuple[p
                                        + (" (sex: M or F)" if col == "sex" else "")))
     for folder in sorted(folders - set(df["participant_id"])):
         problems.append(InputError("has images but no row in participants.tsv", subject=folder,
-                                   path="participants.tsv",
+                                   path="participants.tsv", code="PARTICIPANT_ID_MISMATCH",
                                    fix=f"add a row for {folder} with its diagnosis and clinical values"))
     return df, problems
 
 
+def select_participants(folders: set[str], cfg: Mapping[str, Any], bids_dir: Path) -> set[str]:
+    """The subject folders to process: ``participant_label`` (labels without ``sub-``; empty: every subject)
+    minus ``exclude_participant_label``, as a BIDS App's ``--participant-label`` /
+    ``--exclude-participant-label``. A label with no folder is an error (a typo would otherwise run nobody or
+    everybody)."""
+    def folder(label: str) -> str:
+        return "sub-" + str(label).removeprefix("sub-")
+
+    include = [folder(x) for x in cfg.get("participant_label") or []]
+    exclude = [folder(x) for x in cfg.get("exclude_participant_label") or []]
+    unknown = sorted({f for f in include + exclude if f not in folders})
+    if unknown:
+        shown = ", ".join(f.removeprefix("sub-") for f in sorted(folders)[:10]) + (", ..." if len(folders) > 10 else "")
+        raise ValidationReport([InputError(f"no subject folder for participant label(s) "
+                                           f"{', '.join(u.removeprefix('sub-') for u in unknown)}",
+                                           path=bids_dir, fix=f"use labels without 'sub-' that exist in the "
+                                                              f"dataset ({shown})")])
+    chosen = set(include) if include else set(folders)
+    return chosen - set(exclude)
+
+
 def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
     """Discover and validate a BIDS dataset; raise ValidationReport listing every problem.
+
+    Only the subjects chosen by ``participant_label`` / ``exclude_participant_label`` are checked and returned
+    (another subject's problem does not stop them); the dataset-level checks of participants.tsv always run.
 
     A subject lacking a whole modality is not an error: with ``participants.missing_modality: keep`` it
     stays (its absent experts are masked later), with ``exclude`` it is dropped, and either way it is
@@ -253,14 +279,16 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
                                        "subject", subject=f, path=f,
                                        fix="point bids_dir at a single-session view (e.g. a copy with the "
                                            "session level removed)"))
+    chosen = select_participants(folders, cfg, bids_dir)
     df, pproblems = _check_participants(bids_dir, cfg, folders)
-    problems += pproblems
+    # an unselected subject's problem is not this run's
+    problems = [p for p in problems + pproblems if p.subject is None or p.subject in chosen]
 
     keep = cfg["participants"].get("missing_modality", "exclude") == "keep"
     b0_thr = float(cfg["preprocessing"]["dwi"].get("b0_threshold", 50))
     subjects: dict[str, Subject] = {}
     warnings: list[str] = []
-    for f in sorted(folders):
+    for f in sorted(folders & chosen):
         m = SUBJECT_RE.match(f)
         if not m:
             continue
@@ -294,10 +322,17 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
             if not keep:
                 continue
         subjects[s] = Subject(s, present)
+    if cfg.get("validation", {}).get("bids_validator"):
+        from neuromoe.inputs.validator import merge_problems, run_validator
+
+        official, notes = run_validator(bids_dir)
+        problems = merge_problems(problems, [p for p in official if p.subject is None or p.subject in chosen])
+        warnings += notes
     if problems:
         raise ValidationReport(problems)
     if not df.empty:
-        unlabelled = df.loc[df[cfg["participants"]["diagnosis_column"]].isna(), "participant_id"].tolist()
+        unlabelled = df.loc[df[cfg["participants"]["diagnosis_column"]].isna()
+                            & df["participant_id"].isin(chosen), "participant_id"].tolist()
         if unlabelled:
             warnings.append(f"{len(unlabelled)} subject(s) without a diagnosis ({', '.join(unlabelled[:5])}"
                             f"{', ...' if len(unlabelled) > 5 else ''}): processed for prediction only")

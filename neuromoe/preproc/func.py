@@ -611,7 +611,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
 
     # 5-8. tissue signals, confounds, regression, maps; then MNI
     derived = derive_maps(data, mask, affine, mean_img, motion, mni_to_bold, tr, cfg, subject=subject,
-                          bold_path=inputs["bold"], threads=threads)
+                          bold_path=inputs["bold"], threads=threads, maps=wanted_maps(outputs))
     lap("derive")
     maps_mni = {name: reg.resample(m, derived.template, mni_to_bold, interp="linear", threads=threads)
                 for name, m in derived.maps.items()}
@@ -626,6 +626,14 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     return outputs
 
 
+FUNC_MAPS = ("fALFF", "ReHo")
+
+
+def wanted_maps(outputs: Mapping[str, str]) -> tuple[str, ...]:
+    """The maps whose files the stage is asked for (``cache.func_maps``: a map nobody uses is not computed)."""
+    return tuple(m for m in FUNC_MAPS if f"func_{m.lower()}" in outputs or f"func_{m.lower()}_mni" in outputs)
+
+
 @dataclass
 class FuncDerivatives:
     """What ``derive_maps`` computes from a realigned series (native BOLD grid)."""
@@ -638,7 +646,7 @@ class FuncDerivatives:
 
 def derive_maps(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_img: nib.Nifti1Image, motion: pd.DataFrame,
                 mni_to_bold: sitk.Transform, tr: float, cfg: FuncConfig, *, subject: str | None,
-                bold_path: str | Path, threads: int = 1) -> FuncDerivatives:
+                bold_path: str | Path, threads: int = 1, maps: Sequence[str] = FUNC_MAPS) -> FuncDerivatives:
     """Everything the func stage derives in Python from a realigned series (both backends; FSL has no fALFF/ReHo).
 
     ``data`` (X, Y, Z, T) realigned BOLD with its ``affine``, ``mask`` (X, Y, Z) bool brain mask, ``mean_img`` its
@@ -651,7 +659,8 @@ def derive_maps(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_img
       2. Confounds: 6 motion parameters, FD, DVARS, std_dvars, mean WM and CSF signals, fMRIPrep column names.
       3. OLS nuisance regression (intercept, linear trend, the configured ``cfg.nuisance`` of motion/wm/csf) of
          the in-mask series; the mean is kept.
-      4. fALFF of the cleaned series; ReHo (27 neighbours) of the cleaned series band-passed to ``cfg.band_hz``.
+      4. fALFF of the cleaned series; ReHo (27 neighbours) of the cleaned series band-passed to ``cfg.band_hz``;
+         only those named in ``maps``.
     """
     import logging
 
@@ -686,14 +695,17 @@ def derive_maps(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_img
     preproc[mask] = clean
 
     # 4. maps
-    falff_vol = np.zeros(mask.shape, dtype=np.float32)
-    falff_vol[mask] = falff(clean, tr, band)
-    filtered = np.zeros(data.shape, dtype=np.float32)
-    filtered[mask] = bandpass(clean, tr, band)
-    reho_vol = reho(filtered, mask, neighbourhood=27)
-    del filtered
-    maps = {"fALFF": new_image(falff_vol, affine), "ReHo": new_image(reho_vol, affine)}
-    return FuncDerivatives(confounds=confounds, preproc=preproc, maps=maps, template=template)
+    out: dict[str, nib.Nifti1Image] = {}
+    if "fALFF" in maps:
+        falff_vol = np.zeros(mask.shape, dtype=np.float32)
+        falff_vol[mask] = falff(clean, tr, band)
+        out["fALFF"] = new_image(falff_vol, affine)
+    if "ReHo" in maps:
+        filtered = np.zeros(data.shape, dtype=np.float32)
+        filtered[mask] = bandpass(clean, tr, band)
+        out["ReHo"] = new_image(reho(filtered, mask, neighbourhood=27), affine)
+        del filtered
+    return FuncDerivatives(confounds=confounds, preproc=preproc, maps=out, template=template)
 
 
 def write_outputs(outputs: Mapping[str, str], subject: str, *, bold: nib.Nifti1Image, tr: float, mask: np.ndarray,
@@ -729,7 +741,7 @@ def write_outputs(outputs: Mapping[str, str], subject: str, *, bold: nib.Nifti1I
         confounds = derived.confounds
         if "qc_func_maps" in outputs:
             qc.plot_map_slices(derived.maps, outputs["qc_func_maps"],
-                               title=f"{sub} fALFF / ReHo (native{', ' + qc_note if qc_note else ''})",
+                               title=f"{sub} {' / '.join(derived.maps)} (native{', ' + qc_note if qc_note else ''})",
                                mask=new_image(mask, affine, dtype=np.uint8))
         if "qc_func_motion" in outputs:
             qc.plot_motion(confounds[MOTION_COLUMNS], outputs["qc_func_motion"],

@@ -69,8 +69,14 @@ if not Path(BIDS).exists() and config["synthetic"]["generate"]:
     )
     os.replace(_partial, BIDS)
 
+# The official BIDS validator (validation.bids_validator) runs once, in the main process: not again in each
+# job's own Snakemake process (a cluster job step re-reads this file).
+_official = config["validation"]["bids_validator"] and workflow.is_main_process
 try:
-    DATASET = validate_dataset(BIDS, config)
+    DATASET = validate_dataset(
+        BIDS,
+        {**config, "validation": {**config["validation"], "bids_validator": _official}},
+    )
 except NeuroMoEError as exc:
     raise WorkflowError(str(exc))
 for _w in DATASET.warnings:
@@ -96,7 +102,10 @@ def keys(prefix):
     """Output keys of one stage: {key: pattern} for the rule's named outputs (the 4D series only with
     preprocessing.keep_series)."""
     keep = config["preprocessing"]["keep_series"]
-    return {k: deriv(k) for k in paths.stage_outputs(prefix, keep)}
+    return {
+        k: deriv(k)
+        for k in paths.stage_outputs(prefix, keep, config["cache"]["func_maps"])
+    }
 
 
 def stage_config(*sections):
@@ -141,13 +150,28 @@ def preproc_targets():
             if not DATASET.subjects[s].has(m):
                 continue
             t += [
-                deriv(k, s) for k in paths.stage_outputs(f"{m}_") if k.endswith("_mni")
+                deriv(k, s)
+                for k in paths.stage_outputs(
+                    f"{m}_", func_maps=config["cache"]["func_maps"]
+                )
+                if k.endswith("_mni")
             ]
             t += [deriv(k, s) for k in paths.OUTPUTS if k.startswith(f"qc_{m}_")]
             # Asked for, the series are targets, so a finished folder writes them too.
             if config["preprocessing"]["keep_series"]:
                 t += [deriv(k, s) for k in paths.SERIES if k.startswith(f"{m}_")]
     return t
+
+
+def participant_targets():
+    """The BIDS App's participant level: each selected subject's derivatives and QC figures, and its cache
+    entry (``snakemake participant``; the group level, ``all``, adds the cohort cache, training, evaluation and
+    the report)."""
+    return (
+        [f"{OUT}/derivatives/neuromoe/dataset_description.json"]
+        + preproc_targets()
+        + [f"{OUT}/cache/subjects/sub-{s}" for s in SUBJECTS]
+    )
 
 
 def all_targets():

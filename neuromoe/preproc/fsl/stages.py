@@ -261,7 +261,7 @@ def run_func_fsl(inputs: Mapping[str, str], outputs: Mapping[str, str], subject:
 
         mni_to_bold = reg.compose(reg.read_transform(inputs["anat_xfm"]), xfm)
         derived = F.derive_maps(data, mask, affine, mean_img, motion, mni_to_bold, tr, cfg, subject=subject,
-                                bold_path=inputs["bold"], threads=threads or 1)
+                                bold_path=inputs["bold"], threads=threads or 1, maps=F.wanted_maps(outputs))
         map_files = {k: _save_float(np.asarray(v.dataobj), affine, work / f"{k}.nii.gz")
                      for k, v in derived.maps.items()}
         mni = _maps_to_mni(map_files, bold_to_t1, t1_file, inputs["anat_xfm"], work, subject, stage)
