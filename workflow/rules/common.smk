@@ -9,7 +9,7 @@ from snakemake.utils import validate
 sys.path.insert(0, workflow.basedir)  # the neuromoe package for the Snakefile itself
 
 from neuromoe import paths
-from neuromoe.inputs.bids import MODALITIES, validate_dataset
+from neuromoe.inputs.bids import MODALITIES, generate_synthetic, validate_dataset
 from neuromoe.config import validate_config
 from neuromoe.errors import NeuroMoEError
 from neuromoe.preproc import preproc_keys
@@ -47,7 +47,27 @@ if BACKEND == "fsl":
             )
 
 
-if not Path(BIDS).exists() and config["synthetic"]["generate"]:
+def dry_run():
+    """Is this a dry run? While the Snakefile is read, Snakemake has not chosen its executor yet
+    (workflow.dryrun reads False), so ask its own parser about this process's command line.
+    """
+    if workflow.dryrun:
+        return True
+    try:
+        from snakemake.cli import get_argument_parser
+
+        return bool(get_argument_parser().parse_known_args(sys.argv[1:])[0].dryrun)
+    except (Exception, SystemExit):
+        return False
+
+
+try:
+    _write_cohort = generate_synthetic(
+        BIDS, config, dry_run=not Path(BIDS).exists() and dry_run()
+    )
+except NeuroMoEError as exc:
+    raise WorkflowError(str(exc))
+if _write_cohort:
     from neuromoe.inputs.synth import SynthParams, make_cohort
 
     _syn = config["synthetic"]
@@ -94,7 +114,11 @@ def deriv(key, subject="{subject}"):
     return paths.derivative(OUT, subject, key)
 
 
-def raw(kind, subject="{subject}"):
+def raw(kind, subject=None):
+    """A raw input: one subject's path, or (no subject) the rule's input function, which finds each
+    subject's file as .nii.gz or .nii."""
+    if subject is None:
+        return lambda wc: paths.raw(BIDS, wc.subject, kind)
     return paths.raw(BIDS, subject, kind)
 
 
@@ -186,6 +210,26 @@ def all_targets():
         ]
         + [f"{OUT}/derivatives/neuromoe/sub-{s}.html" for s in SUBJECTS]
     )
+
+
+def splits_index(wildcards):
+    """Input of rule splits (the cohort index), once the protocol is known to fit: enough labelled subjects
+    per class for evaluation.folds (or the holdout split). Checked while Snakemake builds the plan, before
+    any job, and only for runs that make splits: a cohort too small for the folds used to fail here after
+    every subject's preprocessing."""
+    from neuromoe.learn.splits import check_class_sizes
+
+    ev = config["evaluation"]
+    try:
+        check_class_sizes(
+            DATASET.training_labels(config["participants"]["diagnosis_column"]),
+            ev["protocol"],
+            ev["folds"],
+            ev["val_fraction"],
+        )
+    except NeuroMoEError as exc:
+        raise WorkflowError(str(exc))
+    return f"{COHORT}/index.tsv"
 
 
 def adopted_experts(wildcards):

@@ -28,7 +28,7 @@ wildcard_constraints:
 
 rule splits:
     input:
-        index=f"{COHORT}/index.tsv",
+        index=splits_index,
     output:
         f"{MODEL}/splits.tsv",
     log:
