@@ -153,14 +153,12 @@ def check_class_sizes(labels: Sequence[str] | np.ndarray, protocol: str, folds: 
     folds, with_val = int(folds), val_fraction > 0
     smallest = int(np.unique(labels, return_counts=True)[1].min()) if labels.size else 0
     fits = [k for k in range(2, smallest + 1) if _cv_fits(smallest, k, with_val)]
-    no_val = [k for k in range(2, smallest + 1) if _cv_fits(smallest, k, False)]
     if fits:
         below = all(_cv_fits(smallest, k, with_val) for k in range(2, max(fits)))
         fix = f"set evaluation.folds to {max(fits)}{' or fewer' if below else ''}"
-    elif with_val and no_val:
-        fix = f"set evaluation.folds to {max(no_val)} and evaluation.val_fraction to 0 (no validation part)"
     else:
-        fix = "merge or drop the small class"
+        fix = (f"even 2 folds need {_cv_min_per_class(2, with_val)} subjects per class"
+               + (" (with the validation part)" if with_val else "") + ": merge or drop the small class")
     what = f"stratified {folds}-fold cv" + (" with a validation part" if with_val else "")
     _check_class_sizes(labels, _cv_min_per_class(folds, with_val), what, fix + ", or add subjects to the small class")
 

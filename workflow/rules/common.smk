@@ -1,4 +1,5 @@
 # Start-up: config validation, the synthetic demo cohort, BIDS discovery and validation, targets.
+import functools
 import os
 import sys
 from pathlib import Path
@@ -47,18 +48,33 @@ if BACKEND == "fsl":
             )
 
 
-def dry_run():
-    """Is this a dry run? While the Snakefile is read, Snakemake has not chosen its executor yet
-    (workflow.dryrun reads False), so ask its own parser about this process's command line.
+@functools.cache
+def command_line():
+    """This process's Snakemake arguments, read by Snakemake's own parser (while the Snakefile is read it has
+    not yet chosen its executor or targets: workflow.dryrun reads False); None when not run from its CLI.
     """
-    if workflow.dryrun:
-        return True
     try:
         from snakemake.cli import get_argument_parser
 
-        return bool(get_argument_parser().parse_known_args(sys.argv[1:])[0].dryrun)
+        return get_argument_parser().parse_known_args(sys.argv[1:])[0]
     except (Exception, SystemExit):
-        return False
+        return None
+
+
+def dry_run():
+    return workflow.dryrun or bool(getattr(command_line(), "dryrun", False))
+
+
+def group_level_run():
+    """A run that will make splits and train: the default target or `all`, in full (no --until, --omit-from)."""
+    args = command_line()
+    return (
+        workflow.is_main_process
+        and args is not None
+        and (not args.targets or "all" in args.targets)
+        and not args.until
+        and not args.omit_from
+    )
 
 
 try:
@@ -103,6 +119,21 @@ for _w in DATASET.warnings:
     print(f"neuromoe: warning: {_w}", file=sys.stderr)
 
 SUBJECTS = sorted(DATASET.subjects)
+
+# Enough labelled subjects per class for the evaluation protocol, checked now rather than after every
+# subject's preprocessing (only for a run that will make splits: a preprocessing-only run needs none).
+if group_level_run():
+    from neuromoe.learn.splits import check_class_sizes
+
+    try:
+        check_class_sizes(
+            DATASET.training_labels(config["participants"]["diagnosis_column"]),
+            config["evaluation"]["protocol"],
+            config["evaluation"]["folds"],
+            config["evaluation"]["val_fraction"],
+        )
+    except NeuroMoEError as exc:
+        raise WorkflowError(str(exc))
 
 
 wildcard_constraints:
@@ -210,26 +241,6 @@ def all_targets():
         ]
         + [f"{OUT}/derivatives/neuromoe/sub-{s}.html" for s in SUBJECTS]
     )
-
-
-def splits_index(wildcards):
-    """Input of rule splits (the cohort index), once the protocol is known to fit: enough labelled subjects
-    per class for evaluation.folds (or the holdout split). Checked while Snakemake builds the plan, before
-    any job, and only for runs that make splits: a cohort too small for the folds used to fail here after
-    every subject's preprocessing."""
-    from neuromoe.learn.splits import check_class_sizes
-
-    ev = config["evaluation"]
-    try:
-        check_class_sizes(
-            DATASET.training_labels(config["participants"]["diagnosis_column"]),
-            ev["protocol"],
-            ev["folds"],
-            ev["val_fraction"],
-        )
-    except NeuroMoEError as exc:
-        raise WorkflowError(str(exc))
-    return f"{COHORT}/index.tsv"
 
 
 def adopted_experts(wildcards):

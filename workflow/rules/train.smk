@@ -28,7 +28,7 @@ wildcard_constraints:
 
 rule splits:
     input:
-        index=splits_index,
+        index=f"{COHORT}/index.tsv",
     output:
         f"{MODEL}/splits.tsv",
     log:
