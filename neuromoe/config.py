@@ -75,8 +75,20 @@ def _schema_problems(instance: Any, sub: dict, prefix: str = "") -> list[str]:
             extra = sorted(set(e.instance) - set(allowed))
             problems.append(f"{_key(e.absolute_path, prefix)}: unknown key(s) {extra}; allowed: {allowed}")
         else:
-            problems.append(f"{_key(e.absolute_path, prefix)}: {e.message}")
+            hint = ""
+            if e.validator == "type" and isinstance(e.instance, str) and _is_number(e.instance):
+                # YAML 1.1 reads 1e-3 (no dot) as text
+                hint = f" (YAML read {e.instance} as text: write it as {float(e.instance)!r} or with a dot, 1.0e-3)"
+            problems.append(f"{_key(e.absolute_path, prefix)}: {e.message}{hint}")
     return problems
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:

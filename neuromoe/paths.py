@@ -109,7 +109,8 @@ def derivative_pattern(output_dir: str | Path, key: str) -> str:
 
 
 def raw(bids_dir: str | Path, subject: str, kind: str) -> str:
-    """Raw BIDS input of one subject: kind in T1w, dwi, bval, bvec, dwi_json, bold, bold_json."""
+    """Raw BIDS input of one subject: kind in T1w, dwi, bval, bvec, dwi_json, bold, bold_json. An image is
+    ``.nii.gz``, or ``.nii`` where only that exists (a ``{subject}`` pattern stays ``.nii.gz``)."""
     b = Path(bids_dir) / f"sub-{subject}"
     table = {
         "T1w": b / "anat" / f"sub-{subject}_T1w.nii.gz",
@@ -122,4 +123,9 @@ def raw(bids_dir: str | Path, subject: str, kind: str) -> str:
     }
     if kind not in table:
         raise KeyError(f"unknown raw input {kind!r}; known: {sorted(table)}")
-    return str(table[kind])
+    path = table[kind]
+    if path.suffix == ".gz" and "{" not in str(path) and not path.exists():
+        plain = path.with_suffix("")  # BIDS allows an uncompressed .nii as well
+        if plain.exists():
+            return str(plain)
+    return str(path)

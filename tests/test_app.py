@@ -112,10 +112,13 @@ def test_func_stage_outputs_follow_the_configured_maps() -> None:
     assert paths.stage_outputs("func_") == paths.stage_outputs("func_", func_maps=["fALFF", "ReHo"])
 
 
-def test_skip_reho_plans_no_reho_anywhere(synth_cohort: Path, tmp_path: Path) -> None:
+def test_skip_reho_plans_no_reho_anywhere(workflow_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "neuromoe.cli", str(synth_cohort), str(out), "group",
-                          "--skip", "reho", "--cores", "2", "-n"], capture_output=True, text=True, timeout=300)
+    small = tmp_path / "small.yaml"  # the suite's 9-subject cohort: 3 folds
+    small.write_text("evaluation:\n  folds: 3\n")
+    run = subprocess.run([sys.executable, "-m", "neuromoe.cli", str(workflow_run / "bids"), str(out), "group",
+                          "--config", str(small), "--skip", "reho", "--cores", "2", "-n"],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     plan = run.stdout + run.stderr
     assert "stat-fALFF" in plan and "ReHo" not in plan  # no map computed, cached or shown

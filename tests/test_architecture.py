@@ -31,7 +31,7 @@ def modules() -> dict[str, Path]:
 def layer(mod: str) -> str:
     if mod in CORE:
         return "core"
-    if mod == "neuromoe.cli":
+    if mod in ("neuromoe.cli", "neuromoe.app"):  # the command lines: the BIDS App runs the whole workflow
         return "cli"
     return mod.split(".")[1]
 

@@ -256,20 +256,42 @@ def test_start_writes_the_demo_cohort_with_its_acquisition(tmp_path: Path) -> No
 
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     acq = cfg["synthetic"]["acquisition"]
-    cfg.update({"bids_dir": "bids", "output_dir": "results"})
+    cfg.update({"output_dir": "results"})  # bids_dir: the demo's data/demo_bids, here under tmp_path
     cfg["synthetic"]["subjects"] = 6
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # a dry run writes nothing and says so
     res = run(snakemake_cmd(tmp_path, "-n", "--cores", "2"), timeout=600)
+    assert res.returncode != 0 and "not by a dry run" in res.stdout + res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "data").exists()
+    # a real run writes it first (here with the cheapest target)
+    res = run(snakemake_cmd(tmp_path, "--cores", "2", "results/derivatives/neuromoe/dataset_description.json"),
+              timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert not (tmp_path / "bids.partial").exists()
-    bold = nib.load(tmp_path / "bids/sub-01/func/sub-01_task-rest_bold.nii.gz")
+    bids = tmp_path / cfg["bids_dir"]
+    assert not bids.with_name("demo_bids.partial").exists()
+    bold = nib.load(bids / "sub-01/func/sub-01_task-rest_bold.nii.gz")
     assert bold.shape[3] == acq["n_bold"] + cfg["preprocessing"]["func"]["dummy_scans"]
     assert np.allclose(bold.header.get_zooms()[:3], acq["bold_voxel_mm"])
-    bvals = np.loadtxt(tmp_path / "bids/sub-01/dwi/sub-01_dwi.bval")
+    bvals = np.loadtxt(bids / "sub-01/dwi/sub-01_dwi.bval")
     assert (bvals > 50).sum() == acq["n_directions"]
-    t1 = nib.load(tmp_path / "bids/sub-01/anat/sub-01_T1w.nii.gz")
+    t1 = nib.load(bids / "sub-01/anat/sub-01_T1w.nii.gz")
     assert np.allclose(t1.header.get_zooms(), acq["t1_voxel_mm"])
-    assert len(sorted((tmp_path / "bids").glob("sub-*"))) == 6
+    assert len(sorted(bids.glob("sub-*"))) == 6
+
+
+def test_a_typo_in_bids_dir_is_an_error_not_a_synthetic_cohort(tmp_path: Path) -> None:
+    """synthetic.generate is on in config.yaml, so a copy with a mistyped bids_dir used to get a synthetic
+    cohort written there (2 GB at the study's size), even by a dry run."""
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg.update({"bids_dir": "data/my_studdy", "output_dir": "results"})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for args in (["-n"], []):
+        res = run(snakemake_cmd(tmp_path, *args, "--cores", "1"), timeout=300)
+        out = res.stdout + res.stderr
+        assert res.returncode != 0
+        assert "bids_dir does not exist" in out and "my_studdy" in out, out[-2000:]
+        assert "fix: correct bids_dir" in out and "Traceback" not in out
+    assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()
 
 
 def test_job_benchmark_record_counts_children_and_startup(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ Layout understood (one session, as the synthetic cohort and most single-visit st
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
@@ -59,6 +60,15 @@ class Dataset:
     def with_modality(self, modality: str) -> list[str]:
         return sorted(s for s, sub in self.subjects.items() if sub.has(modality))
 
+    def training_labels(self, diagnosis_column: str) -> list[str]:
+        """The diagnoses of the subjects the model trains and tests on: selected and labelled."""
+        df = self.participants
+        if df.empty:
+            return []
+        ids = {f"sub-{s}" for s in self.subjects}
+        rows = df[df["participant_id"].isin(ids) & df[diagnosis_column].notna()]
+        return rows[diagnosis_column].astype(str).tolist()
+
 
 def _rel(bids_dir: Path, p: str | Path) -> str:
     try:
@@ -84,6 +94,13 @@ def gzip_complete(path: Path, expected_bytes: int) -> bool:
 def check_image(path: Path, subject: str, bids_dir: Path, ndim: int, what: str) -> tuple[tuple, InputError | None]:
     """Header-level check of one NIfTI: readable, complete, the right number of dimensions."""
     rel = _rel(bids_dir, path)
+    if str(path).endswith(".gz"):
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"\x1f\x8b":
+                return (), InputError(f"the {what} image is named .nii.gz but is not gzip-compressed",
+                                      subject=f"sub-{subject}", path=rel,
+                                      fix=f"compress it (gzip -c {path.with_suffix('').name} > {path.name}) or "
+                                          "rename it to .nii (BIDS allows both)")
     try:
         img = nib.load(str(path))
         shape = img.shape
@@ -101,6 +118,12 @@ def check_image(path: Path, subject: str, bids_dir: Path, ndim: int, what: str) 
             return shape, InputError(f"the {what} image is truncated or corrupt (gzip stream incomplete)",
                                      subject=f"sub-{subject}", path=rel,
                                      fix="copy or download the file again; `gzip -t` on it should succeed")
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        return shape, InputError(f"the {what} header's affine (sform/qform) is zero or not invertible, so the "
+                                 "image has no position or voxel size in space", subject=f"sub-{subject}", path=rel,
+                                 fix="re-convert from DICOM (dcm2niix), or set a valid sform/qform (e.g. "
+                                     "nibabel's set_sform / FSL's fslorient)")
     if len(shape) != ndim and not (ndim == 3 and len(shape) == 4 and shape[3] == 1):
         need = "3D (one volume)" if ndim == 3 else "4D (a time series of volumes)"
         return shape, InputError(f"the {what} image is {len(shape)}D with shape {shape}; it must be {need}",
@@ -149,6 +172,23 @@ def _check_dwi(bids_dir: Path, s: str, b0_threshold: float) -> list[InputError]:
         problems.append(InputError(f"{bvecs.shape[1]} b-vectors but the image has {n} volumes", subject=subj,
                                    path=_rel(bids_dir, bvec_p), code="VOLUME_COUNT_MISMATCH",
                                    fix="the .bvec must have one column per DWI volume"))
+    bad = np.flatnonzero(~np.isfinite(bvals) | (bvals < 0))
+    if bad.size:
+        problems.append(InputError(f"the .bval has {bad.size} value(s) that are not b-values (nan, inf or "
+                                   f"negative) at volume(s) {', '.join(map(str, bad[:8]))}", subject=subj,
+                                   path=_rel(bids_dir, bval_p),
+                                   fix="one finite b-value >= 0 per volume (s/mm^2); check the conversion"))
+    elif not problems and bvecs.shape[0] == 3:
+        dw = bvals > b0_threshold
+        norm = np.linalg.norm(np.nan_to_num(bvecs, nan=0.0), axis=0)
+        zero = np.flatnonzero(dw & ((norm < 1e-6) | ~np.isfinite(bvecs).all(axis=0)))
+        if zero.size:
+            problems.append(InputError(
+                f"{zero.size} diffusion-weighted volume(s) have a zero or non-finite b-vector (volume(s) "
+                f"{', '.join(map(str, zero[:8]))}, b = {bvals[zero[0]]:g})", subject=subj,
+                path=_rel(bids_dir, bvec_p),
+                fix="every volume with b > preprocessing.dwi.b0_threshold needs its gradient direction (a unit "
+                    "vector) in the .bvec; check the conversion, or mark the volume b=0 if it is one"))
     if not problems and not np.any(bvals <= b0_threshold):
         problems.append(InputError(f"no b=0 volume (all b-values > {b0_threshold} s/mm^2)", subject=subj,
                                    path=_rel(bids_dir, bval_p),
@@ -157,10 +197,16 @@ def _check_dwi(bids_dir: Path, s: str, b0_threshold: float) -> list[InputError]:
     return problems
 
 
-def _check_func(bids_dir: Path, s: str) -> list[InputError]:
+def min_volumes(tr: float, f_low: float) -> int:
+    """Fewest BOLD volumes whose duration resolves ``f_low``: T * TR >= 1 / f_low (100 s for 0.01 Hz); fALFF and
+    the band-pass need it (checked here at start-up and by the func stage)."""
+    return int(math.ceil(1.0 / (f_low * tr) - 1e-9))
+
+
+def _check_func(bids_dir: Path, s: str, func_cfg: Mapping[str, Any]) -> list[InputError]:
     subj = f"sub-{s}"
     img_p, js_p = Path(paths.raw(bids_dir, s, "bold")), Path(paths.raw(bids_dir, s, "bold_json"))
-    _, err = check_image(img_p, s, bids_dir, 4, "BOLD")
+    shape, err = check_image(img_p, s, bids_dir, 4, "BOLD")
     if err:
         return [err]
     fix = ('add {"RepetitionTime": <seconds>} to the sidecar (dcm2niix writes it)')
@@ -173,9 +219,21 @@ def _check_func(bids_dir: Path, s: str) -> list[InputError]:
         return [InputError(f"the sidecar is not valid JSON ({exc})", subject=subj, path=_rel(bids_dir, js_p),
                            fix="fix the JSON syntax")]
     tr = meta.get("RepetitionTime")
-    if not isinstance(tr, (int, float)) or not tr > 0:
+    if tr is None:
+        return [InputError("RepetitionTime is missing from the sidecar", subject=subj, path=_rel(bids_dir, js_p),
+                           fix=fix)]
+    if isinstance(tr, bool) or not isinstance(tr, (int, float)) or not tr > 0:
         return [InputError(f"RepetitionTime is {tr!r}; it must be a positive number of seconds", subject=subj,
                            path=_rel(bids_dir, js_p), fix=fix)]
+    dummy, f_low = int(func_cfg.get("dummy_scans", 0)), float(func_cfg.get("band_hz", [0.01, 0.08])[0])
+    need, left = min_volumes(float(tr), f_low), shape[3] - dummy
+    if left < need:
+        return [InputError(f"the BOLD has {shape[3]} volumes; minus {dummy} dummy scans that leaves {left} "
+                           f"({max(left, 0) * tr:g} s at TR {tr:g} s), and fALFF/ReHo need at least {need} "
+                           f"({need * tr:g} s, one period of the band's {f_low:g} Hz)", subject=subj,
+                           path=_rel(bids_dir, img_p),
+                           fix="use a longer resting-state run, or lower preprocessing.func.dummy_scans / raise "
+                               "the low edge of preprocessing.func.band_hz")]
     return []
 
 
@@ -233,6 +291,31 @@ def _check_participants(bids_dir: Path, cfg: dict, folders: set[str]) -> tuple[p
     return df, problems
 
 
+# bids_dir values that name the project's own synthetic cohorts (config.yaml, presets/study.yaml): only these
+# are written at start-up when absent; any other synthetic cohort is written on purpose with `neuromoe synth`.
+SYNTHETIC_DIRS = ("data/demo_bids", "data/study_bids")
+
+
+def generate_synthetic(bids_dir: str | Path, cfg: Mapping[str, Any], *, dry_run: bool) -> bool:
+    """Whether the start-up writes the synthetic cohort into ``bids_dir``: only when it is absent,
+    ``synthetic.generate`` is on and the path is the demo's own (``SYNTHETIC_DIRS``, relative to the working
+    directory); never in a dry run. Anything else absent is a ValidationReport naming the path and the fix
+    (a typo'd path used to get a 2 GB synthetic cohort)."""
+    path = Path(bids_dir)
+    if path.exists():
+        return False
+    if cfg["synthetic"].get("generate", True) and path.as_posix().rstrip("/") in SYNTHETIC_DIRS:
+        if not dry_run:
+            return True
+        raise ValidationReport([InputError(
+            "does not exist yet: the synthetic demo cohort is written by the first real run, not by a dry run",
+            path=bids_dir, fix="run without -n/--dry-run (make demo), or point bids_dir at your dataset")])
+    raise ValidationReport([InputError(
+        "bids_dir does not exist", path=path.resolve(),
+        fix="correct bids_dir in your config (or the BIDS_DIR argument); a synthetic cohort is written only "
+            f"at {' or '.join(SYNTHETIC_DIRS)}, or on purpose with `neuromoe synth PATH`")])
+
+
 def select_participants(folders: set[str], cfg: Mapping[str, Any], bids_dir: Path) -> set[str]:
     """The subject folders to process: ``participant_label`` (labels without ``sub-``; empty: every subject)
     minus ``exclude_participant_label``, as a BIDS App's ``--participant-label`` /
@@ -272,8 +355,12 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
     problems: list[InputError] = []
     for f in sorted(folders):
         if not SUBJECT_RE.match(f):
-            problems.append(InputError("subject folder name is not sub-<alphanumeric label>", subject=f,
-                                       path=f, fix="rename it, e.g. sub-01 (BIDS allows letters and digits only)"))
+            label = f.removeprefix("sub-")
+            odd = sorted({c for c in label if not c.isascii() or not c.isalnum()})
+            problems.append(InputError("subject folder name is not sub-<label>" + (
+                f": the label has {', '.join(repr(c) for c in odd)}" if odd else ": the label is empty"),
+                subject=f, path=f, fix="rename it, e.g. sub-01: BIDS labels hold only the letters A-Z, a-z and "
+                                       "the digits 0-9 (no '-', '_', spaces or other signs)"))
         elif any((bids_dir / f).glob("ses-*")):
             problems.append(InputError("has session folders (ses-*); this workflow reads one session per "
                                        "subject", subject=f, path=f,
@@ -281,8 +368,9 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
                                            "session level removed)"))
     chosen = select_participants(folders, cfg, bids_dir)
     df, pproblems = _check_participants(bids_dir, cfg, folders)
-    # an unselected subject's problem is not this run's
-    problems = [p for p in problems + pproblems if p.subject is None or p.subject in chosen]
+    problems += pproblems
+    if chosen != folders:  # a selection: another subject's problem is not this run's
+        problems = [p for p in problems if p.subject is None or p.subject in chosen]
 
     keep = cfg["participants"].get("missing_modality", "exclude") == "keep"
     b0_thr = float(cfg["preprocessing"]["dwi"].get("b0_threshold", 50))
@@ -301,7 +389,8 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
         if not any(present.values()):
             problems.append(InputError("has no T1w, DWI or BOLD image under the expected names", subject=f,
                                        path=f, fix=f"name them {f}_T1w.nii.gz, {f}_dwi.nii.gz, "
-                                                   f"{f}_task-rest_bold.nii.gz in anat/, dwi/, func/"))
+                                                   f"{f}_task-rest_bold.nii.gz in anat/, dwi/, func/ "
+                                                   "(.nii works too)"))
             continue
         if present["anat"]:
             _, err = check_image(Path(paths.raw(bids_dir, s, "T1w")), s, bids_dir, 3, "T1w")
@@ -310,7 +399,7 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
         if present["dwi"]:
             problems += _check_dwi(bids_dir, s, b0_thr)
         if present["func"]:
-            problems += _check_func(bids_dir, s)
+            problems += _check_func(bids_dir, s, cfg["preprocessing"]["func"])
         absent = [k for k, v in present.items() if not v]
         if not present["anat"]:
             # Every MNI map is registered through the T1w, so a subject without one cannot be placed in MNI.

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from neuromoe.errors import InputError
 
@@ -99,6 +98,7 @@ def _subjects_and_labels(participants: pd.DataFrame, id_column: str,
 
 def _check_class_sizes(labels: np.ndarray, needed: int, what: str, fix: str) -> None:
     classes, counts = np.unique(labels, return_counts=True)
+    classes = [str(c) for c in classes]  # "'HC'", not "np.str_('HC')"
     small = [(c, n) for c, n in zip(classes, counts, strict=True) if n < needed]
     if small:
         listed = ", ".join(f"{c!r} has {n}" for c, n in small)
@@ -128,6 +128,8 @@ def _cv_min_per_class(folds: int, with_val: bool) -> int:
 def _carve_val(ids: np.ndarray, labels: np.ndarray, val_fraction: float,
                seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, val) split of ``ids``; val is ``val_fraction`` of them (at least one per class)."""
+    from sklearn.model_selection import train_test_split
+
     if val_fraction <= 0:
         return ids, ids[:0]
     n_classes = len(np.unique(labels))
@@ -135,6 +137,30 @@ def _carve_val(ids: np.ndarray, labels: np.ndarray, val_fraction: float,
     n_val = max(int(round(val_fraction * len(ids))), n_classes)
     train, val = train_test_split(ids, test_size=n_val, stratify=labels, random_state=seed, shuffle=True)
     return np.asarray(train), np.asarray(val)
+
+
+def check_class_sizes(labels: Sequence[str] | np.ndarray, protocol: str, folds: int, val_fraction: float) -> None:
+    """InputError unless every class has enough subjects for the protocol (the workflow checks this at start-up
+    from participants.tsv, before any preprocessing; ``make_splits`` again)."""
+    labels = np.asarray(labels)
+    if protocol == "holdout":
+        _check_class_sizes(labels, _HOLDOUT_FOLDS, "the 50/25/25 holdout split",
+                           "use protocol 'cv' with fewer folds, or add subjects to the small class")
+        return
+    if int(folds) < 2:
+        raise InputError(f"cv needs at least 2 folds, got {folds}", path="config.yaml",
+                         fix="set evaluation.folds to 2 or more")
+    folds, with_val = int(folds), val_fraction > 0
+    smallest = int(np.unique(labels, return_counts=True)[1].min()) if labels.size else 0
+    fits = [k for k in range(2, smallest + 1) if _cv_fits(smallest, k, with_val)]
+    if fits:
+        below = all(_cv_fits(smallest, k, with_val) for k in range(2, max(fits)))
+        fix = f"set evaluation.folds to {max(fits)}{' or fewer' if below else ''}"
+    else:
+        fix = (f"even 2 folds need {_cv_min_per_class(2, with_val)} subjects per class"
+               + (" (with the validation part)" if with_val else "") + ": merge or drop the small class")
+    what = f"stratified {folds}-fold cv" + (" with a validation part" if with_val else "")
+    _check_class_sizes(labels, _cv_min_per_class(folds, with_val), what, fix + ", or add subjects to the small class")
 
 
 def make_splits(participants: pd.DataFrame, protocol: str = "cv", folds: int = 5,
@@ -158,6 +184,8 @@ def make_splits(participants: pd.DataFrame, protocol: str = "cv", folds: int = 5
         InputError: a class has too few subjects for the protocol (names the class and counts),
             duplicate ids, missing diagnoses, or bad arguments.
     """
+    from sklearn.model_selection import StratifiedKFold  # here: the workflow's start-up imports this module
+
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown evaluation protocol {protocol!r}", path="config.yaml",
                          fix=f"set evaluation.protocol to one of {', '.join(PROTOCOLS)}")
@@ -169,11 +197,10 @@ def make_splits(participants: pd.DataFrame, protocol: str = "cv", folds: int = 5
         raise InputError(f"seeds must be a non-empty list without repeats, got {seeds}", path="config.yaml",
                          fix="set evaluation.seeds to e.g. [0, 1, 2]")
     ids, labels = _subjects_and_labels(participants, id_column, label_column)
+    check_class_sizes(labels, protocol, folds, val_fraction)
     rows: list[tuple[str, str, str]] = []
 
     if protocol == "holdout":
-        _check_class_sizes(labels, _HOLDOUT_FOLDS, "the 50/25/25 holdout split",
-                           "use protocol 'cv' with fewer folds, or add subjects to the small class")
         for seed in seeds:
             skf = StratifiedKFold(n_splits=_HOLDOUT_FOLDS, shuffle=True, random_state=seed)
             fold_of = np.empty(len(ids), dtype=int)
@@ -184,21 +211,7 @@ def make_splits(participants: pd.DataFrame, protocol: str = "cv", folds: int = 5
             sid = split_id_for("holdout", seed)
             rows += [(sid, s, p) for s, p in zip(ids, part, strict=True)]
     else:
-        if int(folds) < 2:
-            raise InputError(f"cv needs at least 2 folds, got {folds}", path="config.yaml",
-                             fix="set evaluation.folds to 2 or more")
         folds = int(folds)
-        with_val = val_fraction > 0
-        smallest = int(np.unique(labels, return_counts=True)[1].min())
-        fits = [k for k in range(2, smallest + 1) if _cv_fits(smallest, k, with_val)]
-        if fits:
-            below = all(_cv_fits(smallest, k, with_val) for k in range(2, max(fits)))
-            fix = f"set evaluation.folds to {max(fits)}{' or fewer' if below else ''}"
-        else:
-            fix = "merge or drop the small class"
-        what = f"stratified {folds}-fold cv" + (" with a validation part" if with_val else "")
-        _check_class_sizes(labels, _cv_min_per_class(folds, with_val), what,
-                           fix + ", or add subjects to the small class")
         for seed in seeds:
             skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
             for k, (rest_idx, test_idx) in enumerate(skf.split(ids, labels)):

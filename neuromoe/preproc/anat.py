@@ -88,6 +88,20 @@ def mni_template() -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
 
 # ---------------------------------------------------------------- input checks
 
+MIN_FINITE = 0.5  # below this share of finite voxels a T1w is refused; above, NaN/inf voxels become 0
+
+
+def nonfinite_note(t1: nib.Nifti1Image, path: str | Path, subject: str | None = None) -> str:
+    """A T1w with NaN or infinite voxels is handled, not refused (they are set to 0 by ``check_t1``): this
+    logs a warning naming the file and returns the note for the QC figure's title ("" when all are finite)."""
+    bad = float(1.0 - np.isfinite(np.asarray(t1.dataobj, dtype=np.float32)).mean())
+    if bad == 0.0:
+        return ""
+    log.warning("%s: %.2f%% of the voxels of %s are NaN or infinite; set to 0 (check the conversion from DICOM)",
+                _sub(subject), 100 * bad, path)
+    return f" ({100 * bad:.1f}% NaN/inf voxels set to 0)"
+
+
 def check_t1(t1: nib.Nifti1Image, subject: str | None = None) -> nib.Nifti1Image:
     """The T1w as a float32 3D image, or StageError if it cannot be a head (4D, constant, tiny, NaN)."""
     sub = _sub(subject)
@@ -99,10 +113,11 @@ def check_t1(t1: nib.Nifti1Image, subject: str | None = None) -> nib.Nifti1Image
                          stage=STAGE, fix="give the 3D T1w image (a 4D series looks like a BOLD or DWI run).")
     data = np.asarray(t1.dataobj, dtype=np.float32)
     finite = np.isfinite(data)
-    if finite.mean() < 0.99:
-        raise StageError(f"{100 * (1 - finite.mean()):.1f}% of the T1w voxels are NaN or infinite.",
-                         subject=sub, stage=STAGE, fix="check the conversion from DICOM.")
-    data = np.where(finite, data, 0.0).astype(np.float32)
+    if finite.mean() < MIN_FINITE:
+        raise StageError(f"{100 * (1 - finite.mean()):.1f}% of the T1w voxels are NaN or infinite: too little "
+                         "image to find a head", subject=sub, stage=STAGE,
+                         fix="check the conversion from DICOM (dcm2niix); the file holds mostly no image")
+    data = np.where(finite, data, 0.0).astype(np.float32)  # a few NaN (some converters' edges): 0, as outside
     if float(np.ptp(data)) <= 0:
         raise StageError("the T1w image is constant (no anatomy).", subject=sub, stage=STAGE,
                          fix="check the conversion from DICOM; the file holds no image.")
@@ -315,6 +330,7 @@ def run_anat(t1_path: str | Path, outputs: Mapping[str, str], subject: str, cfg:
     kind = str(cfg.registration)
     t0 = time.perf_counter()
     t1 = load_image(t1_path, subject=_sub(subject))
+    note = nonfinite_note(t1, t1_path, subject)
     res = brain_extraction(t1, subject, threads=threads)
     t = time.perf_counter()
     tf, brain_mni, mask_mni = register_to_mni(res.brain, res.mask, kind=kind, initial=res.template_to_t1w,
@@ -322,7 +338,7 @@ def run_anat(t1_path: str | Path, outputs: Mapping[str, str], subject: str, cfg:
     t_mni = time.perf_counter() - t
     write_outputs(outputs, subject, mask=res.mask, brain=res.brain, transform=tf, brain_mni=brain_mni,
                   mask_mni=mask_mni, qc_background=res.corrected,
-                  mask_title="brain mask on the bias-corrected T1w", method=kind)
+                  mask_title=f"brain mask on the bias-corrected T1w{note}", method=kind)
     log.info("%s anat: done in %.1f s (extraction %.1f s, MNI %s %.1f s)", _sub(subject),
              time.perf_counter() - t0, res.timings["total"], kind, t_mni)
 

@@ -23,6 +23,7 @@ import pandas as pd
 from scipy import ndimage
 
 from neuromoe.errors import StageError
+from neuromoe.inputs.bids import min_volumes  # the rule lives with the start-up checks
 from neuromoe.preproc.masks import epi_mask
 from neuromoe.preproc.series import detrend, rank_rows
 
@@ -81,11 +82,6 @@ def repetition_time(json_path: str | Path, subject: str | None = None) -> float:
         raise StageError(f"RepetitionTime is {tr}, which looks like milliseconds; BIDS wants seconds",
                          subject=_sub(subject), stage=STAGE, path=path, fix=f"write {tr / 1000:g} instead")
     return float(tr)
-
-
-def min_volumes(tr: float, f_low: float = DEFAULT_BAND_HZ[0]) -> int:
-    """Fewest volumes whose duration resolves ``f_low``: T * TR >= 1 / f_low (100 s for 0.01 Hz)."""
-    return int(math.ceil(1.0 / (f_low * tr) - 1e-9))
 
 
 def drop_dummy_scans(img: nib.Nifti1Image, n: int, tr: float | None = None, *,

@@ -1,4 +1,5 @@
 # Start-up: config validation, the synthetic demo cohort, BIDS discovery and validation, targets.
+import functools
 import os
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from snakemake.utils import validate
 sys.path.insert(0, workflow.basedir)  # the neuromoe package for the Snakefile itself
 
 from neuromoe import paths
-from neuromoe.inputs.bids import MODALITIES, validate_dataset
+from neuromoe.inputs.bids import MODALITIES, generate_synthetic, validate_dataset
 from neuromoe.config import validate_config
 from neuromoe.errors import NeuroMoEError
 from neuromoe.preproc import preproc_keys
@@ -47,7 +48,42 @@ if BACKEND == "fsl":
             )
 
 
-if not Path(BIDS).exists() and config["synthetic"]["generate"]:
+@functools.cache
+def command_line():
+    """This process's Snakemake arguments, read by Snakemake's own parser (while the Snakefile is read it has
+    not yet chosen its executor or targets: workflow.dryrun reads False); None when not run from its CLI.
+    """
+    try:
+        from snakemake.cli import get_argument_parser
+
+        return get_argument_parser().parse_known_args(sys.argv[1:])[0]
+    except (Exception, SystemExit):
+        return None
+
+
+def dry_run():
+    return workflow.dryrun or bool(getattr(command_line(), "dryrun", False))
+
+
+def group_level_run():
+    """A run that will make splits and train: the default target or `all`, in full (no --until, --omit-from)."""
+    args = command_line()
+    return (
+        workflow.is_main_process
+        and args is not None
+        and (not args.targets or "all" in args.targets)
+        and not args.until
+        and not args.omit_from
+    )
+
+
+try:
+    _write_cohort = generate_synthetic(
+        BIDS, config, dry_run=not Path(BIDS).exists() and dry_run()
+    )
+except NeuroMoEError as exc:
+    raise WorkflowError(str(exc))
+if _write_cohort:
     from neuromoe.inputs.synth import SynthParams, make_cohort
 
     _syn = config["synthetic"]
@@ -84,6 +120,21 @@ for _w in DATASET.warnings:
 
 SUBJECTS = sorted(DATASET.subjects)
 
+# Enough labelled subjects per class for the evaluation protocol, checked now rather than after every
+# subject's preprocessing (only for a run that will make splits: a preprocessing-only run needs none).
+if group_level_run():
+    from neuromoe.learn.splits import check_class_sizes
+
+    try:
+        check_class_sizes(
+            DATASET.training_labels(config["participants"]["diagnosis_column"]),
+            config["evaluation"]["protocol"],
+            config["evaluation"]["folds"],
+            config["evaluation"]["val_fraction"],
+        )
+    except NeuroMoEError as exc:
+        raise WorkflowError(str(exc))
+
 
 wildcard_constraints:
     subject="|".join(SUBJECTS) if SUBJECTS else "[A-Za-z0-9]+",
@@ -94,7 +145,11 @@ def deriv(key, subject="{subject}"):
     return paths.derivative(OUT, subject, key)
 
 
-def raw(kind, subject="{subject}"):
+def raw(kind, subject=None):
+    """A raw input: one subject's path, or (no subject) the rule's input function, which finds each
+    subject's file as .nii.gz or .nii."""
+    if subject is None:
+        return lambda wc: paths.raw(BIDS, wc.subject, kind)
     return paths.raw(BIDS, subject, kind)
 
 

@@ -50,7 +50,9 @@ def run_anat_fsl(t1_path: str | Path, outputs: Mapping[str, str], subject: str, 
     T.require(fsl, cfg.registration, "anat", subject)
     sub = _sub(subject)
     t0 = time.perf_counter()
-    t1 = anat.check_t1(load_image(t1_path, subject=sub), subject)
+    t1 = load_image(t1_path, subject=sub)
+    note = anat.nonfinite_note(t1, t1_path, subject)
+    t1 = anat.check_t1(t1, subject)
     with T.workdir("anat", subject) as work:
         t1_file = work / "t1w.nii.gz"
         nib.save(t1, str(t1_file))
@@ -94,7 +96,7 @@ def run_anat_fsl(t1_path: str | Path, outputs: Mapping[str, str], subject: str, 
         brain=new_image(np.where(mask, np.asarray(brain.dataobj), 0.0), t1.affine, like=t1), transform=xfm,
         brain_mni=anat.mni_header(new_image(brain_mni, tpl.affine)),
         mask_mni=anat.mni_header(new_image(mask_mni, tpl.affine, dtype=np.uint8)), qc_background=t1,
-        mask_title="brain mask (FSL bet) on the T1w", method=f"FSL {'fnirt' if nonlinear else 'flirt'}")
+        mask_title=f"brain mask (FSL bet) on the T1w{note}", method=f"FSL {'fnirt' if nonlinear else 'flirt'}")
     log.info("%s anat (FSL): done in %.1f s", sub, time.perf_counter() - t0)
 
 
@@ -310,6 +312,8 @@ def _copy_in(src: str | Path, dst: Path, subject: str | None, stage: str) -> Pat
     if not Path(src).exists():
         raise InputError("file not found.", subject=_sub(subject), path=src,
                          fix="check the BIDS dataset or rerun the stage that writes it.")
+    if str(src).endswith(".nii") and dst.name.endswith(".nii.gz"):
+        dst = dst.with_suffix("")  # an uncompressed input stays uncompressed under its working name
     shutil.copyfile(src, dst)
     return dst
 
