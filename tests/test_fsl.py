@@ -460,7 +460,7 @@ def _tiny_bids(root: Path) -> Path:
         (b / s / "dwi" / f"{s}_dwi.bval").write_text("0 1000 1000 1000 1000 1000 1000\n")
         g = np.c_[np.zeros(3), np.eye(3), np.eye(3)[:, ::-1]]
         (b / s / "dwi" / f"{s}_dwi.bvec").write_text("\n".join(" ".join(map(str, r)) for r in g) + "\n")
-        nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 10), np.int16), aff),
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 60), np.int16), aff),  # 100 s after the dummy scans
                  str(b / s / "func" / f"{s}_task-rest_bold.nii.gz"))
         (b / s / "func" / f"{s}_task-rest_bold.json").write_text(json.dumps({"RepetitionTime": 2.0}))
         rows.append(f"{s}\t{dx}\t60\tM\t10\t27\t3\t10\t1")

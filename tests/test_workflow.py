@@ -236,13 +236,15 @@ def test_a_stage_failure_names_the_subject_and_keeps_the_others(tmp_path: Path) 
     bids = make_cohort(tmp_path / "bids", 2, seed=5, params=coarse_params(), n_jobs=2)
     bold = bids / "sub-02/func/sub-02_task-rest_bold.nii.gz"
     img = nib.load(bold)
-    nib.save(nib.Nifti1Image(img.get_fdata()[..., :30].astype("int16"), img.affine, img.header), bold)
+    # a fault only the data show (headers, gradients and sidecars pass start-up): a BOLD without a head
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, "int16"), img.affine, img.header), bold)
     cfg = {"bids_dir": str(bids), "output_dir": str(tmp_path / "results"), **E2E_CONFIG}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     res = run(snakemake_cmd(tmp_path, "--cores", "2", "--keep-going", "--until", "func"), timeout=900)
     text = res.stdout + res.stderr
     assert res.returncode != 0
-    assert "sub-02" in text and "volumes" in text  # the cause, named on the console
+    log = (tmp_path / "results" / "logs" / "func" / "sub-02.log").read_text()
+    assert "sub-02" in text and "rule func, sub-02 failed: [sub-02]" in log and "fix:" in log  # subject, cause, fix
     out = tmp_path / "results"
     assert Path(paths.derivative(out, "01", "func_falff_mni")).is_file(), "sub-01 must be finished and kept"
     assert not Path(paths.derivative(out, "02", "func_falff_mni")).exists()

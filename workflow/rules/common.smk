@@ -65,8 +65,42 @@ def dry_run():
     return workflow.dryrun or bool(getattr(command_line(), "dryrun", False))
 
 
+# Snakemake modes that list, draw, lint, report or clean instead of running the workflow.
+NOT_A_RUN = (
+    "lint",
+    "report",
+    "summary",
+    "detailed_summary",
+    "list_rules",
+    "list_target_rules",
+    "list_changes",
+    "list_input_changes",
+    "list_params_changes",
+    "list_untracked",
+    "list_conda_envs",
+    "dag",
+    "rulegraph",
+    "filegraph",
+    "d3dag",
+    "unlock",
+    "cleanup_metadata",
+    "cleanup_shadow",
+    "delete_all_output",
+    "delete_temp_output",
+    "touch",
+    "containerize",
+    "archive",
+    "print_compilation",
+    "conda_create_envs_only",
+    "conda_cleanup_envs",
+    "export_cwl",
+    "generate_unit_tests",
+)
+
+
 def group_level_run():
-    """A run that will make splits and train: the default target or `all`, in full (no --until, --omit-from)."""
+    """A run (or dry run) that will make splits and train: the default target or `all`, in full (no --until or
+    --omit-from), not a listing, lint, report or clean-up mode."""
     args = command_line()
     return (
         workflow.is_main_process
@@ -74,6 +108,7 @@ def group_level_run():
         and (not args.targets or "all" in args.targets)
         and not args.until
         and not args.omit_from
+        and not any(getattr(args, mode, None) for mode in NOT_A_RUN)
     )
 
 
