@@ -39,12 +39,19 @@ def last_progress(log_text: str) -> str | None:
     return "{} of {} steps ({}) done".format(*found[-1]) if found else None
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background commands (nohup ... &) with SIGINT ignored, and children
+    # inherit that: Snakemake would never see the interrupt. Give the part its default SIGINT back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_part(cmd: list[str], cwd: Path, log: Path, limit_s: float) -> tuple[float, bool]:
     """Run ``cmd`` for at most ``limit_s``; then SIGINT its process group and wait for a clean stop (Snakemake
     removes its lock and marks the running jobs incomplete). Returns (wall seconds, finished)."""
     t0 = time.perf_counter()
     with log.open("a") as fh:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_default_sigint)
         try:
             rc = proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
@@ -87,6 +94,9 @@ def main() -> None:
     log = args.workdir / f"study_part{k}.log"
     cmd = ["make", "-o", "install", f"VENV={args.venv.resolve()}", f"CORES={args.cores}", "study"]
     meta = machine()
+    if state["parts"]:  # a part stopped by force leaves Snakemake's lock behind (README: Rerunning a stage)
+        subprocess.run([str(args.venv.resolve() / "bin" / "snakemake"), "--unlock", "--cores", "1",
+                        "--configfile", "presets/study.yaml"], cwd=clone, capture_output=True, check=False)
     print(f"part {k}: {' '.join(cmd)} for at most {args.part_minutes:g} min (log: {log})", flush=True)
     wall, finished = run_part(cmd, clone, log, args.part_minutes * 60)
     state["parts"].append({"part": k, "wall_s": round(wall, 1), "limit_min": args.part_minutes,
