@@ -36,7 +36,7 @@ demo: install
 	$(call report,$(DEMO_OUT),$(DEMO_ARGS))
 
 # The full ablation study (README: "The study"): 180 subjects at full image size, every variant, the lambda
-# sweep, 5 folds x 2 seeds. Hours on 2 cores; resumable: rerun the same command after an interruption.
+# sweep, 5 folds x 2 seeds. About 1.5 h on 2 cores (bench/study.py); resumable: rerun the same command.
 study: install
 	$(SNAKEMAKE) $(SMK_RUN) --configfile presets/study.yaml
 	@awk '/^### Pooled/{exit} {print}' study/evaluation/ablation.md
