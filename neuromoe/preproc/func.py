@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from neuromoe.errors import StageError
 from neuromoe.inputs.bids import min_volumes  # the rule lives with the start-up checks
+from neuromoe.paths import FUNC_MAP_KEYS
 from neuromoe.preproc.masks import epi_mask
 from neuromoe.preproc.series import detrend, rank_rows
 
@@ -622,12 +623,12 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     return outputs
 
 
-FUNC_MAPS = ("fALFF", "ReHo")
+FUNC_MAPS = tuple(FUNC_MAP_KEYS)  # fALFF, ReHo
 
 
 def wanted_maps(outputs: Mapping[str, str]) -> tuple[str, ...]:
     """The maps whose files the stage is asked for (``cache.func_maps``: a map nobody uses is not computed)."""
-    return tuple(m for m in FUNC_MAPS if f"func_{m.lower()}" in outputs or f"func_{m.lower()}_mni" in outputs)
+    return tuple(m for m, keys in FUNC_MAP_KEYS.items() if any(k in outputs for k in keys))
 
 
 @dataclass
