@@ -128,3 +128,21 @@ def _close(bench: str | None, status: str) -> None:
         rec = write_benchmark(str(bench), status)
         logging.getLogger("neuromoe").info("benchmark: %.1f s since the process started, %.1f CPU s, %.0f MB peak",
                                            rec["s"], rec["cpu_time"], rec["max_rss"])
+
+
+# --- the Snakefile's start-up: what kind of invocation this is ---------------------------------------------------
+# Snakemake modes that list, draw, lint, report or clean instead of running the workflow.
+NOT_A_RUN = ("lint", "report", "summary", "detailed_summary", "list_rules", "list_target_rules", "list_changes",
+             "list_input_changes", "list_params_changes", "list_untracked", "list_conda_envs", "dag", "rulegraph",
+             "filegraph", "d3dag", "unlock", "cleanup_metadata", "cleanup_shadow", "delete_all_output",
+             "delete_temp_output", "touch", "containerize", "archive", "print_compilation", "conda_create_envs_only",
+             "conda_cleanup_envs", "export_cwl", "generate_unit_tests")
+
+
+def trains(args: Any | None) -> bool:
+    """Will this invocation make splits and train? ``args``: Snakemake's own reading of its command line
+    (``snakemake.cli.get_argument_parser``; while the Snakefile is read, Snakemake has chosen neither its targets
+    nor its executor, so start-up checks ask this). True for the default target or ``all``, in full (no
+    ``--until`` or ``--omit-from``), and not a listing, lint, report or clean-up mode; False when unknown."""
+    return (args is not None and (not args.targets or "all" in args.targets) and not args.until
+            and not args.omit_from and not any(getattr(args, mode, None) for mode in NOT_A_RUN))

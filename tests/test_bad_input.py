@@ -169,3 +169,18 @@ def test_t1w_with_a_few_nan_voxels_is_handled_with_a_warning(bids: Path, tmp_pat
     with pytest.raises(StageError, match="NaN or infinite: too little image") as info:
         anat.check_t1(nib.Nifti1Image(data, img.affine), "01")
     assert info.value.fix
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], True), (["--cores", "2", "-n"], True), (["all"], True), (["--cores", "2", "--scheduler-subsample", "9"], True),
+    (["participant"], False), (["--until", "anat"], False), (["cache_cohort"], False), (["--lint"], False),
+    (["--summary"], False), (["--report", "r.zip"], False), (["--unlock"], False), (["--dag"], False),
+])
+def test_start_up_knows_which_invocations_train(argv: list[str], expected: bool) -> None:
+    """The class-size check runs only for invocations that make splits (neuromoe.smk.trains)."""
+    from snakemake.cli import get_argument_parser
+
+    from neuromoe.smk import trains
+
+    assert trains(get_argument_parser().parse_known_args(argv)[0]) is expected
+    assert trains(None) is False

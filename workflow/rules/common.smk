@@ -15,6 +15,7 @@ from neuromoe.config import validate_config
 from neuromoe.errors import NeuroMoEError
 from neuromoe.preproc import preproc_keys
 from neuromoe.learn.variants import expert_donor
+from neuromoe.smk import trains
 
 try:
     validate_config(config)  # readable, every problem at once, semantic checks
@@ -49,9 +50,9 @@ if BACKEND == "fsl":
 
 
 @functools.cache
-def command_line():
-    """This process's Snakemake arguments, read by Snakemake's own parser (while the Snakefile is read it has
-    not yet chosen its executor or targets: workflow.dryrun reads False); None when not run from its CLI.
+def invocation():
+    """This process's command line as Snakemake's own parser reads it (while this file is read, Snakemake has
+    chosen neither targets nor executor: workflow.dryrun reads False); None when it is not Snakemake's CLI.
     """
     try:
         from snakemake.cli import get_argument_parser
@@ -62,54 +63,7 @@ def command_line():
 
 
 def dry_run():
-    return workflow.dryrun or bool(getattr(command_line(), "dryrun", False))
-
-
-# Snakemake modes that list, draw, lint, report or clean instead of running the workflow.
-NOT_A_RUN = (
-    "lint",
-    "report",
-    "summary",
-    "detailed_summary",
-    "list_rules",
-    "list_target_rules",
-    "list_changes",
-    "list_input_changes",
-    "list_params_changes",
-    "list_untracked",
-    "list_conda_envs",
-    "dag",
-    "rulegraph",
-    "filegraph",
-    "d3dag",
-    "unlock",
-    "cleanup_metadata",
-    "cleanup_shadow",
-    "delete_all_output",
-    "delete_temp_output",
-    "touch",
-    "containerize",
-    "archive",
-    "print_compilation",
-    "conda_create_envs_only",
-    "conda_cleanup_envs",
-    "export_cwl",
-    "generate_unit_tests",
-)
-
-
-def group_level_run():
-    """A run (or dry run) that will make splits and train: the default target or `all`, in full (no --until or
-    --omit-from), not a listing, lint, report or clean-up mode."""
-    args = command_line()
-    return (
-        workflow.is_main_process
-        and args is not None
-        and (not args.targets or "all" in args.targets)
-        and not args.until
-        and not args.omit_from
-        and not any(getattr(args, mode, None) for mode in NOT_A_RUN)
-    )
+    return workflow.dryrun or bool(getattr(invocation(), "dryrun", False))
 
 
 try:
@@ -157,7 +111,7 @@ SUBJECTS = sorted(DATASET.subjects)
 
 # Enough labelled subjects per class for the evaluation protocol, checked now rather than after every
 # subject's preprocessing (only for a run that will make splits: a preprocessing-only run needs none).
-if group_level_run():
+if workflow.is_main_process and trains(invocation()):
     from neuromoe.learn.splits import check_class_sizes
 
     try:
