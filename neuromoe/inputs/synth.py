@@ -9,7 +9,7 @@ head model and the T1w, DWI and BOLD images formed from a plan) and this one, wh
 (images, sidecars, participants table, dataset README, ground truth and design under
 ``derivatives/synth-truth``) and reads them back. The public names of all three are importable from
 here. The generative model is written into every cohort's README (``_README_MODEL`` below); the design's
-history and cohort designs are in docs/synthetic_cohort.md.
+history, cohort designs and longitudinal (``sessions=N``) cohorts are in docs/synthetic_cohort.md.
 
 Determinism: subject k depends only on ``(seed, k)`` and the design seed, not on ``n_subjects``, the
 omitted modalities or ``n_jobs``; files are gzip'ed with mtime 0, so the same seeds give the same bytes.
@@ -20,6 +20,8 @@ Example::
     bids = make_cohort("data/demo_bids", n_subjects=180, seed=42)
     other = make_cohort("/tmp/design3", n_subjects=60, seed=7, params=SynthParams(design_seed=3))
     read_design(other).effect_rois("dwi")      # where that cohort's PD and iRBD show in the DWI
+    long = make_cohort("/tmp/long", n_subjects=9, seed=7, sessions=2)   # sub-01/ses-1, sub-01/ses-2, ...
+    read_truth(long, "01", session="2")["effects"]                      # the planted effects at visit 2
 """
 
 from __future__ import annotations
@@ -47,17 +49,23 @@ from neuromoe.inputs.synth_plan import (
     DISEASE_ROLE,
     MARKERS,
     MODALITIES,
+    SESSION_COLUMNS,
+    SESSION_INTERVAL_YEARS,
+    SESSION_PROGRESSION,
     CohortDesign,
     SubjectPlan,
     SynthParams,
+    progression_factor,
     rigid_matrix,
+    session_plans,
     subject_id,
     subject_plan,
 )
 
-__all__ = ["DESIGN_FILE", "DIAGNOSES", "DISEASE_ROLE", "MARKERS", "MODALITIES", "MOTION_COLUMNS", "TRUTH_DIR",
-           "CohortDesign", "SubjectPlan", "SynthParams", "make_cohort", "read_design", "read_truth", "rigid_matrix",
-           "subject_id", "subject_plan", "write_subject"]
+__all__ = ["DESIGN_FILE", "DIAGNOSES", "DISEASE_ROLE", "MARKERS", "MODALITIES", "MOTION_COLUMNS",
+           "SESSION_COLUMNS", "SESSION_INTERVAL_YEARS", "SESSION_PROGRESSION", "TRUTH_DIR", "CohortDesign",
+           "SubjectPlan", "SynthParams", "make_cohort", "progression_factor", "read_design", "read_truth",
+           "rigid_matrix", "session_plans", "subject_id", "subject_plan", "write_subject"]
 
 TRUTH_DIR = Path("derivatives") / "synth-truth"
 DESIGN_FILE = TRUTH_DIR / "design.json"
@@ -168,6 +176,12 @@ _MOTION_DOC = {
 }
 
 
+def _motion_doc(plan: SubjectPlan) -> dict:
+    if plan.session is None:
+        return _MOTION_DOC
+    name = "sub-<id>_ses-<session>_pose.json"
+    return _MOTION_DOC | {"Description": _MOTION_DOC["Description"].replace("sub-<id>_pose.json", name)}
+
 
 # --------------------------------------------------------------------------------------------------------
 # Writing
@@ -176,7 +190,10 @@ def write_subject(bids_dir: str | Path, plan: SubjectPlan, params: SynthParams |
                   modalities: Iterable[str] = MODALITIES) -> dict[str, float]:
     """Write one subject's images, sidecars and truth files; returns seconds spent per modality.
 
-    ``plan`` may be edited with ``dataclasses.replace`` (e.g. tests force a diagnosis and effects).
+    ``plan`` may be edited with ``dataclasses.replace`` (e.g. tests force a diagnosis and effects). A plan
+    of a session (``plan.session`` not None, ``session_plans``) is written as that session:
+    ``sub-<id>/ses-<session>/{anat,dwi,func}/sub-<id>_ses-<session>_...`` and its truth under
+    ``derivatives/synth-truth/sub-<id>/ses-<session>/``.
     """
     p = params or SynthParams()
     mods = list(modalities)
@@ -185,8 +202,11 @@ def write_subject(bids_dir: str | Path, plan: SubjectPlan, params: SynthParams |
         raise ValueError(f"unknown modalities {bad}; known: {list(MODALITIES)}")
     bids = Path(bids_dir)
     s = plan.subject
-    sub = bids / f"sub-{s}"
-    truth = bids / TRUTH_DIR / f"sub-{s}"
+    # stem: the file names' entities; sub, truth: the subject's (or the session's) raw and truth folders.
+    stem, rel = f"sub-{s}", Path(f"sub-{s}")
+    if plan.session is not None:
+        stem, rel = f"sub-{s}_ses-{plan.session}", rel / f"ses-{plan.session}"
+    sub, truth = bids / rel, bids / TRUTH_DIR / rel
     truth.mkdir(parents=True, exist_ok=True)
     rngs = plan.streams()
     seconds: dict[str, float] = {}
@@ -195,10 +215,10 @@ def write_subject(bids_dir: str | Path, plan: SubjectPlan, params: SynthParams |
     t0 = time.perf_counter()
     # The T1w grid and truth mask are written even when the T1w is omitted: the truth is about the subject.
     t1, mask = make_t1(plan, p, rngs["anat"])
-    _save_nifti(mask, t1.affine, truth / f"sub-{s}_desc-truth_mask.nii.gz", lvl)
+    _save_nifti(mask, t1.affine, truth / f"{stem}_desc-truth_mask.nii.gz", lvl)
     if "anat" in mods:
         (sub / "anat").mkdir(parents=True, exist_ok=True)
-        _save_nifti(np.asanyarray(t1.dataobj), t1.affine, sub / "anat" / f"sub-{s}_T1w.nii.gz", lvl)
+        _save_nifti(np.asanyarray(t1.dataobj), t1.affine, sub / "anat" / f"{stem}_T1w.nii.gz", lvl)
     seconds["anat"] = time.perf_counter() - t0
 
     if "dwi" in mods:
@@ -206,15 +226,15 @@ def write_subject(bids_dir: str | Path, plan: SubjectPlan, params: SynthParams |
         d = sub / "dwi"
         d.mkdir(parents=True, exist_ok=True)
         img, bvals, bvecs, motion = make_dwi(plan, p, rngs["dwi"])
-        _save_nifti(np.asanyarray(img.dataobj), img.affine, d / f"sub-{s}_dwi.nii.gz", lvl, tr=7.0)
-        (d / f"sub-{s}_dwi.bval").write_text(" ".join(f"{int(b)}" for b in bvals) + "\n")
-        (d / f"sub-{s}_dwi.bvec").write_text("\n".join(" ".join(f"{v:.6f}" for v in row) for row in bvecs) + "\n")
+        _save_nifti(np.asanyarray(img.dataobj), img.affine, d / f"{stem}_dwi.nii.gz", lvl, tr=7.0)
+        (d / f"{stem}_dwi.bval").write_text(" ".join(f"{int(b)}" for b in bvals) + "\n")
+        (d / f"{stem}_dwi.bvec").write_text("\n".join(" ".join(f"{v:.6f}" for v in row) for row in bvecs) + "\n")
         _write_json({"EchoTime": 0.08, "RepetitionTime": 7.0, "MagneticFieldStrength": 3,
                      "Manufacturer": "synthetic (neuromoe.synth)",
                      "ImageType": ["ORIGINAL", "PRIMARY", "DIFFUSION"]},
-                    d / f"sub-{s}_dwi.json")
-        _motion_frame(motion).to_csv(truth / f"sub-{s}_dwi_motion.tsv", sep="\t", index=False, float_format="%.6f")
-        _write_json(_MOTION_DOC, truth / f"sub-{s}_dwi_motion.json")
+                    d / f"{stem}_dwi.json")
+        _motion_frame(motion).to_csv(truth / f"{stem}_dwi_motion.tsv", sep="\t", index=False, float_format="%.6f")
+        _write_json(_motion_doc(plan), truth / f"{stem}_dwi_motion.json")
         seconds["dwi"] = time.perf_counter() - t0
 
     if "func" in mods:
@@ -222,15 +242,15 @@ def write_subject(bids_dir: str | Path, plan: SubjectPlan, params: SynthParams |
         d = sub / "func"
         d.mkdir(parents=True, exist_ok=True)
         img, motion = make_bold(plan, p, rngs["func"])
-        _save_nifti(np.asanyarray(img.dataobj), img.affine, d / f"sub-{s}_task-rest_bold.nii.gz", lvl, tr=p.tr_s)
+        _save_nifti(np.asanyarray(img.dataobj), img.affine, d / f"{stem}_task-rest_bold.nii.gz", lvl, tr=p.tr_s)
         _write_json({"TaskName": "rest", "RepetitionTime": p.tr_s, "EchoTime": 0.03,
                      "FlipAngle": p.flip_angle_deg, "MagneticFieldStrength": 3,
                      "Manufacturer": "synthetic (neuromoe.synth)",
                      "TaskDescription": "eyes-open rest; the first volumes are not yet at T1 steady state"},
-                    d / f"sub-{s}_task-rest_bold.json")
-        _motion_frame(motion).to_csv(truth / f"sub-{s}_task-rest_motion.tsv", sep="\t", index=False,
+                    d / f"{stem}_task-rest_bold.json")
+        _motion_frame(motion).to_csv(truth / f"{stem}_task-rest_motion.tsv", sep="\t", index=False,
                                      float_format="%.6f")
-        _write_json(_MOTION_DOC, truth / f"sub-{s}_task-rest_motion.json")
+        _write_json(_motion_doc(plan), truth / f"{stem}_task-rest_motion.json")
         seconds["func"] = time.perf_counter() - t0
 
     _write_json({"matrix": plan.pose.round(8).tolist(), "from": MNI_SPACE, "to": "scanner",
@@ -238,8 +258,8 @@ def write_subject(bids_dir: str | Path, plan: SubjectPlan, params: SynthParams |
                  "Description": "Rigid pose of the head, the same for T1w, DWI and BOLD: x_scanner = R x_mni + t "
                                 "(mm), R = Rz @ Ry @ Rx about the world origin. Its inverse maps a native world "
                                 "point to the template (neuromoe.inputs.templates.roi_mask(..., world_to_mni=...))."},
-                truth / f"sub-{s}_pose.json")
-    _write_json(_profile_json(plan, mods, p.design), truth / f"sub-{s}_profile.json")
+                truth / f"{stem}_pose.json")
+    _write_json(_profile_json(plan, mods, p.design), truth / f"{stem}_profile.json")
     return seconds
 
 
@@ -255,7 +275,11 @@ def _profile_json(plan: SubjectPlan, modalities: list[str], design: CohortDesign
                         for role in ("A", "B")} for m in MODALITIES},
         "affected": {m: {role: plan.causes[m][role] is not None for role in ("A", "B")} for m in MODALITIES},
         "seed": [plan.seed, plan.index],
-    }
+    } | ({} if plan.session is None else {
+        "session": f"{plan.session}",
+        "progression_factor": progression_factor(plan.diagnosis, plan.session),
+        "clinical": {c: plan.clinical[c] for c in SESSION_COLUMNS},
+    })
 
 
 def read_design(bids_dir: str | Path) -> CohortDesign:
@@ -272,21 +296,30 @@ def read_design(bids_dir: str | Path) -> CohortDesign:
                          fix="write the cohort again with neuromoe.inputs.synth.make_cohort") from e
 
 
-def read_truth(bids_dir: str | Path, subject: str) -> dict:
+def read_truth(bids_dir: str | Path, subject: str, session: str | None = None) -> dict:
     """The truth of one synthetic subject: profile.json's content plus ``pose`` (4x4 array), ``mask`` path,
     the motion tables (DataFrames, absent for an omitted modality) and ``design`` (the cohort's
-    ``CohortDesign``, :func:`read_design`). ``subject`` without ``sub-``."""
+    ``CohortDesign``, :func:`read_design`). ``subject`` without ``sub-``. In a cohort written with
+    ``sessions`` > 1 the truth is per session: ``session`` (``"2"`` or ``"ses-2"``) is then required, and
+    profile.json adds ``session``, ``progression_factor`` and that visit's ``clinical`` values."""
     s = subject.removeprefix("sub-")
     d = Path(bids_dir) / TRUTH_DIR / f"sub-{s}"
-    f = d / f"sub-{s}_profile.json"
+    stem = f"sub-{s}"
+    if session is not None:
+        label = str(session).removeprefix("ses-")
+        d, stem = d / f"ses-{label}", f"sub-{s}_ses-{label}"
+    f = d / f"{stem}_profile.json"
     if not f.exists():
-        raise InputError("no synthetic ground truth for this subject", subject=f"sub-{s}", path=f,
-                         fix="only cohorts written by neuromoe.inputs.synth.make_cohort have a synth-truth folder")
+        found = sorted(x.name for x in d.glob("ses-*")) if session is None else []
+        fix = (f"this cohort has sessions ({', '.join(found)}): pass session=" if found else
+               "only cohorts written by neuromoe.inputs.synth.make_cohort have a synth-truth folder")
+        raise InputError("no synthetic ground truth for this subject" + (" and session" if session else ""),
+                         subject=f"sub-{s}", path=f, fix=fix)
     out = json.loads(f.read_text())
-    out["pose"] = np.array(json.loads((d / f"sub-{s}_pose.json").read_text())["matrix"])
-    out["mask"] = d / f"sub-{s}_desc-truth_mask.nii.gz"
+    out["pose"] = np.array(json.loads((d / f"{stem}_pose.json").read_text())["matrix"])
+    out["mask"] = d / f"{stem}_desc-truth_mask.nii.gz"
     for key, name in (("dwi_motion", "dwi"), ("func_motion", "task-rest")):
-        m = d / f"sub-{s}_{name}_motion.tsv"
+        m = d / f"{stem}_{name}_motion.tsv"
         if m.exists():
             out[key] = pd.read_csv(m, sep="\t")
     out["design"] = read_design(bids_dir)
@@ -320,6 +353,22 @@ _PARTICIPANTS_DEMO = {
 }
 
 
+def _sessions_table(plans: list[SubjectPlan]) -> pd.DataFrame:
+    """sub-<id>_sessions.tsv of one subject: session_id and the clinical columns that change, per session."""
+    df = pd.DataFrame([{"session_id": f"ses-{pl.session}", **{c: pl.clinical[c] for c in SESSION_COLUMNS}}
+                       for pl in plans])
+    return df.astype({c: "Int64" for c in ("age", "updrs3", "moca", "serum_asyn")})
+
+
+def _sessions_json(design: CohortDesign) -> dict:
+    """sub-<id>_sessions.json: the columns of the sessions table, as participants.json describes them."""
+    cols = _participants_json(design)
+    return {"session_id": {"Description": f"session label; visits {SESSION_INTERVAL_YEARS} years apart, "
+                                          "ses-1 the first (its values are participants.tsv's)"},
+            **{c: cols[c] for c in SESSION_COLUMNS},
+            "age": cols["age"] | {"Description": "age at the session's scan"}}
+
+
 def _participants_json(design: CohortDesign) -> dict:
     """participants.json; the marker descriptions name the profile each marker signals in ``design``."""
     names = {m: design.marker_profile(m) for m in MARKERS}
@@ -327,10 +376,11 @@ def _participants_json(design: CohortDesign) -> dict:
             for col, d in _PARTICIPANTS_DEMO.items()}
 
 
-def _call(n: int, seed: int, p: SynthParams) -> str:
+def _call(n: int, seed: int, p: SynthParams, sessions: int = 1) -> str:
     """The make_cohort call that wrote the cohort, as its README and description name it."""
     design = "" if p.design_seed is None else f", params=SynthParams(design_seed={p.design_seed}, ...)"
-    return f"make_cohort(n_subjects={n}, seed={seed}{design})"
+    visits = "" if sessions == 1 else f", sessions={sessions}"
+    return f"make_cohort(n_subjects={n}, seed={seed}{design}{visits})"
 
 
 def _param_items(p: SynthParams) -> dict:
@@ -341,7 +391,7 @@ def _param_items(p: SynthParams) -> dict:
     return out
 
 
-def _dataset_description(n: int, seed: int, p: SynthParams) -> dict:
+def _dataset_description(n: int, seed: int, p: SynthParams, sessions: int = 1) -> dict:
     return {
         "Name": "NeuroMoE synthetic demo cohort (SYNTHETIC DATA: no real participants)",
         "BIDSVersion": "1.9.0",
@@ -351,7 +401,9 @@ def _dataset_description(n: int, seed: int, p: SynthParams) -> dict:
         "HowToAcknowledge": "These images and participants are simulated from the MNI152 template; results on "
                             "them validate software, not clinical hypotheses.",
         "GeneratedBy": [{"Name": "neuromoe.synth", "Version": __version__,
-                         "Description": f"{_call(n, seed, p)}; see README"}],
+                         "Description": f"{_call(n, seed, p, sessions)}; see README" if sessions == 1 else
+                                        f"{_call(n, seed, p, sessions)}; {sessions} sessions per subject (ses-1 "
+                                        f"to ses-{sessions}, sub-<id>_sessions.tsv); see README"}],
         "ReferencesAndLinks": ["Fonov et al. 2011, NeuroImage 54:313 (ICBM 2009a nonlinear symmetric template, "
                                "as shipped with nilearn)", "dipy small_64D gradient table"],
     }
@@ -374,7 +426,29 @@ tissue volume, is in `derivatives/synth-truth/design.json` (`neuromoe.inputs.syn
 """
 
 
-def _readme(n: int, seed: int, p: SynthParams) -> str:
+def _sessions_section(sessions: int) -> str:
+    """The README's section on a longitudinal cohort ("" for one session, whose README keeps its bytes)."""
+    if sessions == 1:
+        return ""
+    return f"""
+## Sessions ({sessions} visits per subject)
+
+Every subject was scanned at {sessions} sessions, {SESSION_INTERVAL_YEARS} years apart, so the layout is
+`sub-XX/ses-K/anat`, `dwi`, `func` (K = 1 to {sessions}), every file name with its `ses-K` entity.
+Diagnosis and latent profile are the same at every session, and so are omitted modalities. Session 1 is
+the subject of the single-session cohort of the same call, image for image. At session K a patient's
+disease effect is its session-1 strength times 1 + {SESSION_PROGRESSION} (K - 1), at most 1
+(`neuromoe.inputs.synth.progression_factor`); distractors, and every effect of a control, stay as they
+were. Each session has its own head pose, motion and noise.
+The clinical values progress from visit to visit (age by the interval; MDS-UPDRS III up, MoCA down,
+serum NfL and alpha-synuclein up, faster in PD than in iRBD, with visit-to-visit noise; sex and RBDSQ
+stay): `sub-XX/sub-XX_sessions.tsv` holds them per session (`sub-XX_sessions.json` describes the
+columns), `participants.tsv` holds session 1's. The truth is per session, under
+`derivatives/synth-truth/sub-XX/ses-K/` (`read_truth(bids_dir, subject, session="K")`).
+"""
+
+
+def _readme(n: int, seed: int, p: SynthParams, sessions: int = 1) -> str:
     rows = "\n".join(f"| {r.modality} | {r.role} ({'PD' if r.role == 'A' else 'iRBD'}) | {r.name} | "
                      f"({r.centre_mm[0]:+.0f}/{-r.centre_mm[0]:+.0f}, {r.centre_mm[1]:+.0f}, "
                      f"{r.centre_mm[2]:+.0f}) | {r.radius_mm:.0f} | {r.tissue} |"
@@ -387,14 +461,14 @@ def _readme(n: int, seed: int, p: SynthParams) -> str:
     body = "\n".join(body_lines)
     return f"""# NeuroMoE synthetic demo cohort: SYNTHETIC DATA
 
-This dataset was generated by `neuromoe.synth.{_call(n, seed, p)}`. No real person was
+This dataset was generated by `neuromoe.synth.{_call(n, seed, p, sessions)}`. No real person was
 scanned: every image is simulated from the MNI152 template that nilearn ships, and every clinical value is
 drawn from the distributions below. A classifier's accuracy on it shows that the pipeline works end to end;
 it says nothing about Parkinson's disease or REM sleep behaviour disorder.
 
 Layout: BIDS 1.9 raw (`sub-XX/anat`, `dwi`, `func`, `participants.tsv/json`). The ground truth (latent
 profile, planted effects, head pose, per-volume motion, brain mask) is under `derivatives/synth-truth/`.
-{_design_section(p)}
+{_design_section(p)}{_sessions_section(sessions)}
 ## Generative model
 
 {body}
@@ -444,9 +518,11 @@ def _parse_missing(missing: Mapping[str, Iterable[str]] | None) -> dict[str, set
     return out
 
 
-def _prepare_out_dir(out: Path, n_subjects: int) -> None:
+def _prepare_out_dir(out: Path, n_subjects: int, sessions: int = 1) -> None:
     """Create ``out``; if it holds an earlier synthetic cohort, remove its subjects beyond ``n_subjects``
-    (so participants.tsv and the folders agree). Refuse to write into any other non-empty folder."""
+    (so participants.tsv and the folders agree) and what does not fit ``sessions`` (session folders and
+    tables of a cohort with more sessions, or single-session folders of a sessioned one). Refuse to write
+    into any other non-empty folder."""
     if out.exists() and any(out.iterdir()):
         desc = out / "dataset_description.json"
         try:
@@ -462,35 +538,61 @@ def _prepare_out_dir(out: Path, n_subjects: int) -> None:
             for d in parent.glob("sub-*"):
                 if d.is_dir() and d.name not in keep:
                     shutil.rmtree(d)
+                elif d.is_dir():
+                    for x in [x for x in d.iterdir() if _stale(x, sessions, parent != out)]:
+                        shutil.rmtree(x) if x.is_dir() else x.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _write_one(args: tuple[str, int, int, SynthParams, list[str]]) -> tuple[str, float]:
-    bids, index, seed, p, mods = args
+def _stale(x: Path, sessions: int, truth: bool) -> bool:
+    """Whether ``x``, in a subject folder (raw, or the truth's when ``truth``) of an earlier cohort, does
+    not belong to a cohort of ``sessions`` sessions."""
+    label = x.name.removeprefix("ses-") if x.is_dir() and x.name.startswith("ses-") else None
+    if sessions == 1:
+        return label is not None or x.name.endswith(("_sessions.tsv", "_sessions.json"))
+    if label is not None:
+        return not (label.isdigit() and 1 <= int(label) <= sessions)
+    return (x.is_dir() and x.name in MODALITIES) or (truth and x.is_file())
+
+
+def _plans(index: int, seed: int, p: SynthParams, sessions: int) -> list[SubjectPlan]:
+    """The plans a subject is written from: its plan, or one per session."""
+    return [subject_plan(index, seed, p)] if sessions == 1 else session_plans(index, seed, p, sessions)
+
+
+def _write_one(args: tuple[str, int, int, SynthParams, list[str], int]) -> tuple[str, float]:
+    bids, index, seed, p, mods, sessions = args
     t0 = time.perf_counter()
-    write_subject(bids, subject_plan(index, seed, p), p, mods)
+    for plan in _plans(index, seed, p, sessions):
+        write_subject(bids, plan, p, mods)
     return subject_id(index), time.perf_counter() - t0
 
 
 def make_cohort(out_dir: str | Path, n_subjects: int, seed: int, params: SynthParams | None = None, *,
-                missing: Mapping[str, Iterable[str]] | None = None, n_jobs: int = 1) -> Path:
+                missing: Mapping[str, Iterable[str]] | None = None, n_jobs: int = 1, sessions: int = 1) -> Path:
     """Write a synthetic BIDS cohort of ``n_subjects`` to ``out_dir`` and return its path.
 
     ``missing`` maps subject labels (``"03"`` or ``"sub-03"``) to modalities to omit (``anat``, ``dwi``,
-    ``func``). ``n_jobs`` > 1 writes subjects in that many processes (same bytes as one process).
-    Files already in ``out_dir`` are overwritten.
+    ``func``; in every session). ``n_jobs`` > 1 writes subjects in that many processes (same bytes as one
+    process). ``sessions`` > 1 writes a longitudinal cohort: ``sub-<id>/ses-1`` ... ``ses-<sessions>``
+    (``session_plans``: session 1 is the single-session subject, later visits progress), a
+    ``sub-<id>_sessions.tsv`` per subject and the truth per session. Files already in ``out_dir`` are
+    overwritten.
     """
     if n_subjects < 1:
         raise ValueError(f"n_subjects must be >= 1, got {n_subjects}")
+    if isinstance(sessions, bool) or not isinstance(sessions, (int, np.integer)) or sessions < 1:
+        raise ValueError(f"sessions must be an integer >= 1, got {sessions!r}")
+    sessions = int(sessions)
     p = params or SynthParams()
     miss = _parse_missing(missing)
     unknown = sorted(set(miss) - {subject_id(i) for i in range(1, n_subjects + 1)})
     if unknown:
         raise ValueError(f"missing names subjects not in the cohort: {unknown}")
     out = Path(out_dir)
-    _prepare_out_dir(out, n_subjects)
+    _prepare_out_dir(out, n_subjects, sessions)
     plans = [subject_plan(i, seed, p) for i in range(1, n_subjects + 1)]
-    jobs = [(str(out), i, seed, p, [m for m in MODALITIES if m not in miss.get(subject_id(i), set())])
+    jobs = [(str(out), i, seed, p, [m for m in MODALITIES if m not in miss.get(subject_id(i), set())], sessions)
             for i in range(1, n_subjects + 1)]
     # Build the template-level model before forking, so workers share it instead of rebuilding it.
     build_head_model(p)
@@ -502,13 +604,25 @@ def make_cohort(out_dir: str | Path, n_subjects: int, seed: int, params: SynthPa
             _write_one(j)
     df = _participants(plans)
     df.to_csv(out / "participants.tsv", sep="\t", index=False, na_rep="n/a")
-    _write_json(_participants_json(p.design), out / "participants.json")
-    _write_json(_dataset_description(n_subjects, seed, p), out / "dataset_description.json")
-    (out / "README").write_text(_readme(n_subjects, seed, p))
+    pj = _participants_json(p.design)
+    if sessions > 1:     # participants.tsv holds session 1's values
+        pj = {c: d | {"Description": f"{d['Description']}; at session 1 (every session: sub-<id>_sessions.tsv)"}
+              if c in SESSION_COLUMNS else d for c, d in pj.items()}
+    _write_json(pj, out / "participants.json")
+    if sessions > 1:
+        for i in range(1, n_subjects + 1):
+            stem = out / f"sub-{subject_id(i)}" / f"sub-{subject_id(i)}_sessions"
+            _sessions_table(_plans(i, seed, p, sessions)).to_csv(stem.with_suffix(".tsv"), sep="\t", index=False,
+                                                                 na_rep="n/a")
+            _write_json(_sessions_json(p.design), stem.with_suffix(".json"))
+    _write_json(_dataset_description(n_subjects, seed, p, sessions), out / "dataset_description.json")
+    (out / "README").write_text(_readme(n_subjects, seed, p, sessions))
     tdir = out / TRUTH_DIR
     _write_json({"Name": "synthetic ground truth", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
                  "GeneratedBy": [{"Name": "neuromoe.synth", "Version": __version__}]},
                 tdir / "dataset_description.json")
-    _write_json(_param_items(p) | {"seed": seed, "n_subjects": n_subjects}, tdir / "synth_params.json")
-    _write_json(p.design.to_json(), out / DESIGN_FILE)
+    visits = {} if sessions == 1 else {"sessions": sessions, "session_progression": SESSION_PROGRESSION,
+                                       "session_interval_years": SESSION_INTERVAL_YEARS}
+    _write_json(_param_items(p) | {"seed": seed, "n_subjects": n_subjects} | visits, tdir / "synth_params.json")
+    _write_json(p.design.to_json() | ({} if sessions == 1 else {"sessions": sessions}), out / DESIGN_FILE)
     return out

@@ -14,13 +14,18 @@ planted effects (region, cause, strength), clinical scores and serum markers, he
 Subject k's numbers come from its own ``np.random.SeedSequence([seed, k])``, split into independent
 streams for the plan, the clinical table and each modality, so subject k is the same whatever
 ``n_subjects`` and whichever modalities are omitted.
+
+Longitudinal cohorts (``session_plans``): session 1 is the subject's plan as above; session s > 1 is a
+later visit, ``SESSION_INTERVAL_YEARS`` after the one before, with its own pose, motion and noise (from
+``SeedSequence([seed, k], spawn_key=(5, s))``, a child nothing else uses), the disease effect of a patient
+multiplied by ``progression_factor`` and the clinical values progressed (``_progress_clinical``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import nibabel as nib
@@ -29,8 +34,9 @@ import numpy as np
 from neuromoe.inputs import templates as tpl
 
 __all__ = ["DIAGNOSES", "DISEASE_ROLE", "MARKERS", "MIN_MODEL_GRID_VOXELS", "MIN_SEPARATION_MM",
-           "MIN_TISSUE_VOXELS", "MODALITIES", "REGION_TISSUE", "CohortDesign", "SubjectPlan", "SynthParams",
-           "model_grid_image", "rigid_matrix", "subject_id", "subject_plan"]
+           "MIN_TISSUE_VOXELS", "MODALITIES", "REGION_TISSUE", "SESSION_COLUMNS", "SESSION_INTERVAL_YEARS",
+           "SESSION_PROGRESSION", "CohortDesign", "SubjectPlan", "SynthParams", "model_grid_image",
+           "progression_factor", "rigid_matrix", "session_plans", "subject_id", "subject_plan"]
 
 MODALITIES = ("anat", "dwi", "func")
 DIAGNOSES = ("HC", "PD", "iRBD")
@@ -47,6 +53,13 @@ REGION_RADIUS_MM = 14.0
 MIN_SEPARATION_MM = 2 * REGION_RADIUS_MM + 4.0
 MIN_TISSUE_VOXELS = 785
 MIN_MODEL_GRID_VOXELS = 30
+# Longitudinal cohorts: a patient's disease effect at session s is its session-1 strength times
+# 1 + SESSION_PROGRESSION * (s - 1) (capped at 1); visits are SESSION_INTERVAL_YEARS apart; the clinical
+# columns that change between visits (sub-<id>_sessions.tsv).
+SESSION_PROGRESSION = 0.25
+SESSION_INTERVAL_YEARS = 2
+SESSION_COLUMNS = ("age", "updrs3", "moca", "serum_nfl", "serum_asyn")
+_SESSION_SPAWN_KEY = 5   # subject_plan spawns children 0-4 of SeedSequence([seed, k]); sessions use child 5
 
 
 @dataclass(frozen=True)
@@ -348,7 +361,8 @@ def rigid_matrix(rotation_rad: Iterable[float], translation_mm: Iterable[float])
 @dataclass(frozen=True)
 class SubjectPlan:
     """A subject's latent truth and clinical values. ``effects[m][role]`` is the planted strength (0: none)
-    and ``causes[m][role]`` is ``"disease"``, ``"distractor"`` or None."""
+    and ``causes[m][role]`` is ``"disease"``, ``"distractor"`` or None. ``session``: None in a
+    single-session cohort (``subject_plan``), else the visit number 1, 2, ... (``session_plans``)."""
 
     index: int
     seed: int
@@ -359,6 +373,7 @@ class SubjectPlan:
     clinical: dict[str, float | str | None]
     rotation_deg: tuple[float, float, float]
     translation_mm: tuple[float, float, float]
+    session: int | None = None
 
     @property
     def subject(self) -> str:
@@ -370,9 +385,17 @@ class SubjectPlan:
         return rigid_matrix(np.deg2rad(self.rotation_deg), self.translation_mm)
 
     def streams(self) -> dict[str, np.random.Generator]:
-        """Independent generators for the images: anat, dwi, func."""
-        kids = np.random.SeedSequence([self.seed, self.index]).spawn(5)
+        """Independent generators for the images: anat, dwi, func (session 1: the single-session ones)."""
+        kids = _seed_children(self.index, self.seed, self.session)
         return {m: np.random.default_rng(k) for m, k in zip(MODALITIES, kids[2:], strict=True)}
+
+
+def _seed_children(index: int, seed: int, session: int | None) -> list[np.random.SeedSequence]:
+    """The five seed sequences of a subject (session None or 1) or of its later session: plan, clinical,
+    anat, dwi, func."""
+    if session is None or session == 1:
+        return np.random.SeedSequence([seed, index]).spawn(5)
+    return np.random.SeedSequence([seed, index], spawn_key=(_SESSION_SPAWN_KEY, session)).spawn(5)
 
 
 def _diagnosis(index: int, seed: int) -> str:
@@ -449,3 +472,74 @@ def _clinical(rng: np.random.Generator, diagnosis: str, profile: str, p: SynthPa
         if u[1 + k] < p.clinical_missing:
             values[col] = None
     return values
+
+
+# --------------------------------------------------------------------------------------------------------
+# Longitudinal cohorts: later sessions of a subject
+# --------------------------------------------------------------------------------------------------------
+def progression_factor(diagnosis: str, session: int) -> float:
+    """What a subject's disease effect strength is multiplied by at ``session`` (1-based): 1 for controls
+    and at session 1, else ``1 + SESSION_PROGRESSION * (session - 1)``."""
+    return 1.0 if diagnosis == "HC" else 1.0 + SESSION_PROGRESSION * (session - 1)
+
+
+def session_plans(index: int, seed: int, params: SynthParams | None = None, sessions: int = 2
+                  ) -> list[SubjectPlan]:
+    """The plans of subject ``index`` at sessions 1..``sessions``.
+
+    Session 1 is ``subject_plan(index, seed, params)`` (same effects, clinical values, pose, image
+    streams) with ``session=1``. Session s > 1 keeps the diagnosis, profile and causes; a patient's disease
+    effects are multiplied by ``progression_factor`` (capped at 1; distractors, non-specific changes, and
+    every effect of a control stay as they were); the head pose is drawn anew (as in ``subject_plan``) and
+    the images get their own streams; the clinical values progress from the previous visit's
+    (``_progress_clinical``, ``SESSION_INTERVAL_YEARS`` later).
+    """
+    if isinstance(sessions, bool) or not isinstance(sessions, (int, np.integer)) or sessions < 1:
+        raise ValueError(f"sessions must be an integer >= 1, got {sessions!r}")
+    p = params or SynthParams()
+    base = subject_plan(index, seed, p)
+    out = [replace(base, session=1)]
+    # The session-1 values before any was set to n/a: later visits progress from what was measured or not.
+    full = _clinical(np.random.default_rng(_seed_children(index, seed, None)[1]), base.diagnosis, base.profile,
+                     replace(p, clinical_missing=0.0))
+    for s in range(2, int(sessions) + 1):
+        kids = _seed_children(index, seed, s)
+        rng, crng = np.random.default_rng(kids[0]), np.random.default_rng(kids[1])
+        f = progression_factor(base.diagnosis, s)
+        effects = {m: {role: float(min(1.0, v * f)) if base.causes[m][role] == "disease" else v
+                       for role, v in roles.items()} for m, roles in base.effects.items()}
+        rot = tuple(float(a) for a in rng.uniform(-p.max_rotation_deg, p.max_rotation_deg, 3))
+        trans = tuple(float(a) for a in rng.uniform(-p.max_translation_mm, p.max_translation_mm, 3))
+        full = _progress_clinical(crng, full, base.diagnosis)
+        clinical = base.clinical | {c: full[c] for c in SESSION_COLUMNS}   # sex, rbdsq: as at session 1
+        for col, u in zip(SESSION_COLUMNS[1:], crng.random(len(SESSION_COLUMNS) - 1), strict=True):
+            if u < p.clinical_missing:
+                clinical[col] = None
+        out.append(replace(base, effects=effects, clinical=clinical, rotation_deg=rot, translation_mm=trans,
+                           session=s))
+    return out
+
+
+# Change per year by diagnosis (HC, PD, iRBD): MDS-UPDRS III points (early PD ~2-3 a year), MoCA points
+# beyond ageing (the -0.08 a year of _clinical), log serum NfL beyond ageing (its 2 % a year), log serum
+# alpha-synuclein.
+_RATES = {"updrs3": (0.1, 2.5, 0.7), "moca": (0.0, -0.25, -0.15), "serum_nfl": (0.0, 0.03, 0.02),
+          "serum_asyn": (0.0, 0.03, 0.02)}
+
+
+def _progress_clinical(rng: np.random.Generator, prev: dict, diagnosis: str) -> dict:
+    """The clinical values one visit (``SESSION_INTERVAL_YEARS``) after ``prev`` (complete values): age up
+    by the interval; UPDRS-III up by its diagnosis's rate (plus test-retest noise, SD 2 points); MoCA down
+    by ageing and the diagnosis's rate (noise SD 1); serum NfL up 2 % a year (ageing) plus the diagnosis's
+    rate, serum alpha-synuclein up by the diagnosis's rate (each with 8 % visit-to-visit noise). Sex and
+    RBDSQ stay. Four normal draws, in this order."""
+    years = SESSION_INTERVAL_YEARS
+    r = {k: v[DIAGNOSES.index(diagnosis)] for k, v in _RATES.items()}
+    z = rng.standard_normal(4)
+    out = dict(prev)
+    out["age"] = int(prev["age"]) + years
+    out["updrs3"] = int(np.clip(round(prev["updrs3"] + r["updrs3"] * years + 2.0 * z[0]), 0, 132))
+    out["moca"] = int(np.clip(round(prev["moca"] + (r["moca"] - 0.08) * years + 1.0 * z[1]), 0, 30))
+    out["serum_nfl"] = round(float(prev["serum_nfl"] * np.exp((0.02 + r["serum_nfl"]) * years + 0.08 * z[2])), 1)
+    out["serum_asyn"] = int(round(float(prev["serum_asyn"] * np.exp(r["serum_asyn"] * years + 0.08 * z[3]))))
+    return out
