@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these subjects (labels without 'sub-'); default: every subject")
     p.add_argument("--exclude-participant-label", "--exclude_participant_label", nargs="+", default=[],
                    metavar="LABEL", help="leave these subjects out")
+    p.add_argument("--session-label", "--session_label", nargs="+", default=[], metavar="LABEL",
+                   help="in a dataset with sessions, only these (labels without 'ses-'); default: every session")
     p.add_argument("--skip", nargs="+", default=[], type=_skip_name, metavar="MAP",
                    help="maps the model does without: FA, MD, AD, RD (DWI), fALFF, ReHo (BOLD; not computed)")
     p.add_argument("--config", action="append", default=[], type=Path, metavar="YAML",
@@ -113,6 +115,8 @@ def resolve_config(args: argparse.Namespace, base: Path = REPO / "config.yaml") 
         cfg["participant_label"] = [str(x).removeprefix("sub-") for x in args.participant_label]
     if args.exclude_participant_label:
         cfg["exclude_participant_label"] = [str(x).removeprefix("sub-") for x in args.exclude_participant_label]
+    if args.session_label:
+        cfg["session_label"] = [str(x).removeprefix("ses-") for x in args.session_label]
     cfg = validate_config(cfg)  # defaults filled: the lists below exist
     for name in args.skip:
         key, value = SKIPPABLE[name]

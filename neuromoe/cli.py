@@ -25,7 +25,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from neuromoe.inputs.synth import SynthParams, make_cohort
 
     out = make_cohort(args.out_dir, n_subjects=args.subjects, seed=args.seed,
-                      params=SynthParams(design_seed=args.design_seed))
+                      params=SynthParams(design_seed=args.design_seed), sessions=args.sessions)
     design = "the demo design" if args.design_seed is None else f"design seed {args.design_seed}"
     print(f"wrote a synthetic BIDS cohort of {args.subjects} subjects ({design}) to {out}")
 
@@ -39,7 +39,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
     ds = validate_dataset(args.bids_dir or cfg["bids_dir"], cfg)
     for w in ds.warnings:
         print(f"warning: {w}")
-    print(f"{args.bids_dir or cfg['bids_dir']}: {len(ds.subjects)} subject(s) ready "
+    units = (f"{len({u.id for u in ds.subjects.values()})} subject(s), {len(ds.subjects)} session(s)"
+             if ds.sessions else f"{len(ds.subjects)} subject(s)")
+    print(f"{args.bids_dir or cfg['bids_dir']}: {units} ready "
           f"({', '.join(f'{m}: {len(ds.with_modality(m))}' for m in ('anat', 'dwi', 'func'))})")
 
 
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--design-seed", type=int, default=None,
                    help="draw the cohort design (effect regions, marker mapping) from this seed; "
                         "default: the demo design")
+    s.add_argument("--sessions", type=int, default=1, help="sessions (visits) per subject; >1: longitudinal")
     s.set_defaults(func=cmd_synth)
 
     v = sub.add_parser("validate", help="check a BIDS dataset and participants.tsv; list every problem")

@@ -2,16 +2,21 @@
 
 Rules, stage functions and tests all take names from here, so the python and fsl backends write
 the same files and downstream rules cannot tell which ran. Subjects are given without the ``sub-``
-prefix (``"01"``); Snakemake patterns use the wildcard ``{subject}``.
+prefix (``"01"``), sessions without ``ses-`` (``"1"``); Snakemake patterns use the wildcards ``{subject}`` and,
+for a dataset with sessions, ``{session}``. Without a session a name is exactly the session-less one, so a
+dataset without ``ses-`` folders keeps the names (and bytes) it always had.
 
 Example::
 
     >>> derivative("results", "01", "dwi_fa_mni")
     'results/derivatives/neuromoe/sub-01/dwi/sub-01_space-MNI152NLin2009aSym_model-DTI_param-FA_dwimap.nii.gz'
+    >>> derivative("results", "01", "anat_mask", session="2")
+    'results/derivatives/neuromoe/sub-01/ses-2/anat/sub-01_ses-2_desc-brain_mask.nii.gz'
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,38 +99,53 @@ def derivatives_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "derivatives" / PIPELINE
 
 
-def derivative(output_dir: str | Path, subject: str, key: str) -> str:
-    """Path of output ``key`` (see OUTPUTS) for one subject, as a string (Snakemake-friendly)."""
+def unit_label(subject: str, session: str | None = None) -> str:
+    """``sub-01`` or ``sub-01_ses-2``: how one subject-session is named in folders, logs and messages."""
+    return f"sub-{subject}" + (f"_ses-{session}" if session is not None else "")
+
+
+def unit_dir(subject: str, session: str | None = None) -> Path:
+    """``sub-01`` or ``sub-01/ses-2``: the folder of one subject-session in a BIDS tree."""
+    return Path(f"sub-{subject}") / (f"ses-{session}" if session is not None else "")
+
+
+def derivative(output_dir: str | Path, subject: str, key: str, session: str | None = None) -> str:
+    """Path of output ``key`` (see OUTPUTS) for one subject (and session), as a string (Snakemake-friendly)."""
     if key not in OUTPUTS:
         raise KeyError(f"unknown derivative {key!r}; known: {sorted(OUTPUTS)}")
     datatype, entities, suffix, ext = OUTPUTS[key]
-    name = bids_name(subject, suffix, ext, **entities)
-    return str(derivatives_root(output_dir) / f"sub-{subject}" / datatype / name)
+    name = bids_name(subject, suffix, ext, ses=session, **entities)
+    return str(derivatives_root(output_dir) / unit_dir(subject, session) / datatype / name)
 
 
-def derivative_pattern(output_dir: str | Path, key: str) -> str:
-    """The same path with a ``{subject}`` wildcard, for Snakemake rules."""
-    return derivative(output_dir, "{subject}", key)
+def derivative_pattern(output_dir: str | Path, key: str, sessions: bool = False) -> str:
+    """The same path with a ``{subject}`` (and ``{session}``) wildcard, for Snakemake rules."""
+    return derivative(output_dir, "{subject}", key, "{session}" if sessions else None)
 
 
-def raw(bids_dir: str | Path, subject: str, kind: str) -> str:
-    """Raw BIDS input of one subject: kind in T1w, dwi, bval, bvec, dwi_json, bold, bold_json. An image is
-    ``.nii.gz``, or ``.nii`` where only that exists (a ``{subject}`` pattern stays ``.nii.gz``)."""
-    b = Path(bids_dir) / f"sub-{subject}"
-    table = {
-        "T1w": b / "anat" / f"sub-{subject}_T1w.nii.gz",
-        "dwi": b / "dwi" / f"sub-{subject}_dwi.nii.gz",
-        "bval": b / "dwi" / f"sub-{subject}_dwi.bval",
-        "bvec": b / "dwi" / f"sub-{subject}_dwi.bvec",
-        "dwi_json": b / "dwi" / f"sub-{subject}_dwi.json",
-        "bold": b / "func" / f"sub-{subject}_task-rest_bold.nii.gz",
-        "bold_json": b / "func" / f"sub-{subject}_task-rest_bold.json",
-    }
-    if kind not in table:
-        raise KeyError(f"unknown raw input {kind!r}; known: {sorted(table)}")
-    path = table[kind]
-    if path.suffix == ".gz" and "{" not in str(path) and not path.exists():
-        plain = path.with_suffix("")  # BIDS allows an uncompressed .nii as well
-        if plain.exists():
-            return str(plain)
-    return str(path)
+# raw input kind -> (datatype folder, name after sub-<id>[_ses-<s>]_)
+RAW_INPUTS = {
+    "T1w": ("anat", "T1w.nii.gz"),
+    "dwi": ("dwi", "dwi.nii.gz"),
+    "bval": ("dwi", "dwi.bval"),
+    "bvec": ("dwi", "dwi.bvec"),
+    "dwi_json": ("dwi", "dwi.json"),
+    "bold": ("func", "task-rest_bold.nii.gz"),
+    "bold_json": ("func", "task-rest_bold.json"),
+}
+
+
+def raw(bids_dir: str | Path, subject: str, kind: str, session: str | None = None) -> str:
+    """Raw BIDS input of one subject (and session): kind in T1w, dwi, bval, bvec, dwi_json, bold, bold_json. An
+    image is ``.nii.gz``, or ``.nii`` where only that exists (a ``{subject}`` pattern stays ``.nii.gz``)."""
+    if kind not in RAW_INPUTS:
+        raise KeyError(f"unknown raw input {kind!r}; known: {sorted(RAW_INPUTS)}")
+    datatype, rest = RAW_INPUTS[kind]
+    u = unit_label(subject, session)
+    folder = f"sub-{subject}/ses-{session}" if session is not None else f"sub-{subject}"
+    path = f"{Path(bids_dir)}/{folder}/{datatype}/{u}_{rest}"  # few Path objects: start-up calls this per file
+    if path.endswith(".gz") and "{" not in path and not os.path.exists(path):
+        plain = path[:-3]  # BIDS allows an uncompressed .nii as well
+        if os.path.exists(plain):
+            return plain
+    return path

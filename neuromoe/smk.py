@@ -87,6 +87,12 @@ def inputs(snakemake: Any) -> dict[str, str]:
     return {k: (str(v) if isinstance(v, str) else [str(x) for x in v]) for k, v in snakemake.input.items()}
 
 
+def unit(snakemake: Any) -> str:
+    """The job's unit label after ``sub-``: ``01``, or ``01_ses-2`` in a dataset with sessions."""
+    w = snakemake.wildcards
+    return w.subject if w.get("session") is None else f"{w.subject}_ses-{w.session}"
+
+
 def run(snakemake: Any, fn: Callable[[Any], Any]) -> None:
     """Run ``fn(snakemake)`` with logging to the rule's log and clean error reporting."""
     from neuromoe.errors import NeuroMoEError
@@ -99,8 +105,7 @@ def run(snakemake: Any, fn: Callable[[Any], Any]) -> None:
     logging.basicConfig(stream=log_fh, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         force=True)
     set_threads(snakemake.threads)
-    label = f"rule {snakemake.rule}" + (f", sub-{snakemake.wildcards.subject}"
-                                        if "subject" in snakemake.wildcards.keys() else "")
+    label = f"rule {snakemake.rule}" + (f", sub-{unit(snakemake)}" if "subject" in snakemake.wildcards.keys() else "")
     t0 = time.time()
     logging.getLogger("neuromoe").info("%s: start (threads=%s)", label, snakemake.threads)
     try:

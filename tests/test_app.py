@@ -47,8 +47,8 @@ def test_options_are_ours_and_the_rest_goes_to_snakemake(tmp_path: Path) -> None
 def test_help_lists_our_options_and_snakemakes(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["bids", "out", "participant", "--help"]) == 0
     text = capsys.readouterr().out
-    for opt in ("--participant-label", "--exclude-participant-label", "--skip", "--config", "--profile",
-                "--version", "Snakemake options (passed through)", "--forcerun", "--until", "--use-conda"):
+    for opt in ("--participant-label", "--exclude-participant-label", "--session-label", "--skip", "--config",
+                "--profile", "--version", "Snakemake options (passed through)", "--forcerun", "--until", "--use-conda"):
         assert opt in text, opt
 
 
@@ -57,14 +57,14 @@ def test_resolved_config_merges_files_then_options(tmp_path: Path) -> None:
     mine = tmp_path / "mine.yaml"
     mine.write_text("train:\n  epochs: 7\nevaluation:\n  folds: 3\n")
     args, _ = parse(str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--config", str(mine),
-                    "--participant-label", "sub-03", "--skip", "reho", "fa")
+                    "--participant-label", "sub-03", "--session-label", "ses-2", "1", "--skip", "reho", "fa")
     cfg = app.resolve_config(args)
     repo = yaml.safe_load((REPO / "config.yaml").read_text())
     assert cfg["train"]["epochs"] == 7 and cfg["evaluation"]["folds"] == 3  # ours
     assert cfg["train"]["lr"] == repo["train"]["lr"]  # the repository's, merged key by key
     assert cfg["bids_dir"] == str(tmp_path / "bids") and cfg["output_dir"] == str(tmp_path / "out")
     assert cfg["synthetic"]["generate"] is False  # a BIDS App never invents a cohort
-    assert cfg["participant_label"] == ["03"]
+    assert cfg["participant_label"] == ["03"] and cfg["session_label"] == ["2", "1"]
     assert cfg["cache"]["func_maps"] == ["fALFF"] and cfg["cache"]["dwi_maps"] == ["MD"]
     args, _ = parse(str(tmp_path / "bids"), str(tmp_path / "out"), "group", "--skip", "falff", "reho")
     with pytest.raises(ConfigError, match="cache.func_maps empty"):

@@ -43,6 +43,7 @@ from neuromoe import __version__
 from neuromoe.cache.grid import MIN_SUPPORT, ZSCORE_CLIP, check_grid, grid_mask, model_grid, normalise_map
 from neuromoe.config import CacheConfig, ParticipantsConfig, schema_defaults
 from neuromoe.errors import CacheError, InputError, StageError
+from neuromoe.inputs.bids import read_sessions
 
 MODALITIES: tuple[str, ...] = ("anat", "dwi", "func")
 ANAT_CHANNELS: tuple[str, ...] = ("T1w",)
@@ -143,14 +144,17 @@ def subject_paths(root: str | Path, subject: str) -> dict[str, Path]:
     return out
 
 
-def subject_maps(output_dir: str | Path, subject: str, cfg: Mapping[str, Any]) -> dict[str, list[str]]:
-    """The MNI-space derivative maps the config asks for, per modality, in channel order (paths.py names)."""
+def subject_maps(output_dir: str | Path, subject: str, cfg: Mapping[str, Any], session: str | None = None,
+                 anat_session: str | None = None) -> dict[str, list[str]]:
+    """The MNI-space derivative maps the config asks for, per modality, in channel order (paths.py names), of
+    one subject (and session; the T1w from ``anat_session`` when given: a session without its own)."""
     from neuromoe.paths import derivative
 
     c = cfg["cache"]
-    return {"anat": [derivative(output_dir, subject, "anat_brain_mni")],
-            "dwi": [derivative(output_dir, subject, f"dwi_{p.lower()}_mni") for p in c["dwi_maps"]],
-            "func": [derivative(output_dir, subject, f"func_{s.lower()}_mni") for s in c["func_maps"]]}
+    t1_session = session if anat_session is None else anat_session
+    return {"anat": [derivative(output_dir, subject, "anat_brain_mni", t1_session)],
+            "dwi": [derivative(output_dir, subject, f"dwi_{p.lower()}_mni", session) for p in c["dwi_maps"]],
+            "func": [derivative(output_dir, subject, f"func_{s.lower()}_mni", session) for s in c["func_maps"]]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,8 +163,9 @@ def subject_maps(output_dir: str | Path, subject: str, cfg: Mapping[str, Any]) -
 def cache_subject(maps: Mapping[str, Sequence[str | Path] | None], out_paths: Mapping[str, str | Path],
                   grid: int | Sequence[int], dtype: str, subject: str, *, patch: int,
                   json_path: str | Path | None = None, channels: Mapping[str, Sequence[str]] | None = None,
-                  clip: float = ZSCORE_CLIP) -> dict[str, Any]:
-    """Write one subject's model-grid tensors: one uncompressed ``.npy`` per modality + a JSON record.
+                  clip: float = ZSCORE_CLIP, session: str | None = None) -> dict[str, Any]:
+    """Write one subject's (or subject-session's) model-grid tensors: one uncompressed ``.npy`` per modality +
+    a JSON record (``subject``, and ``session`` where given).
 
     maps: modality -> MNI-space 3D map paths, in channel order (anat: [brain T1w]; dwi: e.g. [FA, MD];
         func: [fALFF, ReHo]). A modality with no paths or any missing file is *absent*: its ``.npy`` is
@@ -180,9 +185,11 @@ def cache_subject(maps: Mapping[str, Sequence[str | Path] | None], out_paths: Ma
     """
     mg = model_grid(check_grid(grid, patch))
     store = storage_dtype(dtype)
-    json_path = Path(json_path) if json_path is not None else default_record_path(out_paths, subject)
+    label = subject if session is None else f"{subject}_ses-{session}"
+    json_path = Path(json_path) if json_path is not None else default_record_path(out_paths, label)
     record: dict[str, Any] = {
-        "subject": subject, "cache_format": CACHE_FORMAT, "grid": list(mg.shape), "voxel_mm": mg.voxel_mm,
+        "subject": subject, **({"session": session} if session is not None else {}),
+        "cache_format": CACHE_FORMAT, "grid": list(mg.shape), "voxel_mm": mg.voxel_mm,
         "dtype": dtype, "storage_dtype": store.name, "normalisation": normalisation_params(clip),
         "neuromoe_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "modalities": {},
     }
@@ -209,7 +216,7 @@ def cache_subject(maps: Mapping[str, Sequence[str | Path] | None], out_paths: Ma
             try:
                 stack[c], st = normalise_map(p, mg.shape, clip)
             except (ValueError, nib.filebasedimages.ImageFileError) as e:
-                raise StageError(str(e), subject=f"sub-{subject}", stage="cache", path=p,
+                raise StageError(str(e), subject=f"sub-{label}", stage="cache", path=p,
                                  fix="check the MNI-space map; it must be a 3D NIfTI image") from e
             stats.append({"channel": names[c], **st})
         _save_npy_atomic(out, encode(stack, dtype))
@@ -332,9 +339,12 @@ def build_cohort(subject_records: Sequence[str | Path], participants_tsv: str | 
         _check_record(rec, path, exp)
         recs.append((path, rec))
     ids = [f"sub-{r['subject']}" for _, r in recs]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
+    sessions = [r.get("session") for _, r in recs]
+    units = [i if ses is None else f"{i}_ses-{ses}" for i, ses in zip(ids, sessions, strict=True)]
+    dup = sorted({u for u in units if units.count(u) > 1})
     if dup:
         raise ValueError(f"subjects given more than once: {dup}")
+    with_sessions = any(ses is not None for ses in sessions)
 
     part = _read_participants(participants_tsv)
     for col in [diag_col, *clin_cols]:
@@ -342,8 +352,10 @@ def build_cohort(subject_records: Sequence[str | Path], participants_tsv: str | 
             raise InputError(f"column {col!r} (from config participants) is missing; columns: "
                              f"{list(part.columns)}", path=participants_tsv,
                              fix="add the column or remove it from config participants")
+    visits = {pid: read_sessions(participants_tsv.parent, pid.removeprefix("sub-"))
+              for pid, ses in zip(ids, sessions, strict=True) if ses is not None}
     rows = []
-    for i, pid in enumerate(ids):
+    for i, (pid, ses) in enumerate(zip(ids, sessions, strict=True)):
         if pid not in part.index:
             raise InputError("not in participants.tsv", subject=pid, path=participants_tsv,
                              fix="add a row for the subject or remove its data")
@@ -353,12 +365,16 @@ def build_cohort(subject_records: Sequence[str | Path], participants_tsv: str | 
             raise InputError(f"diagnosis {diag!r} is not one of the configured labels {labels}", subject=pid,
                              path=participants_tsv, fix="correct the diagnosis or config participants.labels")
         present = {m: bool(recs[i][1]["modalities"].get(m, {}).get("present", False)) for m in MODALITIES}
-        rows.append({"row": i, "participant_id": pid, "diagnosis": diag,
-                     "label": -1 if unlabelled else labels.index(diag),
-                     **{f"has_{m}": present[m] for m in MODALITIES},
-                     **{c: part.at[pid, c] for c in clin_cols}})
-    index = pd.DataFrame(rows, columns=["row", "participant_id", "diagnosis", "label",
-                                        *[f"has_{m}" for m in MODALITIES], *clin_cols])
+        clinical = {c: part.at[pid, c] for c in clin_cols}
+        visit = visits.get(pid)
+        if visit is not None and ses in visit.index:  # a session's own value wins over the participant's
+            clinical.update({c: visit.at[ses, c] for c in clin_cols if c in visit.columns
+                             and not pd.isna(visit.at[ses, c])})
+        rows.append({"row": i, "participant_id": pid, **({"session_id": f"ses-{ses}"} if with_sessions else {}),
+                     "diagnosis": diag, "label": -1 if unlabelled else labels.index(diag),
+                     **{f"has_{m}": present[m] for m in MODALITIES}, **clinical})
+    index = pd.DataFrame(rows, columns=["row", "participant_id", *(["session_id"] if with_sessions else []),
+                                        "diagnosis", "label", *[f"has_{m}" for m in MODALITIES], *clin_cols])
 
     n = len(recs)
     files: dict[str, dict[str, Any]] = {}
@@ -413,6 +429,24 @@ def build_cohort(subject_records: Sequence[str | Path], participants_tsv: str | 
     }
     _write_json_atomic(manifest_path, manifest)
     return manifest_path
+
+
+def id_columns(index: pd.DataFrame, rows: Sequence[int]) -> dict[str, np.ndarray]:
+    """The id columns of cache ``rows`` for a results table: ``participant_id`` (without ``sub-``), and
+    ``session_id`` (``ses-2``) where the cohort has sessions (one row per visit)."""
+    by_row = index.set_index("row")
+    out = {"participant_id": by_row.loc[list(rows), "participant_id"].astype(str).str.removeprefix("sub-").to_numpy()}
+    if "session_id" in by_row.columns:
+        out["session_id"] = by_row.loc[list(rows), "session_id"].astype(str).to_numpy()
+    return out
+
+
+def unit_ids(index: pd.DataFrame) -> list[str]:
+    """Each cache row's unit, in row order: ``01``, or ``01_ses-2`` in a cohort with sessions."""
+    cols = id_columns(index, index["row"].astype(int).tolist())
+    if "session_id" not in cols:
+        return [str(x) for x in cols["participant_id"]]
+    return [f"{p}_{s}" for p, s in zip(cols["participant_id"], cols["session_id"], strict=True)]
 
 
 @dataclass(frozen=True)
@@ -534,7 +568,8 @@ def open_cohort(cache_dir: str | Path, expected: Mapping[str, Any] | None = None
                              f"{want} {store}.\n  fix: {fix}")
         arrays[m] = a
     mask = np.load(root / "mask.npy", allow_pickle=False).astype(bool)
-    index = pd.read_csv(root / "index.tsv", sep="\t", dtype={"participant_id": str, "diagnosis": str})
+    index = pd.read_csv(root / "index.tsv", sep="\t",
+                        dtype={"participant_id": str, "session_id": str, "diagnosis": str})
     if len(index) != n or not np.array_equal(index["row"].to_numpy(), np.arange(n)):
         raise CacheError(f"{root / 'index.tsv'}: {len(index)} rows that are not 0..{n - 1}.\n  fix: {fix}")
     for m in MODALITIES:

@@ -11,6 +11,15 @@ Layout understood (one session, as the synthetic cohort and most single-visit st
     sub-<id>/anat/sub-<id>_T1w.nii.gz
     sub-<id>/dwi/sub-<id>_dwi.nii.gz  .bval  .bvec  [.json]
     sub-<id>/func/sub-<id>_task-rest_bold.nii.gz  .json (RepetitionTime)
+
+or, longitudinal, the same per session (every subject then has ``ses-*`` folders)::
+
+    sub-<id>/[sub-<id>_sessions.tsv]   (session_id, clinical columns that change between visits)
+    sub-<id>/ses-<s>/anat/sub-<id>_ses-<s>_T1w.nii.gz   (dwi/, func/ likewise)
+
+A dataset with sessions is processed per subject-session (a *unit*, keyed ``01_ses-2``); one without is
+processed per subject (keyed ``01``) with exactly the names it always had. A session without a T1w is placed in
+MNI through the T1w of the subject's nearest earlier session that has one (else the nearest later one).
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,29 +42,50 @@ from neuromoe.errors import InputError, ValidationReport
 
 MODALITIES = ("anat", "dwi", "func")
 SUBJECT_RE = re.compile(r"^sub-([A-Za-z0-9]+)$")
+SESSION_RE = re.compile(r"^ses-([A-Za-z0-9]+)$")
 # participants.tsv sex coding (case-insensitive); the one table data.py and clinical.py use too.
 SEX_CODES = {"m": 0.0, "male": 0.0, "f": 1.0, "female": 1.0}
 
 
 @dataclass
 class Subject:
-    """One subject's raw inputs: which modalities are present and usable."""
+    """One unit's raw inputs (a subject, or a subject-session): which modalities are present and usable.
+
+    ``anat_session``: the session whose T1w places this one in MNI (its own, unless it has none; None
+    without sessions)."""
 
     id: str
     present: dict[str, bool] = field(default_factory=dict)
+    session: str | None = None
+    anat_session: str | None = None
+
+    @property
+    def key(self) -> str:
+        """``01`` or ``01_ses-2``: the unit's key in ``Dataset.subjects`` and its label after ``sub-``."""
+        return unit_key(self.id, self.session)
 
     def has(self, modality: str) -> bool:
+        """Usable for ``modality``: its own images, or (anat) a T1w of another session of the subject."""
+        if modality == "anat" and self.anat_session is not None:
+            return True
         return self.present.get(modality, False)
+
+
+def unit_key(subject: str, session: str | None = None) -> str:
+    """``01`` or ``01_ses-2`` (``neuromoe.paths.unit_label`` without ``sub-``)."""
+    return paths.unit_label(subject, session).removeprefix("sub-")
 
 
 @dataclass
 class Dataset:
-    """The validated dataset: subjects to process, and the problems that excluded some of them."""
+    """The validated dataset: the units to process (keyed by ``unit_key``: per subject, or per subject-session
+    where the dataset has sessions), and the problems that excluded some of them."""
 
     bids_dir: Path
     subjects: dict[str, Subject]
     participants: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
+    sessions: bool = False
 
     def with_modality(self, modality: str) -> list[str]:
         return sorted(s for s, sub in self.subjects.items() if sub.has(modality))
@@ -65,7 +95,7 @@ class Dataset:
         df = self.participants
         if df.empty:
             return []
-        ids = {f"sub-{s}" for s in self.subjects}
+        ids = {f"sub-{sub.id}" for sub in self.subjects.values()}
         rows = df[df["participant_id"].isin(ids) & df[diagnosis_column].notna()]
         return rows[diagnosis_column].astype(str).tolist()
 
@@ -141,11 +171,11 @@ def read_gradients(bval: Path, bvec: Path) -> tuple[np.ndarray, np.ndarray]:
     return bvals, bvecs
 
 
-def _check_dwi(bids_dir: Path, s: str, b0_threshold: float) -> list[InputError]:
-    subj = f"sub-{s}"
-    img_p, bval_p, bvec_p = (Path(paths.raw(bids_dir, s, k)) for k in ("dwi", "bval", "bvec"))
+def _check_dwi(bids_dir: Path, s: str, b0_threshold: float, session: str | None = None) -> list[InputError]:
+    subj = paths.unit_label(s, session)
+    img_p, bval_p, bvec_p = (Path(paths.raw(bids_dir, s, k, session)) for k in ("dwi", "bval", "bvec"))
     problems: list[InputError] = []
-    shape, err = check_image(img_p, s, bids_dir, 4, "DWI")
+    shape, err = check_image(img_p, unit_key(s, session), bids_dir, 4, "DWI")
     if err:
         return [err]
     for p, ext in ((bval_p, "bval"), (bvec_p, "bvec")):
@@ -203,10 +233,10 @@ def min_volumes(tr: float, f_low: float) -> int:
     return int(math.ceil(1.0 / (f_low * tr) - 1e-9))
 
 
-def _check_func(bids_dir: Path, s: str, func_cfg: Mapping[str, Any]) -> list[InputError]:
-    subj = f"sub-{s}"
-    img_p, js_p = Path(paths.raw(bids_dir, s, "bold")), Path(paths.raw(bids_dir, s, "bold_json"))
-    shape, err = check_image(img_p, s, bids_dir, 4, "BOLD")
+def _check_func(bids_dir: Path, s: str, func_cfg: Mapping[str, Any], session: str | None = None) -> list[InputError]:
+    subj = paths.unit_label(s, session)
+    img_p, js_p = (Path(paths.raw(bids_dir, s, k, session)) for k in ("bold", "bold_json"))
+    shape, err = check_image(img_p, unit_key(s, session), bids_dir, 4, "BOLD")
     if err:
         return [err]
     fix = ('add {"RepetitionTime": <seconds>} to the sidecar (dcm2niix writes it)')
@@ -316,6 +346,80 @@ def generate_synthetic(bids_dir: str | Path, cfg: Mapping[str, Any], *, dry_run:
             f"at {' or '.join(SYNTHETIC_DIRS)}, or on purpose with `neuromoe synth PATH`")])
 
 
+def session_order(labels: Sequence[str]) -> list[str]:
+    """Session labels in visit order: numbers by value (``2`` before ``10``), then the others by name."""
+    return sorted(set(labels), key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
+
+
+def select_sessions(found: set[str], cfg: Mapping[str, Any], bids_dir: Path, has_sessions: bool) -> set[str] | None:
+    """The sessions to process: ``session_label`` (labels without ``ses-``; empty: every session), as a BIDS
+    App's ``--session-label``; None for all. A label no selected subject has is an error."""
+    labels = [str(x).removeprefix("ses-") for x in cfg.get("session_label") or []]
+    if not labels:
+        return None
+    if not has_sessions:
+        raise ValidationReport([InputError("session labels were given, but the dataset has no ses-* folders",
+                                           path=bids_dir, fix="drop --session-label (session_label in the config)")])
+    unknown = sorted(set(labels) - found)
+    if unknown:
+        raise ValidationReport([InputError(f"no session folder for session label(s) {', '.join(unknown)}",
+                                           path=bids_dir, fix="use labels without 'ses-' that exist in the dataset ("
+                                                              + ", ".join(session_order(list(found))[:10]) + ")")])
+    return set(labels)
+
+
+def _place_anatomy(units: list[Subject]) -> None:
+    """Set each session's ``anat_session``: its own when it has a T1w, else the nearest earlier session's that
+    has one, else the nearest later one's (``units`` in visit order). Without sessions nothing changes."""
+    with_t1 = [k for k, u in enumerate(units) if u.session is not None and u.present.get("anat")]
+    for k, u in enumerate(units):
+        if u.session is None or not with_t1:
+            continue
+        earlier = [j for j in with_t1 if j <= k]
+        u.anat_session = units[earlier[-1] if earlier else with_t1[0]].session
+
+
+def sessions_tsv(bids_dir: str | Path, subject: str) -> Path:
+    """``sub-<id>/sub-<id>_sessions.tsv``: a subject's per-visit values (BIDS)."""
+    return Path(bids_dir) / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
+
+
+def read_sessions(bids_dir: str | Path, subject: str) -> pd.DataFrame | None:
+    """A subject's sessions.tsv indexed by session label (without ``ses-``), or None when there is none."""
+    path = sessions_tsv(bids_dir, subject)
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path, sep="\t", dtype={"session_id": str}, na_values=["n/a", "NA", ""])
+    if "session_id" not in df.columns:
+        return df.iloc[0:0]
+    return df.set_index(df["session_id"].astype(str).str.removeprefix("ses-"))
+
+
+def _check_sessions_tsv(bids_dir: Path, s: str, clinical_columns: Sequence[str]) -> list[InputError]:
+    """A sessions.tsv, where there is one: a session_id column, one row per session, numeric clinical values
+    (its clinical columns override participants.tsv's for that session)."""
+    path = sessions_tsv(bids_dir, s)
+    if not path.is_file():
+        return []
+    rel, subj = _rel(bids_dir, path), f"sub-{s}"
+    df = read_sessions(bids_dir, s)
+    if df is None or df.empty and "session_id" not in df.columns:
+        return [InputError("sessions.tsv has no session_id column", subject=subj, path=rel,
+                           fix="name the first column session_id (values ses-1, ses-2, ...)")]
+    problems = []
+    dup = sorted(set(df.index[df.index.duplicated()]))
+    if dup:
+        problems.append(InputError(f"sessions listed more than once: {', '.join('ses-' + d for d in dup)}",
+                                   subject=subj, path=rel, fix="keep one row per session"))
+    for col in [c for c in clinical_columns if c in df.columns and c != "sex"]:
+        vals = df[col]
+        bad = vals[pd.to_numeric(vals, errors="coerce").isna() & ~vals.isna()]
+        for ses, v in bad.items():
+            problems.append(InputError(f"column {col!r} has the non-numeric value {v!r} (ses-{ses})", subject=subj,
+                                       path=rel, fix="use a number, or n/a for a missing value"))
+    return problems
+
+
 def select_participants(folders: set[str], cfg: Mapping[str, Any], bids_dir: Path) -> set[str]:
     """The subject folders to process: ``participant_label`` (labels without ``sub-``; empty: every subject)
     minus ``exclude_participant_label``, as a BIDS App's ``--participant-label`` /
@@ -353,6 +457,7 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
                                            fix="set bids_dir in config.yaml (or --config bids_dir=...)")])
     folders = {p.name for p in bids_dir.glob("sub-*") if p.is_dir()}
     problems: list[InputError] = []
+    sessions_of: dict[str, list[str]] = {}
     for f in sorted(folders):
         if not SUBJECT_RE.match(f):
             label = f.removeprefix("sub-")
@@ -361,16 +466,24 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
                 f": the label has {', '.join(repr(c) for c in odd)}" if odd else ": the label is empty"),
                 subject=f, path=f, fix="rename it, e.g. sub-01: BIDS labels hold only the letters A-Z, a-z and "
                                        "the digits 0-9 (no '-', '_', spaces or other signs)"))
-        elif any((bids_dir / f).glob("ses-*")):
-            problems.append(InputError("has session folders (ses-*); this workflow reads one session per "
-                                       "subject", subject=f, path=f,
-                                       fix="point bids_dir at a single-session view (e.g. a copy with the "
-                                           "session level removed)"))
+            continue
+        found = [p.name for p in (bids_dir / f).glob("ses-*") if p.is_dir()]
+        for name in sorted(x for x in found if not SESSION_RE.match(x)):
+            problems.append(InputError("session folder name is not ses-<label>", subject=f, path=f"{f}/{name}",
+                                       fix="rename it, e.g. ses-1 (letters and digits only), in the file names too"))
+        sessions_of[f] = session_order([m.group(1) for x in found if (m := SESSION_RE.match(x))])
+    has_sessions = any(sessions_of.values())
+    if has_sessions:
+        for f in sorted(f for f, ses in sessions_of.items() if not ses):
+            problems.append(InputError("has no ses-* folder, but other subjects have sessions", subject=f, path=f,
+                                       fix="move its anat/, dwi/ and func/ into a session folder (e.g. ses-1, with "
+                                           "_ses-1 in the file names): every subject has sessions, or none"))
     chosen = select_participants(folders, cfg, bids_dir)
+    wanted = select_sessions({s for f in chosen for s in sessions_of.get(f, [])}, cfg, bids_dir, has_sessions)
     df, pproblems = _check_participants(bids_dir, cfg, folders)
     problems += pproblems
     if chosen != folders:  # a selection: another subject's problem is not this run's
-        problems = [p for p in problems if p.subject is None or p.subject in chosen]
+        problems = [p for p in problems if p.subject is None or p.subject.split("_")[0] in chosen]
 
     keep = cfg["participants"].get("missing_modality", "exclude") == "keep"
     b0_thr = float(cfg["preprocessing"]["dwi"].get("b0_threshold", 50))
@@ -381,36 +494,51 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
         if not m:
             continue
         s = m.group(1)
-        present = {
-            "anat": Path(paths.raw(bids_dir, s, "T1w")).exists(),
-            "dwi": Path(paths.raw(bids_dir, s, "dwi")).exists(),
-            "func": Path(paths.raw(bids_dir, s, "bold")).exists(),
-        }
-        if not any(present.values()):
-            problems.append(InputError("has no T1w, DWI or BOLD image under the expected names", subject=f,
-                                       path=f, fix=f"name them {f}_T1w.nii.gz, {f}_dwi.nii.gz, "
-                                                   f"{f}_task-rest_bold.nii.gz in anat/, dwi/, func/ "
-                                                   "(.nii works too)"))
-            continue
-        if present["anat"]:
-            _, err = check_image(Path(paths.raw(bids_dir, s, "T1w")), s, bids_dir, 3, "T1w")
-            if err:
-                problems.append(err)
-        if present["dwi"]:
-            problems += _check_dwi(bids_dir, s, b0_thr)
-        if present["func"]:
-            problems += _check_func(bids_dir, s, cfg["preprocessing"]["func"])
-        absent = [k for k, v in present.items() if not v]
-        if not present["anat"]:
-            # Every MNI map is registered through the T1w, so a subject without one cannot be placed in MNI.
-            warnings.append(f"{f}: no T1w image; excluded (DWI and BOLD are registered to MNI via the T1w)")
-            continue
-        if absent:
-            verb = "kept with the expert(s) masked" if keep else "excluded (participants.missing_modality: exclude)"
-            warnings.append(f"{f}: missing {', '.join(absent)}; {verb}")
-            if not keep:
+        sessions: list[str | None] = [x for x in sessions_of[f] if wanted is None or x in wanted] \
+            if has_sessions else [None]
+        if has_sessions:
+            problems += _check_sessions_tsv(bids_dir, s, cfg["participants"]["clinical_columns"])
+        units: list[Subject] = []
+        for ses in sessions:
+            label = paths.unit_label(s, ses)
+            present = {
+                "anat": Path(paths.raw(bids_dir, s, "T1w", ses)).exists(),
+                "dwi": Path(paths.raw(bids_dir, s, "dwi", ses)).exists(),
+                "func": Path(paths.raw(bids_dir, s, "bold", ses)).exists(),
+            }
+            if not any(present.values()):
+                problems.append(InputError("has no T1w, DWI or BOLD image under the expected names", subject=label,
+                                           path=str(paths.unit_dir(s, ses)),
+                                           fix=f"name them {label}_T1w.nii.gz, {label}_dwi.nii.gz, "
+                                               f"{label}_task-rest_bold.nii.gz in anat/, dwi/, func/ "
+                                               "(.nii works too)"))
                 continue
-        subjects[s] = Subject(s, present)
+            if present["anat"]:
+                _, err = check_image(Path(paths.raw(bids_dir, s, "T1w", ses)), unit_key(s, ses), bids_dir, 3, "T1w")
+                if err:
+                    problems.append(err)
+            if present["dwi"]:
+                problems += _check_dwi(bids_dir, s, b0_thr, ses)
+            if present["func"]:
+                problems += _check_func(bids_dir, s, cfg["preprocessing"]["func"], ses)
+            units.append(Subject(s, present, ses))
+        _place_anatomy(units)
+        for u in units:
+            label = paths.unit_label(s, u.session)
+            if not u.has("anat"):
+                # Every MNI map is registered through the T1w, so a unit without one cannot be placed in MNI.
+                warnings.append(f"{label}: no T1w image" + (" in any session" if has_sessions else "")
+                                + "; excluded (DWI and BOLD are registered to MNI via the T1w)")
+                continue
+            if u.anat_session != u.session:
+                warnings.append(f"{label}: no T1w image; placed in MNI through ses-{u.anat_session}'s")
+            absent = [k for k in ("dwi", "func") if not u.has(k)]
+            if absent:
+                verb = "kept with the expert(s) masked" if keep else "excluded (participants.missing_modality: exclude)"
+                warnings.append(f"{label}: missing {', '.join(absent)}; {verb}")
+                if not keep:
+                    continue
+            subjects[u.key] = u
     if cfg.get("validation", {}).get("bids_validator"):
         from neuromoe.inputs.validator import merge_problems, run_validator
 
@@ -428,4 +556,4 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
     if not subjects:
         raise ValidationReport([InputError("no usable subjects found", path=bids_dir,
                                            fix="check bids_dir and the file names (see README)")])
-    return Dataset(bids_dir, subjects, df, warnings)
+    return Dataset(bids_dir, subjects, df, warnings, sessions=has_sessions)

@@ -34,7 +34,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from neuromoe.cache.store import MODALITIES
+from neuromoe.cache.store import MODALITIES, id_columns
 from neuromoe.config import ParticipantsConfig
 from neuromoe.errors import InputError
 from neuromoe.learn.metrics import compute_metrics
@@ -184,10 +184,9 @@ def run_baseline(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, c
     eval_parts = {p: rs for p, rs in rows.items() if p != "train" and rs}
     _, probs = fit_predict(features, y, {"train": rows["train"], **eval_parts}, len(classes), C)
 
-    ids = cohort.index.set_index("row")["participant_id"].astype(str).str.removeprefix("sub-")
     tables = []
     for part, rs in eval_parts.items():
-        t = pd.DataFrame({"participant_id": ids.loc[rs].to_numpy(), "part": part,
+        t = pd.DataFrame({**id_columns(cohort.index, rs), "part": part,
                           "label": [classes[int(k)] for k in y[rs]]})
         for j, c in enumerate(classes):
             t[f"prob_{c}"] = probs[part][:, j]

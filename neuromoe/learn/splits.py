@@ -281,17 +281,26 @@ def split_ids(splits: pd.DataFrame) -> list[str]:
     return sorted(splits["split_id"].unique(), key=key)
 
 
+def subject_table(index: pd.DataFrame) -> pd.DataFrame:
+    """One row per participant of a cohort index (whose rows are visits where the dataset has sessions): what
+    ``make_splits`` splits, so that all of a subject's sessions fall in the same part of every split."""
+    return index.drop_duplicates("participant_id", keep="first").reset_index(drop=True)
+
+
 def split_rows(index: pd.DataFrame, splits_tsv: str | Path, split_id: str) -> dict[str, list[int]]:
-    """Cache rows of each part (train, val, test) of ``split_id``; ids matched without ``sub-``."""
+    """Cache rows of each part (train, val, test) of ``split_id``: every row (session) of each of its subjects;
+    ids matched without ``sub-``."""
     try:
         parts = split_parts(read_splits(splits_tsv), split_id)
     except KeyError as err:
         raise InputError(str(err.args[0]), path=splits_tsv, fix="use a split id from the table") from err
-    row_of = dict(zip(index["participant_id"].astype(str).str.removeprefix("sub-"), index["row"].astype(int),
-                      strict=True))
-    unknown = [i for ids in parts.values() for i in ids if i not in row_of]
+    rows_of: dict[str, list[int]] = {}
+    for pid, row in zip(index["participant_id"].astype(str).str.removeprefix("sub-"), index["row"].astype(int),
+                        strict=True):
+        rows_of.setdefault(pid, []).append(int(row))
+    unknown = [i for ids in parts.values() for i in ids if i not in rows_of]
     if unknown:
         raise InputError(f"split {split_id} names subject(s) not in the cohort cache: "
                          + ", ".join(f"sub-{i}" for i in unknown[:5]), path=splits_tsv,
                          fix="rebuild the splits from the same participants as the cache")
-    return {p: sorted(row_of[i] for i in ids) for p, ids in parts.items()}
+    return {p: sorted(r for i in ids for r in rows_of[i]) for p, ids in parts.items()}

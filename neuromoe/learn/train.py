@@ -265,8 +265,9 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 def _predictions_table(pred: Mapping[str, np.ndarray], part: str, index: pd.DataFrame,
                        classes: Sequence[str], experts: Sequence[str]) -> pd.DataFrame:
-    ids = index.set_index("row").loc[pred["row"], "participant_id"].astype(str).str.removeprefix("sub-")
-    table = pd.DataFrame({"participant_id": ids.to_numpy(), "part": part,
+    from neuromoe.cache.store import id_columns
+
+    table = pd.DataFrame({**id_columns(index, pred["row"]), "part": part,
                           "label": [classes[i] for i in pred["label"]]})
     probs = np.exp(pred["log_probs"])
     for j, c in enumerate(classes):

@@ -107,7 +107,8 @@ def load_run(run_dir: str | Path) -> Run:
         k = len(parts) - 1 - parts[::-1].index(split_id) if split_id in parts else len(parts) - 1
         variant = parts[k - 1] if k >= 1 else "unknown"
     protocol, seed, fold = parse_split_id(split_id)
-    pred = pd.read_csv(run_dir / "predictions.tsv", sep="\t", dtype={"participant_id": str, "label": str})
+    pred = pd.read_csv(run_dir / "predictions.tsv", sep="\t",
+                       dtype={"participant_id": str, "session_id": str, "label": str})
     if "part" not in pred.columns:
         pred["part"] = "test"
     classes_of(pred)  # raises if there are no probability columns
@@ -175,10 +176,11 @@ def collect_predictions(runs: Sequence[Run] | str | Path | Iterable[str | Path],
     table = pd.concat(frames, ignore_index=True)
     probs = [c for c in table.columns if c.startswith(PROB_PREFIX)]
     gates = sorted([c for c in table.columns if c.startswith(GATE_PREFIX)], key=_expert_key)
-    front = ["participant_id", "variant", "split_id", "seed", "fold", "part", "label", *probs, *gates]
+    session = ["session_id"] if "session_id" in table.columns else []  # a cohort with sessions: per visit
+    front = ["participant_id", *session, "variant", "split_id", "seed", "fold", "part", "label", *probs, *gates]
     table = table[front + [c for c in table.columns if c not in front]]
     table["pred"] = [c.removeprefix(PROB_PREFIX) for c in table[probs].idxmax(axis=1)]
-    return sort_variants(table, extra=["seed", "fold", "participant_id"]).reset_index(drop=True)
+    return sort_variants(table, extra=["seed", "fold", "participant_id", *session]).reset_index(drop=True)
 
 
 def _expert_key(col: str) -> tuple[int, str]:

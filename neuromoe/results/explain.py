@@ -232,7 +232,7 @@ def explain_run(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Path,
     for ``part`` (default the test part: explanations of subjects the model did not train on), and
     runs ``explain_cohort`` with the cache's grid affine. ``max_subjects`` keeps the first N (by id).
     """
-    from neuromoe.cache.store import open_cohort
+    from neuromoe.cache.store import open_cohort, unit_ids
     from neuromoe.learn.clinical import ClinicalPreprocessor
     from neuromoe.learn.data import CohortDataset
     from neuromoe.learn.train import load_model
@@ -242,14 +242,17 @@ def explain_run(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Path,
     cohort = open_cohort(cache_dir, verify=False)
     if list(cohort.labels) != list(meta["classes"]):
         raise ValueError(f"{cache_dir}: classes {cohort.labels} differ from the model's {meta['classes']}")
-    pred = pd.read_csv(run_dir / "predictions.tsv", sep="\t", dtype={"participant_id": str})
-    ids = sorted(pred.loc[pred["part"] == part, "participant_id"].str.removeprefix("sub-"))
+    pred = pd.read_csv(run_dir / "predictions.tsv", sep="\t", dtype={"participant_id": str, "session_id": str})
+    sel = pred[pred["part"] == part]
+    units = sel["participant_id"].str.removeprefix("sub-")
+    if "session_id" in sel.columns:  # a cohort with sessions: one item per visit, named 01_ses-2
+        units = units + "_" + sel["session_id"]
+    ids = sorted(units)
     if max_subjects is not None:
         ids = ids[:max_subjects]
     if not ids:
         raise ValueError(f"{run_dir}/predictions.tsv lists no {part!r} subjects to explain")
-    row_of = dict(zip(cohort.index["participant_id"].astype(str).str.removeprefix("sub-"),
-                      cohort.index["row"].astype(int), strict=True))
+    row_of = dict(zip(unit_ids(cohort.index), cohort.index["row"].astype(int), strict=True))
     missing = [i for i in ids if i not in row_of]
     if missing:
         raise ValueError(f"subjects {missing[:5]} of {run_dir} are not in the cache {cache_dir}")

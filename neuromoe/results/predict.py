@@ -48,7 +48,7 @@ def predict_cohort(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
     gate_<expert>..., missing (comma-separated absent modalities, empty if none), flagged (True when a
     modality was missing and its expert masked). Returns the TSV path.
     """
-    from neuromoe.cache.store import open_cohort
+    from neuromoe.cache.store import id_columns, open_cohort
     from neuromoe.learn.clinical import ClinicalPreprocessor
     from neuromoe.learn.data import CohortDataset
     from neuromoe.learn.train import load_model, predict
@@ -79,7 +79,7 @@ def predict_cohort(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
 
     classes, experts = list(meta["classes"]), list(model.cfg.experts)
     by_row = index.set_index("row")
-    table = pd.DataFrame({"participant_id": ids.to_numpy()[pred["row"]] if len(index) else [],
+    table = pd.DataFrame({**(id_columns(index, pred["row"]) if len(index) else {"participant_id": []}),
                           "diagnosis": by_row.loc[pred["row"], "diagnosis"].fillna("n/a").astype(str).to_numpy()})
     probs = np.exp(pred["log_probs"])
     table["pred_class"] = [classes[k] for k in probs.argmax(1)]

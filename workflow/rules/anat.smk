@@ -9,8 +9,8 @@ rule anat:
         qc_anat_mask=deriv("qc_anat_mask"),
         qc_anat_reg=deriv("qc_anat_reg"),
     log:
-        f"{LOGS}/anat/sub-{{subject}}.log",
-        benchmark=f"{BENCH}/anat/sub-{{subject}}.tsv",
+        f"{LOGS}/anat/{UNIT}.log",
+        benchmark=f"{BENCH}/anat/{UNIT}.tsv",
     conda:
         PREPROC_ENV
     threads: 1

@@ -15,10 +15,10 @@ rule cache_subject:
         unpack(cache_subject_inputs),
     output:
         # a folder: an absent modality writes no tensor, so the file set varies by subject
-        directory(f"{CACHE}/subjects/sub-{{subject}}"),
+        directory(f"{CACHE}/subjects/{UNIT}"),
     log:
-        f"{LOGS}/cache_subject/sub-{{subject}}.log",
-        benchmark=f"{BENCH}/cache_subject/sub-{{subject}}.tsv",
+        f"{LOGS}/cache_subject/{UNIT}.log",
+        benchmark=f"{BENCH}/cache_subject/{UNIT}.tsv",
     conda:
         "../../envs/torch.yaml"
     threads: 1
@@ -27,15 +27,17 @@ rule cache_subject:
         runtime=10,
     params:
         cfg=stage_config("cache", "model.patch_size"),
-        present=lambda wc: {m: DATASET.subjects[wc.subject].has(m) for m in MODALITIES},
+        present=lambda wc: {m: unit_of(wc).has(m) for m in MODALITIES},
     script:
         f"{SCRIPTS}/cache_subject.py"
 
 
 rule cache_cohort:
     input:
-        records=expand(f"{CACHE}/subjects/sub-{{subject}}", subject=SUBJECTS),
+        records=[f"{CACHE}/subjects/sub-{s}" for s in SUBJECTS],
         participants=f"{BIDS}/participants.tsv",
+        # per-visit clinical values (sub-*/sub-*_sessions.tsv) that override participants.tsv's
+        sessions=SESSION_TABLES,
     output:
         COHORT_FILES,
     log:

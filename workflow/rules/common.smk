@@ -10,7 +10,13 @@ from snakemake.utils import validate
 sys.path.insert(0, workflow.basedir)  # the neuromoe package for the Snakefile itself
 
 from neuromoe import paths
-from neuromoe.inputs.bids import MODALITIES, generate_synthetic, validate_dataset
+from neuromoe.inputs.bids import (
+    MODALITIES,
+    generate_synthetic,
+    sessions_tsv,
+    unit_key,
+    validate_dataset,
+)
 from neuromoe.config import validate_config
 from neuromoe.errors import NeuroMoEError
 from neuromoe.preproc import preproc_keys
@@ -107,7 +113,18 @@ except NeuroMoEError as exc:
 for _w in DATASET.warnings:
     print(f"neuromoe: warning: {_w}", file=sys.stderr)
 
+# The units processed: subjects, or subject-sessions where the dataset has ses-* folders (keys 01 or 01_ses-2).
 SUBJECTS = sorted(DATASET.subjects)
+SESSIONS = DATASET.sessions
+# How a unit is named in logs, benchmarks and cache folders (sub-01, or sub-01_ses-2).
+UNIT = "sub-{subject}_ses-{session}" if SESSIONS else "sub-{subject}"
+SESSION_TABLES = sorted(
+    {
+        str(sessions_tsv(BIDS, u.id))
+        for u in DATASET.subjects.values()
+        if u.session is not None and sessions_tsv(BIDS, u.id).is_file()
+    }
+)
 
 # Enough labelled subjects per class for the evaluation protocol, checked now rather than after every
 # subject's preprocessing (only for a run that will make splits: a preprocessing-only run needs none).
@@ -126,20 +143,40 @@ if workflow.is_main_process and trains(invocation()):
 
 
 wildcard_constraints:
-    subject="|".join(SUBJECTS) if SUBJECTS else "[A-Za-z0-9]+",
+    subject=(
+        "|".join(sorted({u.id for u in DATASET.subjects.values()}))
+        if SUBJECTS
+        else "[A-Za-z0-9]+"
+    ),
+    session="|".join(sorted({str(u.session) for u in DATASET.subjects.values()})),
 
 
-def deriv(key, subject="{subject}"):
-    """Path of a derivative (see neuromoe/paths.py) for one subject or the {subject} wildcard."""
-    return paths.derivative(OUT, subject, key)
+def unit_of(wildcards):
+    """The dataset's unit (neuromoe.inputs.bids.Subject) a job's wildcards name."""
+    return DATASET.subjects[unit_key(wildcards.subject, wildcards.get("session"))]
 
 
-def raw(kind, subject=None):
-    """A raw input: one subject's path, or (no subject) the rule's input function, which finds each
-    subject's file as .nii.gz or .nii."""
-    if subject is None:
-        return lambda wc: paths.raw(BIDS, wc.subject, kind)
-    return paths.raw(BIDS, subject, kind)
+def deriv(key, unit=None):
+    """Path of a derivative (see neuromoe/paths.py): one unit's (a SUBJECTS key), or the rules' pattern with
+    the {subject} (and {session}) wildcards."""
+    if unit is None:
+        return paths.derivative_pattern(OUT, key, SESSIONS)
+    u = DATASET.subjects[unit]
+    return paths.derivative(OUT, u.id, key, u.session)
+
+
+def raw(kind):
+    """A raw input as the rule's input function: each unit's file, as .nii.gz or .nii."""
+    return lambda wc: paths.raw(BIDS, wc.subject, kind, wc.get("session"))
+
+
+def anat(key):
+    """An anat derivative the DWI and BOLD stages read: the unit's own, or for a session without a T1w that of
+    the session that places it in MNI (neuromoe.inputs.bids: the nearest earlier session with one).
+    """
+    if not SESSIONS:
+        return deriv(key)
+    return lambda wc: paths.derivative(OUT, wc.subject, key, unit_of(wc).anat_session)
 
 
 def keys(prefix):
@@ -174,10 +211,12 @@ def cache_subject_inputs(wildcards):
     """The MNI maps of the modalities this subject has, named <modality>_<channel index>."""
     from neuromoe.cache.store import subject_maps
 
-    sub = DATASET.subjects[wildcards.subject]
+    sub = unit_of(wildcards)
     return {
         f"{m}_{i}": p
-        for m, maps in subject_maps(OUT, wildcards.subject, config).items()
+        for m, maps in subject_maps(
+            OUT, sub.id, config, sub.session, sub.anat_session
+        ).items()
         if sub.has(m)
         for i, p in enumerate(maps)
     }
@@ -186,10 +225,17 @@ def cache_subject_inputs(wildcards):
 def preproc_targets():
     t = []
     for s in SUBJECTS:
-        t += [
-            deriv(k, s)
-            for k in ("anat_brain_mni", "anat_mask_mni", "qc_anat_mask", "qc_anat_reg")
-        ]
+        # a session without a T1w has no anat outputs of its own (it uses another session's)
+        if DATASET.subjects[s].present["anat"]:
+            t += [
+                deriv(k, s)
+                for k in (
+                    "anat_brain_mni",
+                    "anat_mask_mni",
+                    "qc_anat_mask",
+                    "qc_anat_reg",
+                )
+            ]
         for m in ("dwi", "func"):
             if not DATASET.subjects[s].has(m):
                 continue
@@ -248,7 +294,7 @@ def qc_figures(wildcards=None):
     for s in SUBJECTS:
         for kind in QC_KINDS:
             modality = kind.split("_")[1]
-            if modality == "anat" or DATASET.subjects[s].has(modality):
+            if DATASET.subjects[s].present.get(modality, False):
                 out[f"{kind}__{s}"] = deriv(kind, s)
     return out
 

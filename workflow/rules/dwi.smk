@@ -6,16 +6,16 @@ rule dwi:
         dwi=raw("dwi"),
         bval=raw("bval"),
         bvec=raw("bvec"),
-        anat_brain=deriv("anat_brain"),
-        anat_mask=deriv("anat_mask"),
-        anat_xfm=deriv("anat_xfm"),
+        anat_brain=anat("anat_brain"),
+        anat_mask=anat("anat_mask"),
+        anat_xfm=anat("anat_xfm"),
     output:
         **keys("dwi_"),
         qc_dwi_fa=deriv("qc_dwi_fa"),
         qc_dwi_motion=deriv("qc_dwi_motion"),
     log:
-        f"{LOGS}/dwi/sub-{{subject}}.log",
-        benchmark=f"{BENCH}/dwi/sub-{{subject}}.tsv",
+        f"{LOGS}/dwi/{UNIT}.log",
+        benchmark=f"{BENCH}/dwi/{UNIT}.tsv",
     conda:
         PREPROC_ENV
     threads: 1

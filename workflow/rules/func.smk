@@ -5,16 +5,16 @@ rule func:
     input:
         bold=raw("bold"),
         bold_json=raw("bold_json"),
-        anat_brain=deriv("anat_brain"),
-        anat_mask=deriv("anat_mask"),
-        anat_xfm=deriv("anat_xfm"),
+        anat_brain=anat("anat_brain"),
+        anat_mask=anat("anat_mask"),
+        anat_xfm=anat("anat_xfm"),
     output:
         **keys("func_"),
         qc_func_maps=deriv("qc_func_maps"),
         qc_func_motion=deriv("qc_func_motion"),
     log:
-        f"{LOGS}/func/sub-{{subject}}.log",
-        benchmark=f"{BENCH}/func/sub-{{subject}}.tsv",
+        f"{LOGS}/func/{UNIT}.log",
+        benchmark=f"{BENCH}/func/{UNIT}.tsv",
     conda:
         PREPROC_ENV
     threads: 1

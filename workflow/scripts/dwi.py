@@ -1,9 +1,9 @@
 from neuromoe.preproc import run_stage
-from neuromoe.smk import inputs, outputs, run
+from neuromoe.smk import inputs, outputs, run, unit
 
 
 def main(s):
-    run_stage("dwi", inputs(s), outputs(s), s.wildcards.subject, s.params.cfg, threads=s.threads)
+    run_stage("dwi", inputs(s), outputs(s), unit(s), s.params.cfg, threads=s.threads)
 
 
 run(snakemake, main)
