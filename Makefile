@@ -30,7 +30,10 @@ DEMO_OUT ?= results
 SUBSAMPLE ?= $(shell echo $$(( 10 * $(CORES) )) 2>/dev/null)
 SMK_RUN = --cores $(CORES) $(if $(SUBSAMPLE),--scheduler-subsample $(SUBSAMPLE)) --rerun-incomplete --show-failed-logs
 
+# A run killed outright (kill -9, a lost session) leaves Snakemake's lock: `neuromoe unlock-stale` removes it when
+# no Snakemake runs in that folder on this machine, so the same command simply goes on.
 demo: install
+	@$(BIN)/neuromoe unlock-stale $(DEMO_ARGS)
 	$(SNAKEMAKE) $(SMK_RUN) $(DEMO_ARGS)
 	@awk '/^### Pooled/{exit} {print}' $(DEMO_OUT)/evaluation/ablation.md
 	$(call report,$(DEMO_OUT),$(DEMO_ARGS))
@@ -38,6 +41,7 @@ demo: install
 # The full ablation study (README: "The study"): 180 subjects at full image size, every variant, the lambda
 # sweep, 5 folds x 2 seeds. About 1.5 h on 2 cores (bench/study.py); resumable: rerun the same command.
 study: install
+	@$(BIN)/neuromoe unlock-stale
 	$(SNAKEMAKE) $(SMK_RUN) --configfile presets/study.yaml
 	@awk '/^### Pooled/{exit} {print}' study/evaluation/ablation.md
 	$(call report,study,--configfile presets/study.yaml)

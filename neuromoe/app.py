@@ -141,6 +141,38 @@ def snakemake_command(args: argparse.Namespace, config_file: Path, passthrough: 
     return [*cmd, *passthrough, LEVELS[args.analysis_level]]
 
 
+def _runs_snakemake(pid: str, workdir: Path) -> bool:
+    """Whether process ``pid`` (a /proc entry) is a Snakemake whose working directory is ``workdir``."""
+    proc = Path("/proc") / pid
+    try:
+        if Path(os.readlink(proc / "cwd")) != workdir:
+            return False
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:  # gone, or another user's
+        return False
+    names = [Path(a.decode(errors="replace")).name for a in argv if a]
+    return "snakemake" in names  # `snakemake ...`, `python -m snakemake ...`, `.../bin/snakemake ...`
+
+
+def clear_stale_lock(workdir: str | Path) -> bool:
+    """Remove the Snakemake lock a killed run left in ``workdir`` (``.snakemake/locks``), when no Snakemake
+    process runs there on this machine; returns whether it removed one. A run killed by SIGKILL (or a lost
+    session) cannot remove its lock, and the next run would refuse to start until ``snakemake --unlock``.
+    Only this machine's processes are visible: with a run on another node sharing the folder, keep using
+    ``--unlock`` by hand (never here)."""
+    workdir = Path(workdir).resolve()
+    locks = workdir / ".snakemake" / "locks"
+    held = sorted(locks.glob("*.lock")) if locks.is_dir() else []
+    if not held or any(_runs_snakemake(p.name, workdir) for p in Path("/proc").iterdir()
+                       if p.name.isdigit() and p.name != str(os.getpid())):
+        return False
+    for f in held:
+        f.unlink(missing_ok=True)
+    print(f"neuromoe: removed the lock a stopped run left in {workdir} (no Snakemake process runs there); "
+          "its unfinished jobs are redone (--rerun-incomplete)", file=sys.stderr)
+    return True
+
+
 def main(argv: Sequence[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(format_help())
@@ -163,5 +195,6 @@ def main(argv: Sequence[str]) -> int:
                    + yaml.safe_dump(cfg, sort_keys=False))
     os.replace(tmp, config_file)
     cmd = snakemake_command(args, config_file, passthrough)
+    clear_stale_lock(out)
     print("neuromoe: " + " ".join(cmd), file=sys.stderr, flush=True)
     return subprocess.run(cmd).returncode

@@ -45,6 +45,12 @@ def cmd_validate(args: argparse.Namespace) -> None:
           f"({', '.join(f'{m}: {len(ds.with_modality(m))}' for m in ('anat', 'dwi', 'func'))})")
 
 
+def cmd_unlock_stale(args: argparse.Namespace) -> None:
+    from neuromoe.app import clear_stale_lock
+
+    clear_stale_lock(args.directory)
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     cfg = _load_config(args.config)
     yaml.safe_dump(cfg, sys.stdout, sort_keys=False)
@@ -144,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--manifest", required=True, type=Path, help="results/report_manifest.txt (the workflow writes it)")
     r.set_defaults(func=cmd_check_report)
 
+    u = sub.add_parser("unlock-stale", help="remove the Snakemake lock a killed run left (only when no Snakemake "
+                       "runs in that folder on this machine); make demo and the BIDS App do this first")
+    u.add_argument("--directory", "-d", default=".", help="the run's working directory (Snakemake's --directory); "
+                   "its other arguments may follow and are ignored")
+    u.set_defaults(func=cmd_unlock_stale)
+
     c = sub.add_parser("config", help="print the validated config with defaults filled in")
     c.add_argument("--config", default=None)
     c.set_defaults(func=cmd_config)
@@ -161,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         except NeuroMoEError as exc:
             print(f"neuromoe: error: {exc}", file=sys.stderr)
             return 2
-    args = parser.parse_args(argv)
+    # unlock-stale takes a run's whole Snakemake argument list (make demo passes DEMO_ARGS) and reads --directory
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "unlock-stale":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
     except NeuroMoEError as exc:

@@ -134,3 +134,32 @@ def subset_cohort(src: Path, dst: Path, n: int) -> Path:
     df = pd.read_csv(src / "participants.tsv", sep="\t", dtype=str, keep_default_na=False)
     df[df["participant_id"].isin(keep)].to_csv(dst / "participants.tsv", sep="\t", index=False)
     return dst
+
+
+# Phases of a run and the log line that says the run is inside one: a job of that stage was submitted (Snakemake
+# prints "[local]rule NAME:" as it starts a job).
+KILL_PHASES = {"preprocessing": r"^(local)?rule (anat|dwi|func):", "caching": r"^(local)?rule cache_subject:",
+               "training": r"^(local)?rule train:"}
+
+
+def kill_when(cmd: list[str], log: Path, pattern: str, timeout: float = 900) -> None:
+    """Run ``cmd`` in its own process group (output to ``log``) and SIGKILL the whole group soon after a line
+    matches ``pattern``: kill -9 of the workflow and every job it runs, as an OOM kill or a lost session does."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import time
+
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        while not re.search(pattern, log.read_text(), re.M):
+            assert proc.poll() is None, f"the run ended before {pattern!r}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() - t0 < timeout, f"no {pattern!r} in {timeout} s"
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the job: its outputs are being written
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import KILL_PHASES, REPO, kill_when
 
 from neuromoe import app, paths
 from neuromoe.cli import main as cli_main
@@ -132,7 +132,8 @@ def test_skip_reho_plans_no_reho_anywhere(workflow_run: Path, tmp_path: Path) ->
 @pytest.fixture(scope="module")
 def app_run(workflow_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The suite's end-to-end cohort and settings through the BIDS App: participant for 01 and 02 (the tree is
-    copied after it), then group."""
+    copied after it), then group, killed with SIGKILL (the whole process group) while preprocessing the other
+    subjects, while caching and while training, each time followed by the same command, which then finishes."""
     import shutil
 
     work = tmp_path_factory.mktemp("app")
@@ -146,6 +147,10 @@ def app_run(workflow_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     opts = ["--config", str(work / "settings.yaml"), "--cores", "2"]
     for level, extra, snap in (("participant", ["--participant-label", "01", "02"], "after_participant"),
                                ("group", [], None)):
+        if level == "group":  # kill -9 of the whole run in each phase, each time followed by the same command
+            for phase, pattern in KILL_PHASES.items():
+                kill_when([*base, level, *opts, *extra], work / f"group-killed-in-{phase}.log", pattern)
+                assert any((out / ".snakemake" / "locks").iterdir()), f"no lock left by the kill in {phase}"
         run = subprocess.run([*base, level, *opts, *extra], capture_output=True, text=True, timeout=1500)
         (work / f"{level}.log").write_text(run.stdout + run.stderr)
         assert run.returncode == 0, f"{level} failed:\n{(run.stdout + run.stderr)[-6000:]}"
@@ -174,6 +179,18 @@ def test_participant_then_group_gives_the_plain_runs_metrics(app_run: dict[str, 
     assert (app_run["out"] / "derivatives" / "neuromoe" / "sub-09.html").exists()
 
 
+def test_killed_in_each_phase_then_rerun_gives_the_plain_runs_tables(app_run: dict[str, Path]) -> None:
+    """After kill -9 during preprocessing, caching and training (app_run), every final table equals the
+    uninterrupted plain run's byte for byte (per_run.tsv: but for its run_dir column, a path)."""
+    assert "removed the lock a stopped run left" in (app_run["work"] / "group.log").read_text()
+    ours, plain = app_run["out"], app_run["plain"]
+    tables = [p.relative_to(plain) for p in sorted((plain / "evaluation").glob("*.tsv")) if p.name != "per_run.tsv"]
+    tables += [p.relative_to(plain) for p in sorted((plain / "model").rglob("predictions.tsv"))]
+    assert len(tables) > 10
+    for rel in tables:
+        assert (ours / rel).read_bytes() == (plain / rel).read_bytes(), rel
+
+
 def test_a_plain_snakemake_continues_the_apps_run(app_run: dict[str, Path]) -> None:
     """The written configuration is the run's: Snakemake on the output folder finds nothing to do."""
     run = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
@@ -181,3 +198,27 @@ def test_a_plain_snakemake_continues_the_apps_run(app_run: dict[str, Path]) -> N
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Nothing to be done" in run.stdout + run.stderr
+
+
+def test_a_stale_lock_is_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """`neuromoe unlock-stale` (make demo and the app call it first) removes the lock of a killed run, never the
+    lock of a Snakemake still running in that folder."""
+    import time
+
+    locks = tmp_path / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    (locks / "0.input.lock").write_text("x")
+    live = subprocess.Popen(["sleep", "30"], executable="sleep", cwd=tmp_path)  # argv[0]: sleep
+    fake = subprocess.Popen(["snakemake", "30"], executable="/bin/sleep", cwd=tmp_path)  # a "Snakemake" here
+    try:
+        time.sleep(0.2)
+        assert cli_main(["unlock-stale", "--directory", str(tmp_path), "--configfile", "c.yaml"]) == 0
+        assert (locks / "0.input.lock").exists()  # a Snakemake runs there: its lock stays
+        fake.kill()
+        fake.wait()
+        assert not app.clear_stale_lock(tmp_path / "elsewhere")  # no lock there: nothing to do
+        assert app.clear_stale_lock(tmp_path) and not any(locks.iterdir())
+    finally:
+        for p in (live, fake):
+            p.kill()
+            p.wait()
