@@ -21,7 +21,6 @@ from neuromoe.errors import InputError
 from neuromoe.learn.model import MRI_MODALITIES
 
 
-
 def _check_compatible(meta: dict, cohort, run_dir: Path, cache_dir: Path) -> None:
     """The cache must be on the model's grid, with its channels and classes."""
     mc = meta["model_config"]
@@ -87,7 +86,8 @@ def predict_cohort(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
         table[f"prob_{c}"] = probs[:, j]
     for j, e in enumerate(experts):
         table[f"gate_{e}"] = pred["gate"][:, j]
-    missing = [",".join(m for m in MRI_MODALITIES if m in experts and not bool(by_row.at[r, f"has_{m}"])) for r in pred["row"]]
+    missing = [",".join(m for m in MRI_MODALITIES if m in experts and not bool(by_row.at[r, f"has_{m}"]))
+               for r in pred["row"]]
     table["missing"] = missing
     table["flagged"] = [bool(m) for m in missing]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +97,8 @@ def predict_cohort(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
         from neuromoe.results.explain import explain_cohort
 
         items = [dataset[k] for k in range(len(dataset))]
-        explain_cohort(model, items, list(table["participant_id"]), cohort.affine, out_dir / "explain",
-                       classes=classes)
+        units = list(table["participant_id"])
+        if "session_id" in table.columns:  # one explanation per visit: sub-01_ses-2_...
+            units = [f"{p}_{s}" for p, s in zip(units, table["session_id"], strict=True)]
+        explain_cohort(model, items, units, cohort.affine, out_dir / "explain", classes=classes)
     return out
