@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +312,16 @@ def test_job_benchmark_record_counts_children_and_startup(tmp_path: Path) -> Non
     assert {"s", "h:m:s", "max_rss", "cpu_time", "io_in", "io_out"} <= set(row.index)
     assert row["cpu_time"] >= 0.5 and row["s"] >= row["cpu_time"] * 0.5  # the child's loop is counted
     assert row["max_rss"] > 5 and row["status"] == "ok"
+
+
+def test_outputs_are_those_of_the_commit_before_sessions(workflow_run: Path) -> None:
+    """A dataset without sessions gets exactly the outputs it always had: the sha256 of every derivative, cache
+    array, prediction and evaluation table of this run equals tests/data/e2e_outputs.sha256, written from the same
+    run at the commit before sessions came in (fb38081). A deliberate change of an output rewrites the manifest
+    (tools/e2e_manifest.py --write, saying why in the commit)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from e2e_manifest import manifest, read
+
+    found, known = manifest(workflow_run / "results"), read()
+    changed = sorted(r for r in set(found) | set(known) if found.get(r) != known.get(r))
+    assert not changed, f"{len(changed)} of {len(known)} outputs differ: {changed[:10]}"
