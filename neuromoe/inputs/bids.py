@@ -527,7 +527,7 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
             label = paths.unit_label(s, u.session)
             if not u.has("anat"):
                 # Every MNI map is registered through the T1w, so a unit without one cannot be placed in MNI.
-                warnings.append(f"{label}: no T1w image" + (" in any session" if has_sessions else "")
+                warnings.append(f"{label}: no T1w image" + (" in any selected session" if has_sessions else "")
                                 + "; excluded (DWI and BOLD are registered to MNI via the T1w)")
                 continue
             if u.anat_session != u.session:
