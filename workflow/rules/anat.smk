@@ -15,8 +15,8 @@ rule anat:
         PREPROC_ENV
     threads: 1
     resources:
-        mem_mb=3000,
-        runtime=30,
+        mem_mb=sized("anat", "mem_mb"),
+        runtime=sized("anat", "runtime_min"),
     params:
         cfg=stage_config(*preproc_keys("anat", BACKEND)),
     script:

@@ -20,6 +20,7 @@ from neuromoe.inputs.bids import (
 from neuromoe.config import validate_config
 from neuromoe.errors import NeuroMoEError
 from neuromoe.preproc import preproc_keys
+from neuromoe.preproc.resources import STAGE_IMAGE, job_estimate
 from neuromoe.learn.variants import expert_donor
 from neuromoe.smk import trains
 
@@ -205,6 +206,23 @@ def stage_config(*sections):
             dst = dst.setdefault(part, {})
         dst[parts[-1]] = node[parts[-1]]
     return out
+
+
+def sized(stage, resource):
+    """A preprocessing rule's ``mem_mb`` or ``runtime`` (``resource``: "mem_mb" or "runtime_min") from the NIfTI
+    headers of the job's own image and, for dwi and func, of the raw T1w: the grid of anat_brain, which need not
+    exist yet when the job is sized (a SLURM group job). Times the attempt: --retries asks for more. The model
+    and its calibration: neuromoe/preproc/resources.py."""
+
+    def size(wildcards, input, attempt):
+        t1w = None
+        if stage != "anat":
+            session = unit_of(wildcards).anat_session
+            t1w = paths.raw(BIDS, wildcards.subject, "T1w", session)
+        est = job_estimate(stage, input[STAGE_IMAGE[stage]], t1w, attempt)
+        return getattr(est, resource)
+
+    return size
 
 
 def cache_subject_inputs(wildcards):

@@ -20,8 +20,8 @@ rule dwi:
         PREPROC_ENV
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=sized("dwi", "mem_mb"),
+        runtime=sized("dwi", "runtime_min"),
     params:
         cfg=stage_config(*preproc_keys("dwi", BACKEND)),
     script:

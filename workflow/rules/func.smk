@@ -19,8 +19,8 @@ rule func:
         PREPROC_ENV
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=sized("func", "mem_mb"),
+        runtime=sized("func", "runtime_min"),
     params:
         cfg=stage_config(*preproc_keys("func", BACKEND)),
     script:
