@@ -8,6 +8,9 @@ COHORT_FILES = [f"{COHORT}/{m}.npy" for m in MODALITIES] + [
     f"{COHORT}/index.tsv",
     f"{COHORT}/manifest.json",
 ]
+# What the jobs reading the cache ask for: one file of cache_cohort (which writes them all), since
+# Snakemake compares each requested file with every input of its producer (all subjects' records).
+COHORT_READY = [f"{COHORT}/manifest.json"]
 
 
 rule cache_subject:

@@ -72,7 +72,7 @@ rule evaluate:
 rule explain:
     input:
         run=f"{MODEL}/runs/full/{SPLIT_IDS[0]}/model.safetensors",
-        cohort=COHORT_FILES,
+        cohort=COHORT_READY,
     output:
         figure=report(
             f"{EVAL}/explain/group_saliency.png",
@@ -95,7 +95,7 @@ rule explain:
 rule predict:
     input:
         model=lambda wc: f"{PREDICT_MODEL}/model.safetensors",
-        cohort=COHORT_FILES,
+        cohort=COHORT_READY,
     output:
         f"{OUT}/predict/predictions.tsv",
     log:

@@ -50,7 +50,7 @@ rule splits:
 rule train:
     input:
         unpack(adopted_experts),
-        cohort=COHORT_FILES,
+        cohort=COHORT_READY,
         splits=f"{MODEL}/splits.tsv",
     output:
         [f"{MODEL}/runs/{{variant}}/{{split}}/{f}" for f in RUN_FILES],
@@ -74,7 +74,7 @@ rule train:
 
 rule baseline:
     input:
-        cohort=COHORT_FILES,
+        cohort=COHORT_READY,
         splits=f"{MODEL}/splits.tsv",
     output:
         f"{MODEL}/baseline/{{split}}/metrics.json",
