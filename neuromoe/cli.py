@@ -25,9 +25,11 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from neuromoe.inputs.synth import SynthParams, make_cohort
 
     out = make_cohort(args.out_dir, n_subjects=args.subjects, seed=args.seed,
-                      params=SynthParams(design_seed=args.design_seed), sessions=args.sessions)
+                      params=SynthParams(design_seed=args.design_seed, shape_mm=args.shape_mm),
+                      sessions=args.sessions)
     design = "the demo design" if args.design_seed is None else f"design seed {args.design_seed}"
-    print(f"wrote a synthetic BIDS cohort of {args.subjects} subjects ({design}) to {out}")
+    shape = f", anatomy warped by {args.shape_mm} mm RMS" if args.shape_mm > 0 else ""
+    print(f"wrote a synthetic BIDS cohort of {args.subjects} subjects ({design}{shape}) to {out}")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -111,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the cohort design (effect regions, marker mapping) from this seed; "
                         "default: the demo design")
     s.add_argument("--sessions", type=int, default=1, help="sessions (visits) per subject; >1: longitudinal")
+    s.add_argument("--shape-mm", type=float, default=0.0,
+                   help="RMS displacement (mm) of each subject's anatomy from the template in the brain (a "
+                        "smooth invertible warp, ventricles enlarging with age; truth in synth-truth); "
+                        "default 0: every subject is the template under a rigid pose")
     s.set_defaults(func=cmd_synth)
 
     v = sub.add_parser("validate", help="check a BIDS dataset and participants.tsv; list every problem")

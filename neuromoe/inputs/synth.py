@@ -9,7 +9,9 @@ head model and the T1w, DWI and BOLD images formed from a plan) and this one, wh
 (images, sidecars, participants table, dataset README, ground truth and design under
 ``derivatives/synth-truth``) and reads them back. The public names of all three are importable from
 here. The generative model is written into every cohort's README (``_README_MODEL`` below); the design's
-history, cohort designs and longitudinal (``sessions=N``) cohorts are in docs/synthetic_cohort.md.
+history, cohort designs, longitudinal (``sessions=N``) cohorts and anatomical shape (``SynthParams.shape_mm``,
+``synth_shape``: each subject's anatomy a warp of the template, the warp in the truth) are in
+docs/synthetic_cohort.md.
 
 Determinism: subject k depends only on ``(seed, k)`` and the design seed, not on ``n_subjects``, the
 omitted modalities or ``n_jobs``; files are gzip'ed with mtime 0, so the same seeds give the same bytes.
@@ -22,6 +24,8 @@ Example::
     read_design(other).effect_rois("dwi")      # where that cohort's PD and iRBD show in the DWI
     long = make_cohort("/tmp/long", n_subjects=9, seed=7, sessions=2)   # sub-01/ses-1, sub-01/ses-2, ...
     read_truth(long, "01", session="2")["effects"]                      # the planted effects at visit 2
+    shaped = make_cohort("/tmp/shape", 9, seed=7, params=SynthParams(shape_mm=3.0))   # anatomy varies
+    ShapeWarp.from_nifti(read_truth(shaped, "01")["warp"], read_truth(shaped, "01")["warp_inverse"])
 """
 
 from __future__ import annotations
@@ -61,11 +65,12 @@ from neuromoe.inputs.synth_plan import (
     subject_id,
     subject_plan,
 )
+from neuromoe.inputs.synth_shape import SHAPE_GRID_MM, VENTRICLE_REFERENCE_AGE, ShapeWarp, subject_warp
 
 __all__ = ["DESIGN_FILE", "DIAGNOSES", "DISEASE_ROLE", "MARKERS", "MODALITIES", "MOTION_COLUMNS",
            "SESSION_COLUMNS", "SESSION_INTERVAL_YEARS", "SESSION_PROGRESSION", "TRUTH_DIR", "CohortDesign",
-           "SubjectPlan", "SynthParams", "make_cohort", "progression_factor", "read_design", "read_truth",
-           "rigid_matrix", "session_plans", "subject_id", "subject_plan", "write_subject"]
+           "ShapeWarp", "SubjectPlan", "SynthParams", "make_cohort", "progression_factor", "read_design",
+           "read_truth", "rigid_matrix", "session_plans", "subject_id", "subject_plan", "write_subject"]
 
 TRUTH_DIR = Path("derivatives") / "synth-truth"
 DESIGN_FILE = TRUTH_DIR / "design.json"
@@ -140,8 +145,11 @@ Determinism
 """
 
 
-def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, level: int, tr: float | None = None) -> None:
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, level: int, tr: float | None = None,
+                intent: str | None = None) -> None:
     img = nib.Nifti1Image(data, affine)
+    if intent is not None:
+        img.header.set_intent(intent)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
@@ -253,14 +261,56 @@ def write_subject(bids_dir: str | Path, plan: SubjectPlan, params: SynthParams |
         _write_json(_motion_doc(plan), truth / f"{stem}_task-rest_motion.json")
         seconds["func"] = time.perf_counter() - t0
 
+    pose_doc = ("Rigid pose of the head, the same for T1w, DWI and BOLD: x_scanner = R x_mni + t "
+                "(mm), R = Rz @ Ry @ Rx about the world origin. Its inverse maps a native world "
+                "point to the template (neuromoe.inputs.templates.roi_mask(..., world_to_mni=...)).")
+    warp = subject_warp(plan, p)
+    if warp is not None:
+        pose_doc = ("Rigid pose of the head, the same for T1w, DWI and BOLD: x_scanner = R y + t (mm), R = Rz @ Ry "
+                    "@ Rx about the world origin, where y is the subject's anatomical point (MNI-aligned mm): this "
+                    "subject's anatomy is the template's warped, the template point m is y = m + u(m) "
+                    f"({stem}{_WARP_SUFFIX}). The pose's inverse maps a native world point to y; the inverse warp "
+                    f"({stem}{_WARP_INVERSE_SUFFIX}) maps y to the template.")
+    _write_warp(truth, stem, warp, plan, p)
     _write_json({"matrix": plan.pose.round(8).tolist(), "from": MNI_SPACE, "to": "scanner",
                  "rotation_deg": list(plan.rotation_deg), "translation_mm": list(plan.translation_mm),
-                 "Description": "Rigid pose of the head, the same for T1w, DWI and BOLD: x_scanner = R x_mni + t "
-                                "(mm), R = Rz @ Ry @ Rx about the world origin. Its inverse maps a native world "
-                                "point to the template (neuromoe.inputs.templates.roi_mask(..., world_to_mni=...))."},
+                 "Description": pose_doc},
                 truth / f"{stem}_pose.json")
     _write_json(_profile_json(plan, mods, p.design), truth / f"{stem}_profile.json")
     return seconds
+
+
+# The truth warp's files (BIDS-like, after the xfm files of BIDS derivatives): the forward displacement on
+# the MNI grid and the inverse, what every image was sampled through.
+_WARP_SUFFIX = f"_from-{MNI_SPACE}_to-anat_desc-truth_xfm.nii.gz"
+_WARP_INVERSE_SUFFIX = f"_from-anat_to-{MNI_SPACE}_desc-truth_xfm.nii.gz"
+
+
+def _write_warp(truth: Path, stem: str, warp: ShapeWarp | None, plan: SubjectPlan, p: SynthParams) -> None:
+    """The subject's truth warp and its sidecar; without a warp, remove those of an earlier cohort."""
+    files = [truth / f"{stem}{suffix}" for suffix in (_WARP_SUFFIX, _WARP_INVERSE_SUFFIX)]
+    if warp is None:
+        for f in files:
+            f.unlink(missing_ok=True)
+            f.with_name(f.name.replace(".nii.gz", ".json")).unlink(missing_ok=True)
+        return
+    docs = [f"Forward displacement field u of the subject's anatomy (the truth of neuromoe.inputs.synth_shape): "
+            f"the template point m ({MNI_SPACE}, RAS mm) is the subject's anatomical point y = m + u(m), and "
+            f"the rigid pose ({stem}_pose.json) maps y to scanner mm: x = R y + t. Layout (X, Y, Z, 1, 3), "
+            f"float32 mm, RAS components (x, y, z) of u at the voxel centres of the MNI-aligned grid the affine "
+            f"gives, trilinear between them, zero beyond the grid; the ITK/ANTs layout, but ITK expects LPS "
+            f"components (negate x and y for ANTs).",
+            f"Inverse displacement field w: the subject's anatomical point y (MNI-aligned mm, before the pose) "
+            f"is the template point y + w(y). Every image of the subject was sampled through it: scanner voxel "
+            f"-> inverse pose (and motion) -> y -> y + w(y) -> template. Layout as {stem}{_WARP_SUFFIX}."]
+    info = warp.info | {"age": plan.clinical.get("age"), "ventricle_mm_per_decade": p.ventricle_mm_per_decade,
+                        "ventricle_reference_age": VENTRICLE_REFERENCE_AGE}
+    for f, img, doc, (src, dst) in zip(files, (warp.to_nifti(), warp.inverse_nifti()), docs,
+                                       ((MNI_SPACE, "anat"), ("anat", MNI_SPACE)), strict=True):
+        _save_nifti(np.asanyarray(img.dataobj), img.affine, f, p.gzip_level, intent="vector")
+        _write_json({"Description": doc, "FromSpace": src, "ToSpace": dst, "Units": "mm",
+                     "Convention": "RAS", "GridSpacing_mm": float(img.header.get_zooms()[0])} | info,
+                    f.with_name(f.name.replace(".nii.gz", ".json")))
 
 
 def _profile_json(plan: SubjectPlan, modalities: list[str], design: CohortDesign) -> dict:
@@ -298,10 +348,13 @@ def read_design(bids_dir: str | Path) -> CohortDesign:
 
 def read_truth(bids_dir: str | Path, subject: str, session: str | None = None) -> dict:
     """The truth of one synthetic subject: profile.json's content plus ``pose`` (4x4 array), ``mask`` path,
-    the motion tables (DataFrames, absent for an omitted modality) and ``design`` (the cohort's
-    ``CohortDesign``, :func:`read_design`). ``subject`` without ``sub-``. In a cohort written with
-    ``sessions`` > 1 the truth is per session: ``session`` (``"2"`` or ``"ses-2"``) is then required, and
-    profile.json adds ``session``, ``progression_factor`` and that visit's ``clinical`` values."""
+    the motion tables (DataFrames, absent for an omitted modality), ``design`` (the cohort's
+    ``CohortDesign``, :func:`read_design`) and, in a cohort with shape (``SynthParams.shape_mm`` > 0), the
+    paths ``warp`` and ``warp_inverse`` of the truth warp (``ShapeWarp.from_nifti(warp, warp_inverse)``;
+    MNI point m -> anatomical point m + u(m) -> ``pose`` -> scanner). ``subject`` without ``sub-``. In a
+    cohort written with ``sessions`` > 1 the truth is per session: ``session`` (``"2"`` or ``"ses-2"``) is
+    then required, and profile.json adds ``session``, ``progression_factor`` and that visit's ``clinical``
+    values."""
     s = subject.removeprefix("sub-")
     d = Path(bids_dir) / TRUTH_DIR / f"sub-{s}"
     stem = f"sub-{s}"
@@ -318,6 +371,9 @@ def read_truth(bids_dir: str | Path, subject: str, session: str | None = None) -
     out = json.loads(f.read_text())
     out["pose"] = np.array(json.loads((d / f"{stem}_pose.json").read_text())["matrix"])
     out["mask"] = d / f"{stem}_desc-truth_mask.nii.gz"
+    for key, suffix in (("warp", _WARP_SUFFIX), ("warp_inverse", _WARP_INVERSE_SUFFIX)):
+        if (d / f"{stem}{suffix}").exists():
+            out[key] = d / f"{stem}{suffix}"
     for key, name in (("dwi_motion", "dwi"), ("func_motion", "task-rest")):
         m = d / f"{stem}_{name}_motion.tsv"
         if m.exists():
@@ -378,16 +434,21 @@ def _participants_json(design: CohortDesign) -> dict:
 
 def _call(n: int, seed: int, p: SynthParams, sessions: int = 1) -> str:
     """The make_cohort call that wrote the cohort, as its README and description name it."""
-    design = "" if p.design_seed is None else f", params=SynthParams(design_seed={p.design_seed}, ...)"
+    named = ([] if p.design_seed is None else [f"design_seed={p.design_seed}"]) + (
+        [f"shape_mm={p.shape_mm}", f"ventricle_mm_per_decade={p.ventricle_mm_per_decade}"] if p.has_shape else [])
+    design = f", params=SynthParams({', '.join(named)}, ...)" if named else ""
     visits = "" if sessions == 1 else f", sessions={sessions}"
     return f"make_cohort(n_subjects={n}, seed={seed}{design}{visits})"
 
 
 def _param_items(p: SynthParams) -> dict:
-    """SynthParams as recorded: every field, less ``design_seed`` when None (demo cohorts keep their bytes)."""
+    """SynthParams as recorded: every field, less ``design_seed`` when None and the shape fields when
+    ``shape_mm`` is 0 (demo cohorts keep their bytes)."""
     out = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
     if p.design_seed is None:
         del out["design_seed"]
+    if not p.has_shape:
+        del out["shape_mm"], out["ventricle_mm_per_decade"]
     return out
 
 
@@ -423,6 +484,33 @@ Regions) and so was the marker mapping: MoCA is lowered by the latent {d.marker_
 serum NfL raised by the {d.marker_profile("serum_nfl")} profile, serum alpha-synuclein raised by the
 {d.marker_profile("serum_asyn")} profile. Everything else is as described. The design, with each region's
 tissue volume, is in `derivatives/synth-truth/design.json` (`neuromoe.inputs.synth.read_design`).
+"""
+
+
+def _shape_section(p: SynthParams) -> str:
+    """The README's section on anatomical shape ("" when off: those cohorts keep their bytes)."""
+    if not p.has_shape:
+        return ""
+    return f"""
+## Shape (every subject's anatomy differs from the template)
+
+The Anatomy paragraph below poses the template itself; in this cohort each subject's anatomy is, before
+the pose, the template pushed through its own smooth invertible warp (`neuromoe.inputs.synth_shape`):
+the exponential of a stationary velocity field on a {SHAPE_GRID_MM:g} mm grid. That field is a random smooth
+field drawn per subject (broad everywhere in the head, local near the cortex and the ventricles), scaled
+to an RMS displacement of `shape_mm` = {p.shape_mm} mm over the brain, plus an enlargement of the
+lateral ventricles: `ventricle_mm_per_decade` = {p.ventricle_mm_per_decade} mm of wall displacement per
+decade of age above {VENTRICLE_REFERENCE_AGE}. The random part is the same at every session (the same
+person); the ventricles follow the age at the scan. Every image, and the truth mask, is sampled from the
+template through the warp's inverse and the pose (and motion): one interpolation. The diffusion tensors
+are not reoriented by the warp's local rotation. The planted effect regions move with the anatomy.
+
+Truth, per subject (and session) in `derivatives/synth-truth/`:
+`sub-XX_from-{MNI_SPACE}_to-anat_desc-truth_xfm.nii.gz` holds the displacement u (x, y, z, 1, 3;
+RAS mm, on an MNI-aligned grid) that takes the MNI point m to the anatomical point m + u(m), which
+the pose (`sub-XX_pose.json`) takes to the scanner; its inverse, what the images were sampled through,
+is `sub-XX_from-anat_to-{MNI_SPACE}_desc-truth_xfm.nii.gz`. Their JSON sidecars state the convention
+and the subject's numbers (age, RMS displacement, Jacobian range, ventricular volume ratio).
 """
 
 
@@ -468,7 +556,7 @@ it says nothing about Parkinson's disease or REM sleep behaviour disorder.
 
 Layout: BIDS 1.9 raw (`sub-XX/anat`, `dwi`, `func`, `participants.tsv/json`). The ground truth (latent
 profile, planted effects, head pose, per-volume motion, brain mask) is under `derivatives/synth-truth/`.
-{_design_section(p)}{_sessions_section(sessions)}
+{_design_section(p)}{_shape_section(p)}{_sessions_section(sessions)}
 ## Generative model
 
 {body}

@@ -5,9 +5,12 @@ tables, diploe, muscle, fat, skin as layers at fixed mm from the intracranial su
 on MNI-aligned grids (``build_head_model``). ``make_t1``, ``make_dwi`` and ``make_bold`` then form one
 subject's images from its plan (``neuromoe.inputs.synth_plan.SubjectPlan``): the head posed in the
 scanner, the plan's effects planted in the regions of the cohort design (``SynthParams.design``), bias
-fields, motion, Rician noise; int16 images in LAS scanner-aligned grids. Each draws only from the
-generator it is given, in a fixed order. The physics
-and numbers of each modality are in the cohort README (``neuromoe.inputs.synth``) and
+fields, motion, Rician noise; int16 images in LAS scanner-aligned grids. With shape
+(``SynthParams.shape_mm`` > 0) each image is sampled through the subject's warp as well
+(``neuromoe.inputs.synth_shape``: scanner voxel -> inverse pose and motion -> anatomical point y ->
+template point y + w(y), one trilinear interpolation; ``_pull_grid``), else through the pose alone, as
+before shape existed (``_resample``). Each draws only from the generator it is given, in a fixed order.
+The physics and numbers of each modality are in the cohort README (``neuromoe.inputs.synth``) and
 docs/synthetic_cohort.md.
 """
 
@@ -24,6 +27,7 @@ from scipy import ndimage as ndi
 
 from neuromoe.inputs import templates as tpl
 from neuromoe.inputs.synth_plan import CohortDesign, SubjectPlan, SynthParams, rigid_matrix
+from neuromoe.inputs.synth_shape import ShapeWarp, apply_affine, build_shape_model, subject_warp
 
 __all__ = ["build_head_model", "make_bold", "make_dwi", "make_t1"]
 
@@ -230,10 +234,14 @@ def _head_points_mm() -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------------------
 # Geometry helpers
 # --------------------------------------------------------------------------------------------------------
-def _scanner_grid(pose: np.ndarray, voxel: float, slab: bool) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """LAS diagonal affine and shape of a field of view around the posed head. ``slab``: EPI-like, the
-    slices cover the intracranial volume (plus 8 mm) rather than the whole head."""
+def _scanner_grid(pose: np.ndarray, voxel: float, slab: bool, warp: ShapeWarp | None = None
+                  ) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """LAS diagonal affine and shape of a field of view around the posed head (its anatomy ``warp``ed from
+    the template's when given). ``slab``: EPI-like, the slices cover the intracranial volume (plus 8 mm)
+    rather than the whole head."""
     head, icv = _head_points_mm()
+    if warp is not None:
+        head, icv = warp.to_subject(head), warp.to_subject(icv)
     ph = head @ pose[:3, :3].T + pose[:3, 3]
     pi = icv @ pose[:3, :3].T + pose[:3, 3]
     lo, hi = ph.min(0) - 2.0, ph.max(0) + 2.0
@@ -268,6 +276,56 @@ def _resample(vol: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, d
         ndi.affine_transform(vol, m[:3, :3], m[:3, 3] + m[:3, :3] @ start, output_shape=view.shape, order=1,
                              prefilter=False, cval=0.0, output=view)
     return out
+
+
+_CHUNK = 1 << 20    # destination voxels per pass of _pull_grid (bounds the coordinate arrays: ~50 MB)
+
+
+def _template_coords(src_affine: np.ndarray, dst_affine: np.ndarray, world: np.ndarray, warp: ShapeWarp,
+                     ijk: np.ndarray) -> np.ndarray:
+    """(3, N) float32 voxel coordinates on the source (template) grid of destination voxels ``ijk`` (3, N
+    float32): ``world`` (4x4) maps destination mm to the subject's anatomy y (MNI-aligned mm, before the
+    pose), the warp's inverse maps that to the template, y + w(y) (trilinear in w, exact)."""
+    a = world @ dst_affine                                  # destination voxel -> anatomical mm
+    s = np.linalg.inv(src_affine)
+    cw = apply_affine(np.linalg.inv(warp.affine) @ a, ijk)  # the anatomical points on the warp's grid
+    c = apply_affine(s @ a, ijk)                            # their template voxels, were there no warp
+    for i in range(3):
+        w_i = ndi.map_coordinates(warp.inverse[i], cw, order=1, prefilter=False, cval=0.0, output=np.float32)
+        c += s[:3, i:i + 1].astype(np.float32) * w_i
+    return c
+
+
+def _sample(vol: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Trilinear values (N,) float32 of ``vol`` at voxel coordinates (3, N), 0 outside (as _resample)."""
+    return ndi.map_coordinates(vol, coords, order=1, prefilter=False, cval=0.0, output=np.float32)
+
+
+def _pull_grid(vols: list[np.ndarray], src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, ...],
+               world: np.ndarray, warp: ShapeWarp, gate: np.ndarray | None = None
+               ) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """``_resample`` of ``vols`` (on one source grid) through the subject's warp: destination voxel ->
+    ``world`` -> anatomical point y -> template point y + w(y), one trilinear interpolation. With ``gate``
+    (a channel on the same source grid) only voxels where it resamples to > 0.5 are computed (the rest is
+    0) and that mask is returned first (else None). In slabs of at most ``_CHUNK`` voxels."""
+    outs = [np.zeros(dst_shape, np.float32) for _ in vols]
+    keep = None if gate is None else np.zeros(dst_shape, bool)
+    per = max(1, _CHUNK // (dst_shape[0] * dst_shape[1]))
+    for z0 in range(0, dst_shape[2], per):
+        zs = slice(z0, min(z0 + per, dst_shape[2]))
+        ijk = np.indices((dst_shape[0], dst_shape[1], zs.stop - z0), dtype=np.float32).reshape(3, -1)
+        ijk[2] += z0
+        c = _template_coords(src_affine, dst_affine, world, warp, ijk)
+        if keep is not None:
+            sel = (_sample(gate, c) > 0.5).reshape(dst_shape[0], dst_shape[1], -1)
+            keep[:, :, zs] = sel
+            c = c[:, sel.ravel()]
+            for o, v in zip(outs, vols, strict=True):
+                o[:, :, zs][sel] = _sample(v, c)
+        else:
+            for o, v in zip(outs, vols, strict=True):
+                o[:, :, zs] = _sample(v, c).reshape(dst_shape[0], dst_shape[1], -1)
+    return keep, outs
 
 
 def _boxes(support: np.ndarray | None, slab: int = 3) -> list[tuple[slice, slice, slice]] | None:
@@ -324,11 +382,32 @@ def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator, support:
     return signal
 
 
-def _support(g: _Grid, p: SynthParams, aff: np.ndarray, shape: tuple[int, ...], pose: np.ndarray
-             ) -> np.ndarray | None:
+def _support(g: _Grid, p: SynthParams, aff: np.ndarray, shape: tuple[int, ...], pose: np.ndarray,
+             warp: ShapeWarp | None = None) -> np.ndarray | None:
     if not p.zero_air:
         return None
+    if warp is not None:
+        return _pull_grid([], g.affine, aff, shape, np.linalg.inv(pose), warp, gate=g.ch["support"])[0]
     return _resample(g.ch["support"], g.affine, aff, shape, np.linalg.inv(pose)) > 0.5
+
+
+def _pull_volume(vol: np.ndarray, g: _Grid, aff: np.ndarray, world: np.ndarray, warp: ShapeWarp,
+                 ijk: np.ndarray, where: np.ndarray | None, out: np.ndarray) -> None:
+    """One volume of a 4D series through the warp into ``out`` (X, Y, Z): the voxels ``ijk`` (3, N), those
+    of ``where`` (C order) or all of them (``where`` None)."""
+    values = _sample(vol, _template_coords(g.affine, aff, world, warp, ijk))
+    if where is None:
+        out[...] = values.reshape(out.shape)
+    else:
+        out[...] = 0
+        out[where] = values
+
+
+def _voxels(where: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """(3, N) float32 indices of the voxels of ``where`` (C order), or of the whole grid when None."""
+    if where is None:
+        return np.indices(shape[:3], dtype=np.float32).reshape(3, -1)
+    return np.stack(np.nonzero(where)).astype(np.float32)
 
 
 def _to_int16(a: np.ndarray) -> np.ndarray:
@@ -362,12 +441,19 @@ def make_t1(plan: SubjectPlan, p: SynthParams, rng: np.random.Generator) -> tupl
     if loss is not None:
         t1 = t1 + loss * g.ch["t1_atrophy"]
     pose = plan.pose
-    aff, shape = _scanner_grid(pose, p.t1_voxel_mm, slab=False)
+    warp = subject_warp(plan, p)
+    aff, shape = _scanner_grid(pose, p.t1_voxel_mm, slab=False, warp=warp)
     inv_pose = np.linalg.inv(pose)
-    img = _resample(t1, g.affine, aff, shape, inv_pose)
-    mask = (_resample(g.ch["brain"], g.affine, aff, shape, inv_pose) >= 0.5).astype(np.uint8)
+    if warp is None:
+        img = _resample(t1, g.affine, aff, shape, inv_pose)
+        mask = (_resample(g.ch["brain"], g.affine, aff, shape, inv_pose) >= 0.5).astype(np.uint8)
+        support = _support(g, p, aff, shape, pose)
+    else:   # one pass: the support, then the image and the mask only there (the brain lies inside it)
+        support, (img, brain) = _pull_grid([t1, g.ch["brain"]], g.affine, aff, shape, inv_pose, warp,
+                                           gate=g.ch["support"] if p.zero_air else None)
+        mask = (brain >= 0.5).astype(np.uint8)
     img *= _bias_field(shape, rng, p.t1_bias) * np.float32(p.t1_scale)
-    img = _rician(img, p.t1_scale / p.t1_snr, rng, _support(g, p, aff, shape, pose))
+    img = _rician(img, p.t1_scale / p.t1_snr, rng, support)
     return nib.Nifti1Image(_to_int16(img), aff), mask
 
 
@@ -448,9 +534,11 @@ def make_dwi(plan: SubjectPlan, p: SynthParams, rng: np.random.Generator
            + fr["gm"] * DWI_S0["gm"] * np.exp(-b * (g.ch["d_gm"] @ q))
            + fr["csf"] * DWI_S0["csf"] * np.exp(-b * np.float32(CSF_D)))      # (N_brain, n)
     other = g.ch["s0_other"] * (1 - np.clip(g.ch["gm"] + g.ch["wm"] + g.ch["csf"], 0, 1))
-    aff, shape = _scanner_grid(pose, p.dwi_voxel_mm, slab=True)
-    support = _support(g, p, aff, shape, pose)
-    boxes = _boxes(support)
+    warp = subject_warp(plan, p)
+    aff, shape = _scanner_grid(pose, p.dwi_voxel_mm, slab=True, warp=warp)
+    support = _support(g, p, aff, shape, pose, warp)
+    boxes = _boxes(support) if warp is None else None
+    ijk = None if warp is None else _voxels(support, shape)
     vol = np.empty(g.shape, np.float32)
     out = np.empty((*shape, n), np.float32, order="F")     # NIfTI order: each volume one contiguous block
     sig = np.ascontiguousarray(sig.T)
@@ -458,7 +546,10 @@ def make_dwi(plan: SubjectPlan, p: SynthParams, rng: np.random.Generator
         vol[...] = other * np.float32(math.exp(-bvals[k] * OTHER_D))
         vol.ravel()[idx] += sig[k]
         world = np.linalg.inv(pose) @ np.linalg.inv(rigid_matrix(motion[k, 3:], motion[k, :3]))
-        _resample(vol, g.affine, aff, shape, world, out=out[..., k], boxes=boxes)
+        if warp is None:
+            _resample(vol, g.affine, aff, shape, world, out=out[..., k], boxes=boxes)
+        else:
+            _pull_volume(vol, g, aff, world, warp, ijk, support, out[..., k])  # type: ignore[arg-type]
     out *= _bias_field(shape, rng, p.epi_bias)[..., None] * np.float32(p.dwi_scale)
     out = _rician(out, p.dwi_scale / p.dwi_snr, rng, support)
     # FSL/BIDS b-vectors are in voxel axes; the image is stored LAS (det < 0), so FSL and dipy agree:
@@ -532,9 +623,11 @@ def make_bold(plan: SubjectPlan, p: SynthParams, rng: np.random.Generator
         motion[s, :3] += jerk[:3]
         motion[s, 3:] += np.deg2rad(jerk[3:])
     pose = plan.pose
-    aff, shape = _scanner_grid(pose, p.bold_voxel_mm, slab=True)
-    support = _support(g, p, aff, shape, pose)
-    boxes = _boxes(support)
+    warp = subject_warp(plan, p)
+    aff, shape = _scanner_grid(pose, p.bold_voxel_mm, slab=True, warp=warp)
+    support = _support(g, p, aff, shape, pose, warp)
+    boxes = _boxes(support) if warp is None else None
+    ijk = None if warp is None else _voxels(support, shape)
     vol = np.empty(g.shape, np.float32)
     out = np.empty((*shape, n_t), np.float32, order="F")   # NIfTI order: each volume one contiguous block
     sig = np.ascontiguousarray(sig.T)
@@ -542,7 +635,10 @@ def make_bold(plan: SubjectPlan, p: SynthParams, rng: np.random.Generator
         vol[...] = other * dummy_other[t]
         vol.ravel()[idx] += sig[t]
         world = np.linalg.inv(pose) @ np.linalg.inv(rigid_matrix(motion[t, 3:], motion[t, :3]))
-        _resample(vol, g.affine, aff, shape, world, out=out[..., t], boxes=boxes)
+        if warp is None:
+            _resample(vol, g.affine, aff, shape, world, out=out[..., t], boxes=boxes)
+        else:
+            _pull_volume(vol, g, aff, world, warp, ijk, support, out[..., t])  # type: ignore[arg-type]
         out[..., t] *= drift[t]
     out *= _bias_field(shape, rng, p.epi_bias)[..., None] * np.float32(p.bold_scale)
     out = _rician(out, p.bold_scale / p.bold_snr, rng, support)
@@ -556,3 +652,5 @@ def build_head_model(p: SynthParams) -> None:
     _t1_grid(), _dwi_grid(p.dwi_voxel_mm), _bold_grid(p.bold_voxel_mm), _gradient_table(p.n_b0, p.n_directions)
     for modality, voxel in (("anat", 2.0), ("dwi", p.dwi_voxel_mm), ("func", p.bold_voxel_mm)):
         _region_weights(modality, voxel, p.design)
+    if p.has_shape:
+        build_shape_model()

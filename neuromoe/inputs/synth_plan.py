@@ -118,8 +118,12 @@ class SynthParams:
     zero_air: bool = True            # air beyond 4 mm of the skin is 0 (vendor background masking; small files)
     gzip_level: int = 1
     # cohort design (regions, marker mapping): None is the demo design; an int draws one (CohortDesign.draw).
-    # Kept last and left out of synth_params.json and the README when None, so demo cohorts keep their bytes.
+    # Left out of synth_params.json and the README when None, so demo cohorts keep their bytes.
     design_seed: int | None = None
+    # anatomical shape (neuromoe.inputs.synth_shape): 0 is off, every subject the template under its pose.
+    # Both left out of synth_params.json and the README when shape_mm is 0, so those cohorts keep their bytes.
+    shape_mm: float = 0.0                # RMS displacement of a subject's anatomy from the template in its brain
+    ventricle_mm_per_decade: float = 1.0  # ventricular wall displacement per decade of age above 45 (shape on)
 
     def __post_init__(self) -> None:
         positive = ["t1_voxel_mm", "dwi_voxel_mm", "bold_voxel_mm", "tr_s", "t1_scale", "t1_snr", "dwi_scale",
@@ -142,6 +146,16 @@ class SynthParams:
                                              or not isinstance(self.design_seed, (int, np.integer))
                                              or self.design_seed < 0):
             raise ValueError(f"SynthParams.design_seed must be None or an integer >= 0, got {self.design_seed!r}")
+        if not 0 <= self.shape_mm <= 8:
+            raise ValueError(f"SynthParams.shape_mm must be in [0, 8] mm, got {self.shape_mm!r}")
+        if not 0 <= self.ventricle_mm_per_decade <= 3:
+            raise ValueError(f"SynthParams.ventricle_mm_per_decade must be in [0, 3] mm, "
+                             f"got {self.ventricle_mm_per_decade!r}")
+
+    @property
+    def has_shape(self) -> bool:
+        """Whether subjects differ from the template in shape (``shape_mm`` > 0; synth_shape)."""
+        return self.shape_mm > 0
 
     @property
     def design(self) -> CohortDesign:
