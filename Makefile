@@ -71,7 +71,7 @@ peers:
 test: install peers
 	$(BIN)/ruff check .
 	$(BIN)/snakefmt --check Snakefile workflow/
-	$(BIN)/python -m pytest -ra --durations=15
+	$(BIN)/python -m pytest -ra --durations=30
 
 clean-results:
 	rm -rf results .snakemake

@@ -28,7 +28,8 @@ Each subject is then run through the real Snakefile one stage at a time, each a 
 
 Plus, per subject, ``total_wall_s``, ``peak_rss_mb`` (the largest stage), the image shapes and its disk use
 (raw inputs, derivatives, cache entry), and for the run ``cores``, ``threads`` and ``machine``. The issue's
-acceptance target (every stage <= 120 s wall and <= 4 GB peak on 2 cores) is checked and printed.
+acceptance target (a subject's stages <= 120 s wall in all, here run one after another, and <= 4 GB peak on 2
+cores) is checked and printed. ``--no-scanner-fov``: the head-cropped subject only.
 
 ``--small`` (= ``--size small``, the demo's coarse acquisition) checks the script end to end in about a minute;
 ``--size medium`` is the second calibration size of ``neuromoe.preproc.resources``. Run the clinical size on a
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1, help="threads per job (the rules' own: 1)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/realsize-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the working folder (cohorts and outputs)")
+    ap.add_argument("--no-scanner-fov", action="store_true",
+                    help="only the head-cropped subject (the suite's quick check: pad_to_fov has its own test)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results file (default bench/results/realsize.json; realsize_<size>.json for others)")
     args = ap.parse_args(argv)
@@ -264,15 +267,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     bids = make_cohort(args.workdir / "bids", 1, seed=SEED, params=params)
     synth_s = time.perf_counter() - t0
-    fov_bids = args.workdir / "bids_fov"
-    shutil.copytree(bids, fov_bids, ignore=shutil.ignore_patterns("derivatives"))  # the truth is on the old grid
-    fov_shape = pad_to_fov(fov_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    fov_bids, fov_shape = args.workdir / "bids_fov", None
+    if not args.no_scanner_fov:
+        shutil.copytree(bids, fov_bids, ignore=shutil.ignore_patterns("derivatives"))  # truth: the old grid
+        fov_shape = pad_to_fov(fov_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
     print(f"{size}: subject written in {synth_s:.0f} s; scanner-FOV T1w {fov_shape}", flush=True)
 
-    subjects = {"template_fov": run_subject("subject", bids, args.workdir / "run", args.cores, args.threads),
-                "scanner_fov": run_subject("fov", fov_bids, args.workdir / "run_fov", args.cores, args.threads)}
+    subjects = {"template_fov": run_subject("subject", bids, args.workdir / "run", args.cores, args.threads)}
+    if not args.no_scanner_fov:
+        subjects["scanner_fov"] = run_subject("fov", fov_bids, args.workdir / "run_fov", args.cores, args.threads)
     main_subject = subjects["template_fov"]
-    every = [s for sub in subjects.values() for s in sub["stages"].values()]
     record = {
         "benchmark": "one subject through the per-subject rules (anat, dwi, func, cache_subject), one Snakemake "
                      "run per stage; RSS sampled over the process tree every 0.1 s",
@@ -284,10 +288,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_rss_mb": main_subject["peak_rss_mb"],
         "disk_bytes_per_subject": main_subject["disk"]["per_subject_bytes"],
         "subjects": subjects,
-        "scanner_fov_note": f"the same subject, T1w zero-padded (centred, affine shifted) to {SCANNER_FOV_MM} mm "
-                            f"= {list(fov_shape)} voxels; the generator writes air as 0, so padding adds only air",
-        "acceptance": {"max_stage_wall_s": LIMIT_WALL_S, "max_peak_rss_mb": LIMIT_RSS_MB, "cores": 2,
-                       "met": all(s["wall_s"] <= LIMIT_WALL_S and s["peak_rss_mb"] <= LIMIT_RSS_MB for s in every)},
+        "scanner_fov_note": None if fov_shape is None else
+        f"the same subject, T1w zero-padded (centred, affine shifted) to {SCANNER_FOV_MM} mm = {list(fov_shape)} "
+        "voxels; the generator writes air as 0, so padding adds only air",
+        # the issue's target: the whole subject (every stage, here one after another) within the limits
+        "acceptance": {"max_total_wall_s": LIMIT_WALL_S, "max_peak_rss_mb": LIMIT_RSS_MB, "cores": 2,
+                       "met": all(sub["total_wall_s"] <= LIMIT_WALL_S and sub["peak_rss_mb"] <= LIMIT_RSS_MB
+                                  for sub in subjects.values())},
         "machine": meta,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{sub['total_wall_s']:.0f} s in all, peak {sub['peak_rss_mb']:.0f} MB, "
               f"{sub['disk']['per_subject_bytes'] / 1e6:.1f} MB of derivatives + cache "
               f"(raw {sub['disk']['raw_bytes'] / 1e6:.1f} MB)")
-    print(f"acceptance (each stage <= {LIMIT_WALL_S:.0f} s, <= {LIMIT_RSS_MB:.0f} MB): "
+    print(f"acceptance (a subject's stages <= {LIMIT_WALL_S:.0f} s in all, <= {LIMIT_RSS_MB:.0f} MB): "
           f"{'met' if record['acceptance']['met'] else 'NOT met'} -> {out}")
     if not args.keep:
         shutil.rmtree(args.workdir)
