@@ -91,6 +91,19 @@ def test_unreadable_nifti(bids: Path, cfg: dict) -> None:
     assert "sub-01" in msg and "cannot read" in msg
 
 
+def test_a_cluster_jobs_discovery_reads_no_file_and_finds_the_same_units(bids: Path, cfg: dict) -> None:
+    """check_files=False (a cluster job's Snakemake, after the main process checked everything): the same units
+    and modalities, from the layout alone; a broken image is not even opened."""
+    full = validate_dataset(bids, cfg)
+    (bids / "sub-01/anat/sub-01_T1w.nii.gz").write_bytes(b"not a nifti")
+    (bids / "sub-02/dwi/sub-02_dwi.bval").write_text("0 1000\n")
+    quick = validate_dataset(bids, cfg, check_files=False)
+    assert {k: (u.present, u.session, u.anat_session) for k, u in quick.subjects.items()} == \
+        {k: (u.present, u.session, u.anat_session) for k, u in full.subjects.items()}
+    with pytest.raises(ValidationReport, match="sub-01_T1w.nii.gz"):
+        validate_dataset(bids, cfg)
+
+
 def test_subject_in_table_without_images(bids: Path, cfg: dict) -> None:
     df = pd.read_csv(bids / "participants.tsv", sep="\t", dtype=str)
     extra = df.iloc[[0]].copy()

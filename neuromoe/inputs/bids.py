@@ -441,8 +441,27 @@ def select_participants(folders: set[str], cfg: Mapping[str, Any], bids_dir: Pat
     return chosen - set(exclude)
 
 
-def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
+def _check_unit_files(bids_dir: Path, s: str, ses: str | None, present: dict[str, bool], b0_thr: float,
+                      func_cfg: dict) -> list[InputError]:
+    """The image headers, gradient tables and sidecars of one unit's present modalities."""
+    problems: list[InputError] = []
+    if present["anat"]:
+        _, err = check_image(Path(paths.raw(bids_dir, s, "T1w", ses)), unit_key(s, ses), bids_dir, 3, "T1w")
+        if err:
+            problems.append(err)
+    if present["dwi"]:
+        problems += _check_dwi(bids_dir, s, b0_thr, ses)
+    if present["func"]:
+        problems += _check_func(bids_dir, s, func_cfg, ses)
+    return problems
+
+
+def validate_dataset(bids_dir: str | Path, cfg: dict, *, check_files: bool = True) -> Dataset:
     """Discover and validate a BIDS dataset; raise ValidationReport listing every problem.
+
+    ``check_files=False`` discovers only (layout, participants.tsv, which modalities each unit has) without
+    reading image headers, gradient tables, sidecars or sessions.tsv: for the Snakemake process of a cluster
+    job, which re-reads the Snakefile after the main process validated everything (23 s at 5,000 subjects).
 
     Only the subjects chosen by ``participant_label`` / ``exclude_participant_label`` are checked and returned
     (another subject's problem does not stop them); the dataset-level checks of participants.tsv always run.
@@ -496,7 +515,7 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
         s = m.group(1)
         sessions: list[str | None] = [x for x in sessions_of[f] if wanted is None or x in wanted] \
             if has_sessions else [None]
-        if has_sessions:
+        if has_sessions and check_files:
             problems += _check_sessions_tsv(bids_dir, s, cfg["participants"]["clinical_columns"])
         units: list[Subject] = []
         for ses in sessions:
@@ -513,14 +532,8 @@ def validate_dataset(bids_dir: str | Path, cfg: dict) -> Dataset:
                                                f"{label}_task-rest_bold.nii.gz in anat/, dwi/, func/ "
                                                "(.nii works too)"))
                 continue
-            if present["anat"]:
-                _, err = check_image(Path(paths.raw(bids_dir, s, "T1w", ses)), unit_key(s, ses), bids_dir, 3, "T1w")
-                if err:
-                    problems.append(err)
-            if present["dwi"]:
-                problems += _check_dwi(bids_dir, s, b0_thr, ses)
-            if present["func"]:
-                problems += _check_func(bids_dir, s, cfg["preprocessing"]["func"], ses)
+            if check_files:
+                problems += _check_unit_files(bids_dir, s, ses, present, b0_thr, cfg["preprocessing"]["func"])
             units.append(Subject(s, present, ses))
         _place_anatomy(units)
         for u in units:

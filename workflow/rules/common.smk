@@ -101,13 +101,14 @@ if _write_cohort:
     )
     os.replace(_partial, BIDS)
 
-# The official BIDS validator (validation.bids_validator) runs once, in the main process: not again in each
-# job's own Snakemake process (a cluster job step re-reads this file).
+# The files are checked (and the official BIDS validator, validation.bids_validator, runs) once, in the main
+# process: a cluster job's own Snakemake process, which re-reads this file, only discovers the layout.
 _official = config["validation"]["bids_validator"] and workflow.is_main_process
 try:
     DATASET = validate_dataset(
         BIDS,
         {**config, "validation": {**config["validation"], "bids_validator": _official}},
+        check_files=workflow.is_main_process,
     )
 except NeuroMoEError as exc:
     raise WorkflowError(str(exc))
