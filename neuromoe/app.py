@@ -130,9 +130,11 @@ def resolve_config(args: argparse.Namespace, base: Path = REPO / "config.yaml") 
 
 def snakemake_command(args: argparse.Namespace, config_file: Path, passthrough: Sequence[str]) -> list[str]:
     """The Snakemake command line of this call: the repository's Snakefile run in OUTPUT_DIR (the folder of
-    ``config_file``) with the written configuration."""
+    ``config_file``) with the written configuration. ``--rerun-incomplete``: outputs of a job killed mid-write
+    (kill -9, a lost session, an OOM kill) are redone, so the same command always goes on (as make demo and the
+    profiles do); without it Snakemake refuses to start until they are cleaned up by hand."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(config_file.parent), "--configfile", str(config_file)]
+           "--directory", str(config_file.parent), "--configfile", str(config_file), "--rerun-incomplete"]
     if args.profile:  # a folder here, one of the repository's (profiles/slurm), or a named profile
         found = [p for p in (Path(args.profile), REPO / args.profile) if p.is_dir()]
         cmd += ["--profile", str(found[0].resolve()) if found else args.profile]

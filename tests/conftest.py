@@ -15,6 +15,20 @@ SYNTH_COHORT_SEED = 3
 SYNTH_COHORT_SUBJECTS = 6
 
 
+# `make test` runs the suite in two pytest-xdist workers (`-n 2 --dist loadgroup`): CI has 2 cores, and one
+# process left one idle through most unit tests and every Snakemake start-up. A module's tests stay on one
+# worker (its module fixtures are built once), and the modules sharing the end-to-end run (workflow_run)
+# share a worker, so it runs once. Without xdist (a plain `pytest`) the marks do nothing.
+SHARED_E2E_MODULES = {"test_app", "test_rerun", "test_workflow"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group("e2e" if module in SHARED_E2E_MODULES else module))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def template_copies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The on-disk template copies (``neuromoe.inputs.templates.nilearn_image``) of this session, in its tmp
@@ -142,9 +156,11 @@ KILL_PHASES = {"preprocessing": r"^(local)?rule (anat|dwi|func):", "caching": r"
                "training": r"^(local)?rule train:"}
 
 
-def kill_when(cmd: list[str], log: Path, pattern: str, timeout: float = 900) -> None:
+def kill_when(cmd: list[str], log: Path, pattern: str, timeout: float = 900, written=None) -> None:
     """Run ``cmd`` in its own process group (output to ``log``) and SIGKILL the whole group soon after a line
-    matches ``pattern``: kill -9 of the workflow and every job it runs, as an OOM kill or a lost session does."""
+    matches ``pattern``: kill -9 of the workflow and every job it runs, as an OOM kill or a lost session does.
+    ``written``: a callable; then the kill waits until it is true (a job's first output on disk), so that the
+    job dies mid-write, leaving outputs Snakemake marks incomplete, whatever the machine's speed."""
     import os
     import re
     import signal
@@ -159,7 +175,15 @@ def kill_when(cmd: list[str], log: Path, pattern: str, timeout: float = 900) -> 
             assert proc.poll() is None, f"the run ended before {pattern!r}:\n{log.read_text()[-3000:]}"
             assert time.monotonic() - t0 < timeout, f"no {pattern!r} in {timeout} s"
             time.sleep(0.05)
-        time.sleep(0.5)  # inside the job: its outputs are being written
+        if written is None:
+            time.sleep(0.5)  # inside the job: its outputs are being written
+        while written is not None and not written():
+            assert proc.poll() is None, f"the run ended before the output it waited for:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() - t0 < timeout, f"no output in {timeout} s"
+            time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended by itself (the assertion above says how)
+            pass
         proc.wait()

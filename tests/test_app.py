@@ -33,6 +33,7 @@ def test_options_are_ours_and_the_rest_goes_to_snakemake(tmp_path: Path) -> None
     assert cmd[cmd.index("--directory") + 1] == str(tmp_path)  # Snakemake's records live with the outputs
     assert cmd[cmd.index("--configfile") + 1] == str(tmp_path / "config.yaml")
     assert cmd[-4:] == ["--forcerun", "anat", "-n", "participant"]  # the level is the target rule
+    assert "--rerun-incomplete" in cmd  # a job killed mid-write is redone: the same command goes on
     group, _ = parse("bids", "out", "group", "--profile", "profiles/slurm")
     cmd = app.snakemake_command(group, tmp_path / "config.yaml", [])
     # the repository's profile from anywhere; its own cores, not ours
@@ -148,8 +149,12 @@ def app_run(workflow_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     for level, extra, snap in (("participant", ["--participant-label", "01", "02"], "after_participant"),
                                ("group", [], None)):
         if level == "group":  # kill -9 of the whole run in each phase, each time followed by the same command
+            # killed mid-write where a job's first output shows it (the others' are already there)
+            written = {"preprocessing": lambda: any(out.glob("derivatives/neuromoe/sub-0[3-9]/anat/*_mask.nii.gz")),
+                       "caching": lambda: any(out.glob("cache/subjects/sub-0[3-9]/*"))}
             for phase, pattern in KILL_PHASES.items():
-                kill_when([*base, level, *opts, *extra], work / f"group-killed-in-{phase}.log", pattern)
+                kill_when([*base, level, *opts, *extra], work / f"group-killed-in-{phase}.log", pattern,
+                          written=written.get(phase))
                 assert any((out / ".snakemake" / "locks").iterdir()), f"no lock left by the kill in {phase}"
         run = subprocess.run([*base, level, *opts, *extra], capture_output=True, text=True, timeout=1500)
         (work / f"{level}.log").write_text(run.stdout + run.stderr)

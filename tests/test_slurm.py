@@ -3,8 +3,10 @@
 ``tests/slurm/start-local-slurm.sh`` starts a single-node SLURM (munged, mariadbd, slurmdbd, slurmctld, slurmd)
 on this machine; it needs root and Debian's apt/dpkg, and the tests are skipped, with the reason, where it cannot
 run. The end-to-end test runs the anat stage of 2 subjects of a 3-subject synthetic cohort twice: once locally through
-profiles/local, once through profiles/slurm, and checks that the jobs went through SLURM (sacct lists them,
-COMPLETED) and that both runs wrote the same files with the same data.
+profiles/local, once through profiles/slurm by way of the BIDS App (`neuromoe BIDS OUT participant --profile
+profiles/slurm`, which runs `snakemake --profile profiles/slurm`), and checks that the jobs went through SLURM
+(sacct lists them, COMPLETED, grouped per subject, one job step each) and that both runs wrote the same files with
+the same data.
 
 Every subprocess has a hard timeout, and a timed-out Snakemake is killed with its jobs (and its SLURM jobs
 cancelled), so a hang fails the test instead of stalling CI. The cluster is stopped at the end of the session
@@ -146,12 +148,15 @@ def test_anat_stage_on_slurm_matches_local_run(slurm_env: dict[str, str], synth_
                        "--set-threads", f"anat={threads}"], timeout=TIMEOUT_S)
     assert res.returncode == 0, res.stdout[-6000:]
 
-    # On the cluster: the profile as it is, except the per-group-job caps, which must fit this one small node
-    # (the profile's 8 CPUs / 32 GB would never be scheduled here), and a quick first status check.
-    cluster = write_workdir(tmp_path / "slurm", bids)
+    # On the cluster, through the BIDS App (which runs `snakemake --profile profiles/slurm ...` and says so):
+    # participant level for those subjects, up to their anat stage. The profile as it is, except the
+    # per-group-job caps, which must fit this one small node (the profile's 8 CPUs / 32 GB would never be
+    # scheduled here), and a quick first status check.
+    cluster = tmp_path / "app"
     t1 = time.monotonic()
-    res = run_bounded([SNAKEMAKE, *targets, "-s", REPO / "Snakefile", "-d", cluster, "--profile", PROFILE,
-                       "--cores", str(cpus), "--resources", f"mem_mb={min(mem_mb, 32000)}",
+    res = run_bounded([sys.executable, "-m", "neuromoe.cli", bids, cluster, "participant",
+                       "--participant-label", *subjects, "--profile", "profiles/slurm", "--cores", str(cpus),
+                       "--until", "anat", "--resources", f"mem_mb={min(mem_mb, 32000)}",
                        "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5",
                        "--slurm-keep-successful-logs"], timeout=TIMEOUT_S, env=slurm_env)
     print(f"anat of {N_TARGETS} subjects: local run {t1 - t0:.0f} s, SLURM run {time.monotonic() - t1:.0f} s")
@@ -160,6 +165,7 @@ def test_anat_stage_on_slurm_matches_local_run(slurm_env: dict[str, str], synth_
         subprocess.run(["scancel", "--name", run_id.group(1)], env=slurm_env, timeout=30)
     assert res.returncode == 0, res.stdout[-6000:]
     assert run_id, res.stdout[-3000:]
+    assert "--profile " + str(REPO / "profiles" / "slurm") in res.stdout  # the command the app ran
 
     jobs = sacct_jobs(slurm_env, run_id.group(1))
     allocations = [j for j in jobs if "." not in j["JobID"]]
@@ -176,26 +182,11 @@ def test_anat_stage_on_slurm_matches_local_run(slurm_env: dict[str, str], synth_
     assert sum(len(re.findall(r"(?m)^localrule anat:", log.read_text())) for log in slurm_logs) == N_TARGETS
 
     deriv = Path("results") / "derivatives" / "neuromoe"
-    assert_same_outputs(local / deriv, cluster / deriv)
+    assert_same_outputs(local / deriv, cluster / "derivatives" / "neuromoe")  # the local run's files and values
     for s in subjects:
         for k in ANAT_KEYS:
-            assert (cluster / paths.derivative("results", s, k)).exists()
-    assert not (cluster / "results" / "derivatives" / "neuromoe" / f"sub-{N_SUBJECTS:02d}").exists()
-
-    # The BIDS-App form, same profile: participant level for the same subjects, up to their anat stage.
-    app_out = tmp_path / "app"
-    res = run_bounded([sys.executable, "-m", "neuromoe.cli", bids, app_out, "participant",
-                       "--participant-label", *subjects, "--profile", "profiles/slurm", "--cores", str(cpus),
-                       "--until", "anat", "--resources", f"mem_mb={min(mem_mb, 32000)}",
-                       "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5"],
-                      timeout=TIMEOUT_S, env=slurm_env)
-    run_id = re.search(r"SLURM run ID: (\S+)", res.stdout)
-    if res.returncode != 0 and run_id:
-        subprocess.run(["scancel", "--name", run_id.group(1)], env=slurm_env, timeout=30)
-    assert res.returncode == 0 and run_id, res.stdout[-6000:]
-    assert all(j["State"] == "COMPLETED" for j in sacct_jobs(slurm_env, run_id.group(1)))
-    app_deriv = app_out / "derivatives" / "neuromoe"
-    assert_same_outputs(local / deriv, app_deriv)  # the same files and values as the plain local run
+            assert Path(paths.derivative(cluster, s, k)).exists()
+    assert not (cluster / "derivatives" / "neuromoe" / f"sub-{N_SUBJECTS:02d}").exists()
 
 
 # --- the profile, without a cluster --------------------------------------------------------------------------
