@@ -4,8 +4,6 @@
 SHELL := /bin/bash
 VENV ?= .venv
 CORES ?= 2
-# pytest-xdist workers of make test (tests/conftest.py: how the tests are grouped)
-TEST_WORKERS ?= 2
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
@@ -73,7 +71,7 @@ peers:
 test: install peers
 	$(BIN)/ruff check .
 	$(BIN)/snakefmt --check Snakefile workflow/
-	$(BIN)/python -m pytest -ra --durations=30 -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -ra --durations=30
 
 clean-results:
 	rm -rf results .snakemake

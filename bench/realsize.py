@@ -209,13 +209,15 @@ def shapes(bids: Path, subject: str) -> dict[str, list[int]]:
     return {k: list(nib.load(paths.raw(bids, subject, k)).shape) for k in ("T1w", "dwi", "bold")}
 
 
-def run_subject(name: str, bids: Path, wd: Path, cores: int, threads: int) -> dict[str, Any]:
-    """Every per-subject stage of the one subject in ``bids``, one Snakemake run each, measured."""
+def run_subject(name: str, bids: Path, wd: Path, cores: int, threads: int,
+                stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+    """The per-subject ``stages`` (every one by default) of the one subject in ``bids``, one Snakemake run
+    each, measured."""
     snakemake = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
     config = write_config(wd, bids)
     results = wd / "results"
-    stages: dict[str, Any] = {}
-    for stage in STAGES:
+    records: dict[str, Any] = {}
+    for stage in stages:
         cmd = [snakemake, "participant", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(wd),
                "--configfile", str(config), "--cores", str(cores), "--until", stage]
         if threads != 1:
@@ -227,7 +229,7 @@ def run_subject(name: str, bids: Path, wd: Path, cores: int, threads: int) -> di
             est["covers_peak"] = est["mem_mb"] >= rec["peak_rss_mb"]
             est["covers_wall"] = est["runtime_min"] * 60 >= rec["wall_s"]
             rec["estimate"] = est
-        stages[stage] = rec
+        records[stage] = rec
         print(f"  {name} {stage:13s} {rec['wall_s']:7.1f} s (job {rec.get('job_s', float('nan')):6.1f} s)  "
               f"peak {rec['peak_rss_mb']:7.0f} MB (tree {rec['peak_tree_rss_mb']:.0f}, largest process "
               f"{rec['max_rss_getrusage_mb']:.0f}, benchmark file {rec.get('benchmark_file_max_rss_mb', 0):.0f})"
@@ -235,9 +237,9 @@ def run_subject(name: str, bids: Path, wd: Path, cores: int, threads: int) -> di
     deriv, cache = results / "derivatives" / "neuromoe" / "sub-01", results / "cache" / "subjects" / "sub-01"
     disk = {"raw_bytes": du(bids / "sub-01"), "derivatives_bytes": du(deriv), "cache_bytes": du(cache)}
     disk["per_subject_bytes"] = disk["derivatives_bytes"] + disk["cache_bytes"]
-    return {"shapes": shapes(bids, "01"), "stages": stages,
-            "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 1),
-            "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()), "disk": disk}
+    return {"shapes": shapes(bids, "01"), "stages": records,
+            "total_wall_s": round(sum(s["wall_s"] for s in records.values()), 1),
+            "peak_rss_mb": max(s["peak_rss_mb"] for s in records.values()), "disk": disk}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1, help="threads per job (the rules' own: 1)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/realsize-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the working folder (cohorts and outputs)")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                    help="run only these stages, in the workflow's order (a quick check of the script)")
     ap.add_argument("--no-scanner-fov", action="store_true",
                     help="only the head-cropped subject (the suite's quick check: pad_to_fov has its own test)")
     ap.add_argument("--out", type=Path, default=None,
@@ -273,14 +277,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fov_shape = pad_to_fov(fov_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
     print(f"{size}: subject written in {synth_s:.0f} s; scanner-FOV T1w {fov_shape}", flush=True)
 
-    subjects = {"template_fov": run_subject("subject", bids, args.workdir / "run", args.cores, args.threads)}
+    stages = tuple(s for s in STAGES if s in args.stages)
+    subjects = {"template_fov": run_subject("subject", bids, args.workdir / "run", args.cores, args.threads,
+                                            stages)}
     if not args.no_scanner_fov:
-        subjects["scanner_fov"] = run_subject("fov", fov_bids, args.workdir / "run_fov", args.cores, args.threads)
+        subjects["scanner_fov"] = run_subject("fov", fov_bids, args.workdir / "run_fov", args.cores, args.threads,
+                                              stages)
     main_subject = subjects["template_fov"]
     record = {
         "benchmark": "one subject through the per-subject rules (anat, dwi, func, cache_subject), one Snakemake "
                      "run per stage; RSS sampled over the process tree every 0.1 s",
-        "size": size, "params": SIZES[size], "seed": SEED, "cores": args.cores, "threads": args.threads,
+        "size": size, "params": SIZES[size], "seed": SEED, "stages_run": list(stages),
+        "cores": args.cores, "threads": args.threads,
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "synth_s": round(synth_s, 1),

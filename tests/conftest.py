@@ -15,20 +15,6 @@ SYNTH_COHORT_SEED = 3
 SYNTH_COHORT_SUBJECTS = 6
 
 
-# `make test` runs the suite in two pytest-xdist workers (`-n 2 --dist loadgroup`): CI has 2 cores, and one
-# process left one idle through most unit tests and every Snakemake start-up. A module's tests stay on one
-# worker (its module fixtures are built once), and the modules sharing the end-to-end run (workflow_run)
-# share a worker, so it runs once. Without xdist (a plain `pytest`) the marks do nothing.
-SHARED_E2E_MODULES = {"test_app", "test_rerun", "test_workflow"}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group("e2e" if module in SHARED_E2E_MODULES else module))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def template_copies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The on-disk template copies (``neuromoe.inputs.templates.nilearn_image``) of this session, in its tmp
