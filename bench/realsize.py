@@ -1,7 +1,8 @@
 """Benchmark: one subject at clinical size through the workflow's per-subject rules (issue 23, item 4).
 
 usage: python bench/realsize.py [--size clinical|medium|small] [--small] [--cores 2] [--threads 1]
-                                [--workdir /tmp/realsize-bench] [--keep] [--out bench/results/realsize.json]
+                                [--registration nonlinear|affine] [--workdir /tmp/realsize-bench] [--keep]
+                                [--out bench/results/realsize.json]
 
 Writes one synthetic subject with the repository's generator at the size asked (``clinical``: T1w 1 mm,
 about 181 x 214 x 182; DWI 2 mm, 2 b=0 + 64 directions, about 91 x 108 x 85 x 66; BOLD 3 mm, 300 volumes + 4 dummy
@@ -28,8 +29,9 @@ Each subject is then run through the real Snakefile one stage at a time, each a 
 
 Plus, per subject, ``total_wall_s``, ``peak_rss_mb`` (the largest stage), the image shapes and its disk use
 (raw inputs, derivatives, cache entry), and for the run ``cores``, ``threads`` and ``machine``. The issue's
-acceptance target (a subject's stages <= 120 s wall in all, here run one after another, and <= 4 GB peak on 2
-cores) is checked and printed. ``--no-scanner-fov``: the head-cropped subject only.
+acceptance target (the clinical-size subject's stages <= 120 s wall in all, here run one after another, and <= 4 GB
+peak on 2 cores) is checked and printed, the scanner field of view's beside it (``met_per_subject``).
+``--no-scanner-fov``: the head-cropped subject only.
 
 ``--small`` (= ``--size small``, the demo's coarse acquisition) checks the script end to end in about a minute;
 ``--size medium`` is the second calibration size of ``neuromoe.preproc.resources``. Run the clinical size on a
@@ -93,13 +95,17 @@ def pad_to_fov(t1w: Path, fov_mm: tuple[float, float, float] = SCANNER_FOV_MM) -
     return tuple(int(s) for s in padded.shape)
 
 
-def write_config(wd: Path, bids: Path) -> Path:
-    """The repository's config.yaml pointed at ``bids``, outputs in ``wd/results``, no cohort generation."""
+def write_config(wd: Path, bids: Path, registration: str = "nonlinear") -> Path:
+    """The repository's config.yaml pointed at ``bids``, outputs in ``wd/results``, no cohort generation,
+    T1w -> MNI by ``registration`` (default: the workflow's default; config.yaml's demo sets affine)."""
     wd.mkdir(parents=True, exist_ok=True)
     text = (ROOT / "config.yaml").read_text()
     text = re.sub(r"(?m)^bids_dir:.*$", f"bids_dir: {bids}", text)
     text = re.sub(r"(?m)^output_dir:.*$", "output_dir: results", text)
     text = re.sub(r"(?m)^(\s+generate:)\s*true", r"\1 false", text)
+    text, n = re.subn(r"(?m)^(\s+registration:)\s*\w+", rf"\1 {registration}", text)
+    if n != 1:
+        raise SystemExit("realsize: config.yaml has no preprocessing.anat.registration line to set")
     (wd / "config.yaml").write_text(text)
     return wd / "config.yaml"
 
@@ -210,11 +216,11 @@ def shapes(bids: Path, subject: str) -> dict[str, list[int]]:
 
 
 def run_subject(name: str, bids: Path, wd: Path, cores: int, threads: int,
-                stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+                stages: tuple[str, ...] = STAGES, registration: str = "nonlinear") -> dict[str, Any]:
     """The per-subject ``stages`` (every one by default) of the one subject in ``bids``, one Snakemake run
     each, measured."""
     snakemake = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
-    config = write_config(wd, bids)
+    config = write_config(wd, bids, registration)
     results = wd / "results"
     records: dict[str, Any] = {}
     for stage in stages:
@@ -252,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--keep", action="store_true", help="keep the working folder (cohorts and outputs)")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                     help="run only these stages, in the workflow's order (a quick check of the script)")
+    ap.add_argument("--registration", choices=["nonlinear", "affine"], default="nonlinear",
+                    help="preprocessing.anat.registration (default: the workflow's default, nonlinear)")
     ap.add_argument("--no-scanner-fov", action="store_true",
                     help="only the head-cropped subject (the suite's quick check: pad_to_fov has its own test)")
     ap.add_argument("--out", type=Path, default=None,
@@ -279,15 +287,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     stages = tuple(s for s in STAGES if s in args.stages)
     subjects = {"template_fov": run_subject("subject", bids, args.workdir / "run", args.cores, args.threads,
-                                            stages)}
+                                            stages, args.registration)}
     if not args.no_scanner_fov:
         subjects["scanner_fov"] = run_subject("fov", fov_bids, args.workdir / "run_fov", args.cores, args.threads,
-                                              stages)
+                                              stages, args.registration)
     main_subject = subjects["template_fov"]
     record = {
         "benchmark": "one subject through the per-subject rules (anat, dwi, func, cache_subject), one Snakemake "
                      "run per stage; RSS sampled over the process tree every 0.1 s",
         "size": size, "params": SIZES[size], "seed": SEED, "stages_run": list(stages),
+        "registration": args.registration,
         "cores": args.cores, "threads": args.threads,
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip(),
@@ -299,10 +308,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "scanner_fov_note": None if fov_shape is None else
         f"the same subject, T1w zero-padded (centred, affine shifted) to {SCANNER_FOV_MM} mm = {list(fov_shape)} "
         "voxels; the generator writes air as 0, so padding adds only air",
-        # the issue's target: the whole subject (every stage, here one after another) within the limits
+        # the issue's target: the clinical-size subject (every stage, here one after another) within the limits;
+        # the scanner field of view is recorded beside it ("met" per subject)
         "acceptance": {"max_total_wall_s": LIMIT_WALL_S, "max_peak_rss_mb": LIMIT_RSS_MB, "cores": 2,
-                       "met": all(sub["total_wall_s"] <= LIMIT_WALL_S and sub["peak_rss_mb"] <= LIMIT_RSS_MB
-                                  for sub in subjects.values())},
+                       "subject": "template_fov",
+                       "met": main_subject["total_wall_s"] <= LIMIT_WALL_S
+                       and main_subject["peak_rss_mb"] <= LIMIT_RSS_MB,
+                       "met_per_subject": {name: sub["total_wall_s"] <= LIMIT_WALL_S
+                                           and sub["peak_rss_mb"] <= LIMIT_RSS_MB for name, sub in subjects.items()}},
         "machine": meta,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,8 +325,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{sub['total_wall_s']:.0f} s in all, peak {sub['peak_rss_mb']:.0f} MB, "
               f"{sub['disk']['per_subject_bytes'] / 1e6:.1f} MB of derivatives + cache "
               f"(raw {sub['disk']['raw_bytes'] / 1e6:.1f} MB)")
-    print(f"acceptance (a subject's stages <= {LIMIT_WALL_S:.0f} s in all, <= {LIMIT_RSS_MB:.0f} MB): "
-          f"{'met' if record['acceptance']['met'] else 'NOT met'} -> {out}")
+    per = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in record["acceptance"]["met_per_subject"].items())
+    print(f"acceptance (the clinical subject's stages <= {LIMIT_WALL_S:.0f} s in all, <= {LIMIT_RSS_MB:.0f} MB): "
+          f"{'met' if record['acceptance']['met'] else 'NOT met'} ({per}) -> {out}")
     if not args.keep:
         shutil.rmtree(args.workdir)
     return record

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in a dataset with sessions, only these (labels without 'ses-'); default: every session")
     p.add_argument("--skip", nargs="+", default=[], type=_skip_name, metavar="MAP",
                    help="maps the model does without: FA, MD, AD, RD (DWI), fALFF, ReHo (BOLD; not computed)")
+    p.add_argument("--registration", choices=["nonlinear", "affine"], default=None,
+                   help="T1w -> MNI (preprocessing.anat.registration); default: nonlinear, unless a --config file "
+                        "sets it (the repository's config.yaml says affine for its synthetic demo only)")
     p.add_argument("--config", action="append", default=[], type=Path, metavar="YAML",
                    help="settings merged over the repository's config.yaml (repeatable; later files win)")
     p.add_argument("--cores", default=None, help="Snakemake's --cores (default: all, unless a --profile sets it)")
@@ -102,12 +105,18 @@ def merge(base: dict, over: Mapping[str, Any]) -> dict:
 
 def resolve_config(args: argparse.Namespace, base: Path = REPO / "config.yaml") -> dict:
     """The run's configuration: ``base``, the ``--config`` files, then the command line; validated, defaults
-    filled. The app never writes a synthetic cohort: ``synthetic.generate`` is off."""
-    from neuromoe.config import validate_config
+    filled. The app never writes a synthetic cohort: ``synthetic.generate`` is off. The registration to MNI is
+    ``--registration``, else a ``--config`` file's, else the workflow's default (nonlinear): ``base``'s affine
+    is the synthetic demo's (its brains have the template's shape), never right for a dataset of real brains."""
+    from neuromoe.config import AnatConfig, validate_config
 
-    cfg = read_config_file(base)
+    user: dict = {}
     for extra in args.config:
-        cfg = merge(cfg, read_config_file(extra))
+        user = merge(user, read_config_file(extra))
+    cfg = merge(read_config_file(base), user)
+    user_anat = (user.get("preprocessing") or {}).get("anat") or {}
+    registration = args.registration or user_anat.get("registration") or AnatConfig.registration
+    cfg.setdefault("preprocessing", {}).setdefault("anat", {})["registration"] = registration
     cfg["bids_dir"] = str(args.bids_dir.resolve())
     cfg["output_dir"] = str(args.output_dir.resolve())
     cfg.setdefault("synthetic", {})["generate"] = False

@@ -107,12 +107,11 @@ def _migrate(cfg: dict) -> list[str]:
     if isinstance(fsl, dict) and "nonlinear" in fsl:
         nonlinear = fsl.pop("nonlinear")
         anat = cfg["preprocessing"].setdefault("anat", {})
-        wanted = "nonlinear" if nonlinear else anat.get("registration", "affine")
+        wanted = "nonlinear" if nonlinear else "affine"
         if anat.get("registration", wanted) != wanted:
             raise ConfigError(f"preprocessing.fsl.nonlinear: {nonlinear} contradicts preprocessing.anat.registration: "
                               f"{anat['registration']}; {DEPRECATED['preprocessing.fsl.nonlinear']}")
-        if nonlinear:
-            anat["registration"] = "nonlinear"
+        anat["registration"] = wanted  # explicit: `nonlinear: false` meant affine, whatever the default
         notes.append(f"preprocessing.fsl.nonlinear is deprecated: {DEPRECATED['preprocessing.fsl.nonlinear']}")
     return notes
 
@@ -229,7 +228,7 @@ class Section:
 @dataclass(frozen=True)
 class AnatConfig(Section):
     KEY: ClassVar[str] = "preprocessing.anat"
-    registration: str = "affine"
+    registration: str = "nonlinear"
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ def test_options_are_ours_and_the_rest_goes_to_snakemake(tmp_path: Path) -> None
 def test_help_lists_our_options_and_snakemakes(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["bids", "out", "participant", "--help"]) == 0
     text = capsys.readouterr().out
-    for opt in ("--participant-label", "--exclude-participant-label", "--session-label", "--skip", "--config",
+    for opt in ("--participant-label", "--exclude-participant-label", "--session-label", "--skip", "--registration",
+                "--config",
                 "--profile", "--version", "Snakemake options (passed through)", "--forcerun", "--until", "--use-conda"):
         assert opt in text, opt
 
@@ -67,6 +68,14 @@ def test_resolved_config_merges_files_then_options(tmp_path: Path) -> None:
     assert cfg["synthetic"]["generate"] is False  # a BIDS App never invents a cohort
     assert cfg["participant_label"] == ["03"] and cfg["session_label"] == ["2", "1"]
     assert cfg["cache"]["func_maps"] == ["fALFF"] and cfg["cache"]["dwi_maps"] == ["MD"]
+    # T1w -> MNI: nonlinear for a dataset (config.yaml's affine is its synthetic demo's), unless asked otherwise
+    assert repo["preprocessing"]["anat"]["registration"] == "affine"
+    assert cfg["preprocessing"]["anat"]["registration"] == "nonlinear"
+    mine.write_text("preprocessing:\n  anat:\n    registration: affine\n")
+    args, _ = parse(str(tmp_path / "bids"), str(tmp_path / "out"), "group", "--config", str(mine))
+    assert app.resolve_config(args)["preprocessing"]["anat"]["registration"] == "affine"
+    args, _ = parse(str(tmp_path / "bids"), str(tmp_path / "out"), "group", "--registration", "affine")
+    assert app.resolve_config(args)["preprocessing"]["anat"]["registration"] == "affine"
     args, _ = parse(str(tmp_path / "bids"), str(tmp_path / "out"), "group", "--skip", "falff", "reho")
     with pytest.raises(ConfigError, match="cache.func_maps empty"):
         app.resolve_config(args)

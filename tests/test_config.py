@@ -166,17 +166,19 @@ def test_deprecated_fsl_nonlinear_is_migrated_with_a_warning(capsys: pytest.Capt
     assert cfg["preprocessing"]["anat"]["registration"] == "nonlinear"
     err = capsys.readouterr().err
     assert "warning" in err and "preprocessing.fsl.nonlinear" in err and "preprocessing.anat.registration" in err
-    # false asks for nothing: the registration stays what it is, with the same warning.
+    # false meant flirt alone: affine, even though the default is now nonlinear, with the same warning.
+    assert validate_config({"bids_dir": "x"})["preprocessing"]["anat"]["registration"] == "nonlinear"
     cfg = validate_config({"bids_dir": "x", "preprocessing": {"fsl": {"nonlinear": False}}})
     assert cfg["preprocessing"]["anat"]["registration"] == "affine"
     assert "preprocessing.fsl.nonlinear" in capsys.readouterr().err
 
 
 def test_deprecated_key_contradicting_its_new_home_is_an_error() -> None:
-    cfg = {"bids_dir": "x", "preprocessing": {"fsl": {"nonlinear": True}, "anat": {"registration": "affine"}}}
-    with pytest.raises(ConfigError) as exc:
-        validate_config(cfg)
-    assert "preprocessing.fsl.nonlinear" in str(exc.value) and "preprocessing.anat.registration" in str(exc.value)
+    for old, new in ((True, "affine"), (False, "nonlinear")):
+        cfg = {"bids_dir": "x", "preprocessing": {"fsl": {"nonlinear": old}, "anat": {"registration": new}}}
+        with pytest.raises(ConfigError) as exc:
+            validate_config(cfg)
+        assert "preprocessing.fsl.nonlinear" in str(exc.value) and "preprocessing.anat.registration" in str(exc.value)
 
 
 @pytest.mark.parametrize("cls", SECTIONS, ids=lambda c: c.KEY)

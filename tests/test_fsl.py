@@ -234,14 +234,13 @@ def test_fsl_problems_names_every_missing_tool(tmp_path):
     env = {"PATH": str(tmp_path / "empty")}
     problems = T.fsl_problems(env)
     text = "\n".join(problems)
-    for tool in ["bet", "flirt", "mcflirt", "dtifit", "eddy_correct", "fslmaths", "fslroi"]:
-        assert f"`{tool}`" in text, tool
-    assert "fnirt" not in text and "applywarp" not in text  # linear registration by default
+    for tool in ["bet", "flirt", "mcflirt", "dtifit", "eddy_correct", "fslmaths", "fslroi", "fnirt", "applywarp"]:
+        assert f"`{tool}`" in text, tool  # nonlinear registration (fnirt, applywarp) by default
     assert any("FSLDIR" in p for p in problems) and any("FSLOUTPUTTYPE" in p for p in problems)
-    nonlinear = "\n".join(T.fsl_problems(env, {"preprocessing": {"anat": {"registration": "nonlinear"},
-                                                                  "fsl": {"dwi_correction": "eddy"}}}))
-    assert "`fnirt`" in nonlinear and "`applywarp`" in nonlinear
-    assert "`eddy` or `eddy_cpu` or `eddy_openmp`" in nonlinear and "`eddy_correct`" not in nonlinear
+    affine = "\n".join(T.fsl_problems(env, {"preprocessing": {"anat": {"registration": "affine"},
+                                                               "fsl": {"dwi_correction": "eddy"}}}))
+    assert "fnirt" not in affine and "applywarp" not in affine
+    assert "`eddy` or `eddy_cpu` or `eddy_openmp`" in affine and "`eddy_correct`" not in affine
     for word in ("--use-conda", "envs/fsl.yaml", "FSLDIR", "backend: python"):
         assert word in T.FSL_FIX
 
@@ -688,7 +687,8 @@ def test_stages_run_end_to_end_with_stand_in_fsl_tools(tmp_path, monkeypatch):
     files = mni_subject(tmp_path / "my data" / "raw input")
     out = tmp_path / "my data" / "out put"
     o = {k: paths.derivative(out, "01", k) for k in paths.OUTPUTS if not k.startswith("qc_")}
-    cfg = {"preprocessing": {"backend": "fsl", "dwi": {"b0_threshold": 50, "fit_method": "WLS"},
+    cfg = {"preprocessing": {"backend": "fsl", "anat": {"registration": "affine"},  # fnirt has no stand-in
+                             "dwi": {"b0_threshold": 50, "fit_method": "WLS"},
                              "func": {"dummy_scans": 4, "band_hz": [0.01, 0.08], "nuisance": ["motion", "wm", "csf"]},
                              "fsl": {"bet_frac": 0.4, "bet_gradient": 0.0, "bet_robust": True,
                                      "dwi_correction": "eddy_correct"}}}

@@ -50,11 +50,11 @@ def test_memory_figures_see_a_grandchild(tmp_path: Path) -> None:
 def test_small_run_writes_the_record(tmp_path: Path) -> None:
     out = tmp_path / "realsize.json"
     # the anat stage only (the others are measured the same way; CI time): the record's whole schema
-    realsize.main(["--small", "--no-scanner-fov", "--stages", "anat", "--workdir", str(tmp_path / "work"),
-                   "--out", str(out)])
+    realsize.main(["--small", "--no-scanner-fov", "--stages", "anat", "--registration", "affine",
+                   "--workdir", str(tmp_path / "work"), "--out", str(out)])
     rec = json.loads(out.read_text())
     assert not (tmp_path / "work").exists()  # removed without --keep
-    assert rec["size"] == "small" and rec["cores"] == 2 and rec["machine"]["cores"]
+    assert rec["size"] == "small" and rec["cores"] == 2 and rec["machine"]["cores"] and rec["registration"] == "affine"
     assert list(rec["subjects"]) == ["template_fov"]  # the padding has its own test above
     for name, sub in rec["subjects"].items():
         assert list(sub["stages"]) == ["anat"] == rec["stages_run"]

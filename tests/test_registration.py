@@ -248,6 +248,7 @@ def test_affine_at_2mm_is_accurate_and_fast():
 
 
 def test_nonlinear_beats_affine_on_a_smooth_warp(tpl4):
+    kind = "nonlinear"  # (bspline, kept for comparison, is measured by bench/registration.py)
     img, mask = tpl4
     d = np.asarray(img.dataobj)
     # A smooth displacement (amplitude 5 mm, wavelength ~ the brain) no affine can undo.
@@ -257,16 +258,27 @@ def test_nonlinear_beats_affine_on_a_smooth_warp(tpl4):
     warped = ndimage.map_coordinates(d, [g[0] + u, g[1], g[2] + v], order=1)
     moving = new_image(warped, img.affine)
     fmask = new_image(ndimage.binary_dilation(mask, iterations=2), img.affine, dtype=np.uint8)
-    res = {}
-    for kind in ("affine", "nonlinear"):
-        tf = reg.register(img, moving, kind=kind, metric="corr", fixed_mask=fmask, shrink=(2, 1),
-                          bspline_spacing_mm=40.0)
+    # The truth: moving(y) = img(y + w(y)), so the fixed voxel x matches the moving voxel y with y + w(y) = x.
+    ijk = np.argwhere(mask).astype(float)
+    y = ijk.copy()
+    for _ in range(30):  # fixed-point iteration, |grad w| < 0.2
+        y = ijk - np.stack([ndimage.map_coordinates(u, y.T, order=1), np.zeros(len(y)),
+                            ndimage.map_coordinates(v, y.T, order=1)], axis=1)
+    xyz, truth = nib.affines.apply_affine(img.affine, ijk), nib.affines.apply_affine(img.affine, y)
+    res, err = {}, {}
+    for k in ("affine", kind):
+        tf = reg.register(img, moving, kind=k, metric="corr", fixed_mask=fmask, shrink=(2, 1),
+                          bspline_spacing_mm=40.0, demons_iterations=(60, 30))
         out = np.asarray(reg.resample(moving, img, tf).dataobj)
-        res[kind] = np.corrcoef(out[mask], d[mask])[0, 1]
+        res[k] = np.corrcoef(out[mask], d[mask])[0, 1]
+        est = np.array([tf.TransformPoint(tuple(p)) for p in xyz * [-1, -1, 1]]) * [-1, -1, 1]
+        err[k] = float(np.linalg.norm(est - truth, axis=1).mean())
     assert isinstance(tf, sitk.CompositeTransform)
-    # Thresholds: the B-spline stage must remove a clear part of the mismatch the affine leaves.
-    assert res["nonlinear"] > res["affine"] + 0.02, res
-    assert (1 - res["nonlinear"]) < 0.6 * (1 - res["affine"]), res
+    # The nonlinear stage must remove a clear part of the mismatch the affine leaves. Measured (4 mm voxels):
+    # mean error affine 1.7 mm, B-spline 0.44, demons 0.84 (one global mode of the brain's size is the B-spline's
+    # best case; on the synthetic cohort's shapes demons win, bench/registration.py).
+    assert res[kind] > res["affine"] + 0.02, res
+    assert err[kind] < 0.6 * err["affine"], err
 
 
 def test_register_rejects_bad_arguments(tpl4):

@@ -155,7 +155,8 @@ def test_anat_stage_on_slurm_matches_local_run(slurm_env: dict[str, str], synth_
     cluster = tmp_path / "app"
     t1 = time.monotonic()
     res = run_bounded([sys.executable, "-m", "neuromoe.cli", bids, cluster, "participant",
-                       "--participant-label", *subjects, "--profile", "profiles/slurm", "--cores", str(cpus),
+                       "--participant-label", *subjects, "--registration", "affine",  # the local run's (config.yaml)
+                       "--profile", "profiles/slurm", "--cores", str(cpus),
                        "--until", "anat", "--resources", f"mem_mb={min(mem_mb, 32000)}",
                        "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5",
                        "--slurm-keep-successful-logs"], timeout=TIMEOUT_S, env=slurm_env)

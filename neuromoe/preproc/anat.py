@@ -17,8 +17,9 @@ the native T1w grid:
    prior; non-brain: tissue within 12 mm outside it), then the largest component, a closing
    and hole filling. Contrast-agnostic (no T1 intensity assumptions), so it also works on T2/b=0.
 
-``register_to_mni`` then registers the extracted brain to the template brain (affine, or affine +
-B-spline) and resamples brain and mask onto the template's 2 mm grid (99 x 117 x 95).
+``register_to_mni`` then registers the extracted brain to the template brain (affine, or affine + a dense
+displacement field: ``registration.dense_warp``) and resamples brain and mask onto the template's 2 mm grid
+(99 x 117 x 95).
 All transforms follow registration.py's ITK convention; ``anat_xfm`` maps MNI points to T1w points.
 ``write_outputs`` writes the stage's files for both backends (docs/preprocessing.md).
 """
@@ -287,15 +288,17 @@ def register_to_mni(brain_img: nib.Nifti1Image, mask_img: nib.Nifti1Image, kind:
                     threads: int | None = None) -> tuple[sitk.Transform, nib.Nifti1Image, nib.Nifti1Image]:
     """Register an extracted T1w brain (native grid) to the MNI template brain.
 
-    kind: ``affine`` (12 dof) or ``nonlinear`` (affine + cubic B-spline, 40 mm control points).
+    kind: ``affine`` (12 dof), ``nonlinear`` (affine + a dense displacement field on the template's 2 mm grid:
+    bias-corrected demons, ``registration.dense_warp``) or ``bspline`` (affine + cubic B-spline with 40 mm
+    control points: the former ``nonlinear``, kept for comparison; bench/registration.py measures all three).
     ``initial``: a linear MNI -> T1w transform to start from (e.g. ``BrainExtraction.template_to_t1w``);
     otherwise the brains' centres of mass are aligned.
     Returns (transform, brain_mni, mask_mni): the transform maps MNI points (LPS mm) to T1w points (ITK,
     use ``registration.resample(t1w_space_img, template, transform)``); brain (float32, linear) and mask
     (uint8, linear > 0.5) on the template's 2 mm grid (99 x 117 x 95).
     """
-    if kind not in ("affine", "nonlinear"):
-        raise ValueError(f"kind must be affine or nonlinear, got {kind!r}")
+    if kind not in ("affine", "nonlinear", "bspline"):
+        raise ValueError(f"kind must be affine, nonlinear or bspline, got {kind!r}")
     sub = _sub(subject)
     mask = np.asarray(mask_img.dataobj) > 0
     if mask.shape != brain_img.shape[:3] or not mask.any():
@@ -309,7 +312,7 @@ def register_to_mni(brain_img: nib.Nifti1Image, mask_img: nib.Nifti1Image, kind:
     tf = _register(tpl_brain, moving, kind, new_image(rim, tpl.affine, dtype=np.uint8), initial, sub, threads)
     if kind == "affine":
         tf = reg.flatten_linear(tf)
-    check_affine(tf if kind == "affine" else tf.GetNthTransform(0), sub)  # the B-spline's affine part
+    check_affine(tf if kind == "affine" else tf.GetNthTransform(0), sub)  # a composite's affine part
     brain_mni = reg.resample(brain_img, tpl, tf, interp="linear", threads=threads)
     soft = reg.resample(new_image(mask, mask_img.affine), tpl, tf, interp="linear", threads=threads)
     mask_mni = new_image(np.asarray(soft.dataobj) > 0.5, tpl.affine, dtype=np.uint8)

@@ -48,12 +48,12 @@ FSL_FIX = (
 # ----------------------------------------------------------------------------------------------------------------
 # The environment check
 # ----------------------------------------------------------------------------------------------------------------
-def required_tools(fsl: FslConfig | None = None, stage: str | None = None, registration: str = "affine"
+def required_tools(fsl: FslConfig | None = None, stage: str | None = None, registration: str = "nonlinear"
                    ) -> list[tuple[tuple[str, ...], str]]:
     """The FSL programs a run needs: (alternatives, what for), for one stage (anat, dwi, func) or all of them.
 
     ``fsl``: ``preprocessing.fsl`` (its ``dwi_correction``); ``registration``: ``preprocessing.anat.registration``
-    (nonlinear adds fnirt and applywarp).
+    (nonlinear, the default, adds fnirt and applywarp).
     """
     correction = fsl.dwi_correction if fsl is not None else "eddy_correct"
     tools_ = ("eddy_correct",) if correction == "eddy_correct" else EDDY_COMMANDS
