@@ -10,7 +10,7 @@ the full model's gate weights by each subject's true latent profile, and the sec
 One design is one piece; pieces are resumable and merged into one results file::
 
     python bench/generality.py run --design-seed 11 [--subjects 180] [--workdir /scratch/gen] [--cores 2] \\
-        [--set train.epochs=80 model.pooling=max]
+        [--shape-mm 3] [--set train.epochs=80 model.pooling=max]
     python bench/generality.py report            # the README's markdown table from the results file
 
 Layout under ``--workdir`` (default /tmp/neuromoe_generality): ``cohorts/design-<S>_n<N>/`` (the BIDS cohort,
@@ -19,6 +19,10 @@ shared by every setting of that design and size, written once) and ``design-<S>_
 the same command continues where it stopped (Snakemake reruns only what is missing or incomplete). A new
 ``--set`` that leaves the preprocessing and cache settings alone starts from hard links to the derivatives
 and cache of another folder of the same design and size, so tuning training settings costs only training.
+
+``--shape-mm 3``: the same design with subjects whose anatomy differs from the template (a smooth warp, RMS
+3 mm; docs/synthetic_cohort.md: Shape), registered nonlinearly; its own cohort and folders (``design-11-shape3_n180``),
+its own entries and pooled line.
 
 Results: ``bench/results/generality.json`` (``--out`` elsewhere), one entry per (design seed, subjects,
 overrides), replaced only by a rerun of that piece, written atomically under a file lock; the pooled
@@ -80,11 +84,19 @@ def cohort_seed(design_seed: int | None) -> int:
     return DEMO_COHORT_SEED if design_seed is None else 1000 + int(design_seed)
 
 
-def design_params(design_seed: int | None):
-    """``SynthParams`` of a design (None: the demo's design)."""
+def design_params(design_seed: int | None, shape_mm: float = 0.0):
+    """``SynthParams`` of a design (None: the demo's design); ``shape_mm`` > 0: each subject's anatomy differs
+    from the template by a smooth warp of that RMS size (``SynthParams.shape_mm``; 0: template-shaped brains)."""
     from neuromoe.inputs.synth import SynthParams
 
-    return SynthParams() if design_seed is None else SynthParams(design_seed=design_seed)
+    return SynthParams(design_seed=design_seed, shape_mm=float(shape_mm))
+
+
+def design_token(design_seed: int | None, shape_mm: float = 0.0) -> str:
+    """``11``, ``demo``; ``11-shape3`` for a cohort with shape (another cohort, so another folder prefix: its
+    pieces never reuse a template-shaped cohort's preprocessing)."""
+    token = "demo" if design_seed is None else str(design_seed)
+    return f"{token}-shape{float(shape_mm):g}" if shape_mm else token
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -115,14 +127,17 @@ def apply_overrides(cfg: dict, overrides: dict[str, Any]) -> dict:
     return cfg
 
 
-def piece_config(bids_dir: Path, overrides: dict[str, Any]) -> dict:
+def piece_config(bids_dir: Path, overrides: dict[str, Any], shape_mm: float = 0.0) -> dict:
     """The workflow config of a piece: the repository's config.yaml (the demo's settings), pointed at the
     cohort, no generation, the benchmark's variants and split protocol (5 folds x 2 seeds), no lambda sweep,
-    the logistic baseline, then ``--set``."""
+    the logistic baseline, for a cohort with shape the workflow's default registration (nonlinear: config.yaml's
+    affine is for template-shaped brains), then ``--set``."""
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["bids_dir"], cfg["output_dir"] = str(bids_dir), "results"
     cfg.setdefault("synthetic", {})["generate"] = False
     cfg["evaluation"].update({"variants": list(VARIANTS), "lambda_sweep": [], "baseline": "logreg", **PROTOCOL})
+    if shape_mm:
+        cfg.setdefault("preprocessing", {}).setdefault("anat", {})["registration"] = "nonlinear"
     return apply_overrides(cfg, overrides)
 
 
@@ -137,14 +152,15 @@ def effective_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (overrides or {}).items() if _pick(base, k) != v}
 
 
-def piece_name(design_seed: int | None, n_subjects: int, overrides: dict[str, Any] | None = None) -> str:
-    name = f"design-{'demo' if design_seed is None else design_seed}_n{n_subjects}"
+def piece_name(design_seed: int | None, n_subjects: int, overrides: dict[str, Any] | None = None,
+               shape_mm: float = 0.0) -> str:
+    name = f"design-{design_token(design_seed, shape_mm)}_n{n_subjects}"
     if overrides:
         name += "_" + hashlib.sha256(overrides_tag(overrides).encode()).hexdigest()[:8]
     return name
 
 
-def write_cohort(bids: Path, n_subjects: int, design_seed: int | None, n_jobs: int) -> bool:
+def write_cohort(bids: Path, n_subjects: int, design_seed: int | None, n_jobs: int, shape_mm: float = 0.0) -> bool:
     """Write the design's cohort to ``bids`` unless it is there. It is written into a sibling folder and
     renamed when complete, so an interrupted write is redone, never taken for a cohort. Returns whether
     it wrote."""
@@ -155,7 +171,7 @@ def write_cohort(bids: Path, n_subjects: int, design_seed: int | None, n_jobs: i
     partial = bids.with_name(bids.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    make_cohort(partial, n_subjects, seed=cohort_seed(design_seed), params=design_params(design_seed),
+    make_cohort(partial, n_subjects, seed=cohort_seed(design_seed), params=design_params(design_seed, shape_mm),
                 n_jobs=n_jobs)
     partial.rename(bids)
     return True
@@ -493,27 +509,29 @@ def current_setting(overrides: dict | None = None) -> dict[str, Any]:
 
 def entry_key(entry: dict) -> tuple:
     return (entry["design_seed"], int(entry["n_subjects"]), overrides_tag(entry.get("config_overrides") or {}),
-            entry_setting(entry)["tag"])
+            entry_setting(entry)["tag"], float(entry.get("shape_mm") or 0.0))
 
 
 def pooled_difference(designs: Sequence[dict], n_subjects: int = DEFAULT_SUBJECTS,
-                      overrides: dict | None = None, setting: str | None = None) -> dict[str, Any]:
-    """Full - no_gate over the finished held-out designs of one setting (subjects, overrides, and the
-    training setting tag: config.yaml's now when None): a 95 % t-interval over the per-design mean
-    differences (designs as the unit, so split correlation within a design does not narrow it)."""
+                      overrides: dict | None = None, setting: str | None = None,
+                      shape_mm: float = 0.0) -> dict[str, Any]:
+    """Full - no_gate over the finished held-out designs of one setting (subjects, overrides, the training
+    setting tag: config.yaml's now when None, and the cohorts' shape): a 95 % t-interval over the per-design
+    mean differences (designs as the unit, so split correlation within a design does not narrow it)."""
     tag = overrides_tag(effective_overrides(overrides))
     setting = setting or current_setting(overrides)["tag"]
     rows = [d for d in designs if d.get("finished") and d["design_seed"] in HELDOUT_DESIGN_SEEDS
             and int(d["n_subjects"]) == n_subjects
             and overrides_tag(effective_overrides(d.get("config_overrides"))) == tag
-            and entry_setting(d)["tag"] == setting
+            and entry_setting(d)["tag"] == setting and float(d.get("shape_mm") or 0.0) == float(shape_mm)
             and (d.get("paired_full_minus_no_gate") or {}).get("mean") is not None]
     rows.sort(key=lambda d: d["design_seed"])
     s = summarise([d["paired_full_minus_no_gate"]["mean"] for d in rows])
     return {"mean": _finite(s.mean), "ci_low": _finite(s.ci_low), "ci_high": _finite(s.ci_high),
             "n_designs": len(rows), "design_seeds": [d["design_seed"] for d in rows],
             "designs_full_wins": sum(d["paired_full_minus_no_gate"]["mean"] > 0 for d in rows),
-            "n_subjects": n_subjects, "config_overrides": overrides or {}, "setting": setting}
+            "n_subjects": n_subjects, "config_overrides": overrides or {}, "setting": setting,
+            **({"shape_mm": float(shape_mm)} if shape_mm else {})}
 
 
 def merge_results(results: dict | None, entry: dict, meta: dict | None = None) -> dict:
@@ -530,10 +548,11 @@ def merge_results(results: dict | None, entry: dict, meta: dict | None = None) -
     out["heldout_design_seeds"], out["tuning_design_seeds"] = list(HELDOUT_DESIGN_SEEDS), list(TUNING_DESIGN_SEEDS)
     out["pooled_full_minus_no_gate"] = pooled_difference(designs)
     settings = {(int(d["n_subjects"]), overrides_tag(effective_overrides(d.get("config_overrides"))),
-                 entry_setting(d)["tag"] or ""): effective_overrides(d.get("config_overrides"))
+                 entry_setting(d)["tag"] or "", float(d.get("shape_mm") or 0.0)):
+                effective_overrides(d.get("config_overrides"))
                 for d in designs if d["design_seed"] in HELDOUT_DESIGN_SEEDS}
-    out["pooled_by_setting"] = [pooled_difference(designs, n, ov, tag or None)
-                                for (n, _, tag), ov in sorted(settings.items())]
+    out["pooled_by_setting"] = [pooled_difference(designs, n, ov, tag or None, shape)
+                                for (n, _, tag, shape), ov in sorted(settings.items())]
     return out
 
 
@@ -556,16 +575,16 @@ def _say(tag: str, msg: str) -> None:
 
 
 def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: int, overrides: dict[str, Any],
-              out: Path) -> dict:
+              out: Path, shape_mm: float = 0.0) -> dict:
     """Cohort, workflow (preprocessing + cache, training, evaluation), oracle, analysis; merged into ``out``."""
     from neuromoe.config import validate_config
     from neuromoe.errors import NeuroMoEError
 
     meta = machine()  # before this run adds its own load
-    tag = f"design {'demo' if design_seed is None else design_seed}, {n_subjects} subjects"
-    cohort = workdir / "cohorts" / piece_name(design_seed, n_subjects)
-    wf = workdir / piece_name(design_seed, n_subjects, overrides)
-    cfg = piece_config(cohort, overrides)
+    tag = f"design {design_token(design_seed, shape_mm)}, {n_subjects} subjects"
+    cohort = workdir / "cohorts" / piece_name(design_seed, n_subjects, shape_mm=shape_mm)
+    wf = workdir / piece_name(design_seed, n_subjects, overrides, shape_mm)
+    cfg = piece_config(cohort, overrides, shape_mm)
     validate_config(yaml.safe_load(yaml.safe_dump(cfg)))  # every problem of the --set values now, not later
     wf.mkdir(parents=True, exist_ok=True)
     state_path, log = wf / "generality_state.json", wf / "snakemake.log"
@@ -582,7 +601,7 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
         try:
             with locked(cohort.with_name(cohort.name + ".lock")):  # pieces of one design share the cohort
                 _say(tag, f"cohort -> {cohort}")
-                wrote = write_cohort(cohort, n_subjects, design_seed, n_jobs=cores)
+                wrote = write_cohort(cohort, n_subjects, design_seed, n_jobs=cores, shape_mm=shape_mm)
         finally:
             spend("cohort", t0)
         _say(tag, f"cohort {'written' if wrote else 'present'} ({seconds['cohort']:.0f} s)")
@@ -612,7 +631,7 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
             _say(tag, "oracle (no images)")
             t0 = time.perf_counter()
             try:
-                orc = oracle(n_subjects, design_params(design_seed), data_seed=cohort_seed(design_seed),
+                orc = oracle(n_subjects, design_params(design_seed, shape_mm), data_seed=cohort_seed(design_seed),
                              verbose=False, **protocol)
                 state["oracle"] = {"protocol": protocol, "result": orc}
             finally:
@@ -633,6 +652,8 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
         design = None
     entry = {
         "design_seed": design_seed, "n_subjects": n_subjects, "config_overrides": overrides,
+        **({"shape_mm": float(shape_mm),
+            "registration": cfg["preprocessing"]["anat"]["registration"]} if shape_mm else {}),
         "heldout": design_seed in HELDOUT_DESIGN_SEEDS, "cohort_seed": cohort_seed(design_seed),
         "workdir": str(wf), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "splits": split_ids(cfg), "balanced_accuracy": mean, "balanced_accuracy_sd": sd,
@@ -712,7 +733,7 @@ def report(results: dict) -> str:
     now = current_setting()
     main = [d for d in designs if d["design_seed"] in HELDOUT_DESIGN_SEEDS
             and int(d["n_subjects"]) == DEFAULT_SUBJECTS and not effective_overrides(d.get("config_overrides"))
-            and entry_setting(d)["tag"] == now["tag"]]
+            and entry_setting(d)["tag"] == now["tag"] and not d.get("shape_mm")]
     lines = [f"Test balanced accuracy (%), mean over splits; held-out designs, {DEFAULT_SUBJECTS} subjects, "
              f"the repository's config.yaml ({now['encoder']} experts, gate_fit {now['gate_fit']}):", "", head, sep]
     lines += [row(d, str(d["design_seed"])) for d in main]
@@ -724,6 +745,8 @@ def report(results: dict) -> str:
         lines += ["", "Other entries (not held out, or another size or setting):", "", head, sep]
         for d in rest:
             label = f"{'demo' if d['design_seed'] is None else d['design_seed']}, n {d['n_subjects']}"
+            if d.get("shape_mm"):
+                label += f", shape {d['shape_mm']:g} mm ({d.get('registration', 'nonlinear')} registration)"
             if d["design_seed"] in TUNING_DESIGN_SEEDS:
                 label += ", tuning"
             if d.get("config_overrides"):
@@ -755,6 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cores", type=int, default=2)
     r.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, dotted keys and YAML values (cache.grid=[16,16,16] train.epochs=3)")
+    r.add_argument("--shape-mm", type=float, default=0.0,
+                   help="subjects' anatomy differs from the template by a smooth warp of this RMS size (mm; "
+                        "SynthParams.shape_mm); the workflow then registers nonlinearly. 0: template-shaped")
     r.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p = sub.add_parser("report", help="print the README's markdown table from the results file")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -774,7 +800,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.overrides)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    run_piece(args.design_seed, args.subjects, args.workdir.resolve(), args.cores, overrides, args.out.resolve())
+    run_piece(args.design_seed, args.subjects, args.workdir.resolve(), args.cores, overrides, args.out.resolve(),
+              args.shape_mm)
     return 0
 
 

@@ -75,6 +75,11 @@ def test_piece_config_is_the_repository_config_with_the_protocol(gen, tmp_path: 
     assert targets["evaluation"] == ["results/evaluation/ablation.tsv"]
     assert gen.piece_name(11, 180) == "design-11_n180" and gen.piece_name(None, 9) == "design-demo_n9"
     assert gen.piece_name(11, 180, {"train.epochs": 3}) != gen.piece_name(11, 180, {"train.epochs": 4})
+    # a design with shape: its own cohort and folders, registered nonlinearly (config.yaml's demo: affine)
+    assert gen.piece_name(11, 60, shape_mm=3) == "design-11-shape3_n60"
+    assert gen.piece_config(tmp_path, {}, shape_mm=3)["preprocessing"]["anat"]["registration"] == "nonlinear"
+    assert cfg["preprocessing"]["anat"]["registration"] == "affine"
+    assert gen.design_params(11, 3).shape_mm == 3 and gen.design_params(11).shape_mm == 0
     assert gen.cohort_seed(None) == 42 and gen.cohort_seed(11) != gen.cohort_seed(12)
     argv = gen.snakemake_argv(tmp_path, 2, ["a"])
     assert argv[1:] == ["--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
@@ -162,11 +167,13 @@ def test_oracle_cohort_is_in_the_workflows_subject_order(gen) -> None:
 
 
 # --- results file ----------------------------------------------------------------------------------------
-def _entry(seed, diff: float, n: int = 180, overrides: dict | None = None, config: dict | None = None) -> dict:
+def _entry(seed, diff: float, n: int = 180, overrides: dict | None = None, config: dict | None = None,
+           shape_mm: float = 0.0) -> dict:
     import generality
 
-    config = config or generality.piece_config(Path("bids"), overrides or {})
+    config = config or generality.piece_config(Path("bids"), overrides or {}, shape_mm)
     return {"design_seed": seed, "n_subjects": n, "config_overrides": overrides or {}, "finished": True,
+            **({"shape_mm": shape_mm, "registration": "nonlinear"} if shape_mm else {}),
             "config": config, "setting": generality.setting_of(config),
             "balanced_accuracy": {"full": 0.5 + diff, "no_gate": 0.5, "baseline": 0.4},
             "oracle": {"full": {"test_balanced_accuracy_mean": 0.8}, "no_gate": {"test_balanced_accuracy_mean": 0.7}},
@@ -185,21 +192,25 @@ def test_results_merge_replaces_only_the_pieces_own_entry(gen, tmp_path: Path) -
     gen.write_results(out, _entry(None, 0.11))                       # the demo: never pooled
     earlier = gen.piece_config(Path("bids"), {"model.encoder": "vit", "train.gate_fit": "crossfit"})
     gen.write_results(out, _entry(h[1], 0.30, config=earlier))      # run before config.yaml changed: kept apart
+    gen.write_results(out, _entry(h[1], 0.20, shape_mm=3))           # the design with shape: its own entry
     r = gen.write_results(out, _entry(h[0], 0.04), {"cpu": "b"})     # rerun of the first piece
     assert json.loads(out.read_text()) == r
     assert [p.name for p in out.parent.iterdir()] == ["generality.json"]  # no temporary or lock file left
-    assert len(r["designs"]) == 7 and r["machine"] == {"cpu": "b"}
+    assert len(r["designs"]) == 8 and r["machine"] == {"cpu": "b"}
     assert [d["paired_full_minus_no_gate"]["mean"] for d in r["designs"] if d["design_seed"] == h[0]] == [0.04]
     p = r["pooled_full_minus_no_gate"]
     assert p["n_designs"] == 2 and p["design_seeds"] == [h[0], h[1]] and p["mean"] == pytest.approx(0.03)
     half = stats.t.ppf(0.975, 1) * np.std([0.04, 0.02], ddof=1) / math.sqrt(2)
     assert p["ci_low"] == pytest.approx(0.03 - half) and p["designs_full_wins"] == 2
-    assert len(r["pooled_by_setting"]) == 4
+    assert len(r["pooled_by_setting"]) == 5
+    shaped = [q for q in r["pooled_by_setting"] if q.get("shape_mm") == 3]
+    assert len(shaped) == 1 and shaped[0]["design_seeds"] == [h[1]] and shaped[0]["mean"] == pytest.approx(0.20)
 
     table = gen.report(r)
     assert "an earlier config.yaml: vit experts, gate_fit crossfit" in table and "+30.0" not in table.split("Other")[0]
     assert f"| {h[0]} | 54.0 | 50.0 |" in table and "| 80.0 / 70.0 | +4.0 [-1.0, 9.0] | not shown |" in table
     assert "**pooled** (2 designs; full better in 2)" in table and "tuning" in table and "demo, n 180" in table
+    assert f"{h[1]}, n 180, shape 3 mm (nonlinear registration)" in table.split("Other")[1]
 
 
 def test_results_write_is_atomic(gen, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,6 +262,10 @@ def test_a_new_setting_reuses_the_preprocessing_of_the_same_design(gen, tmp_path
     grid = tmp_path / gen.piece_name(11, 9, {"cache.grid": [16, 16, 16]})
     assert gen.reusable_preprocessing(grid, gen.piece_config(bids, {"cache.grid": [16, 16, 16]})) is None
     assert gen.reusable_preprocessing(tmp_path / gen.piece_name(12, 9), gen.piece_config(bids, {})) is None
+    # the same design with shape is another cohort: never the template-shaped one's preprocessing
+    shaped = tmp_path / gen.piece_name(11, 9, {"preprocessing.anat.registration": "affine"}, shape_mm=3)
+    assert gen.reusable_preprocessing(shaped, gen.piece_config(bids, {"preprocessing.anat.registration": "affine"},
+                                                               shape_mm=3)) is None
 
     # A folder written before a key existed matches when the key's default is the new config's value.
     older = yaml.safe_load(yaml.safe_dump(cfg))
