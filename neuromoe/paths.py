@@ -9,7 +9,7 @@ dataset without ``ses-`` folders keeps the names (and bytes) it always had.
 Example::
 
     >>> derivative("results", "01", "dwi_fa_mni")
-    'results/derivatives/neuromoe/sub-01/dwi/sub-01_space-MNI152NLin2009aSym_model-DTI_param-FA_dwimap.nii.gz'
+    'results/derivatives/neuromoe/sub-01/dwi/sub-01_space-MNI152NLin2009aSym_model-tensor_param-fa_dwimap.nii.gz'
     >>> derivative("results", "01", "anat_mask", session="2")
     'results/derivatives/neuromoe/sub-01/ses-2/anat/sub-01_ses-2_desc-brain_mask.nii.gz'
 """
@@ -43,35 +43,48 @@ OUTPUTS: dict[str, tuple[str, dict[str, str], str, str]] = {
     "dwi_mask": ("dwi", {"desc": "brain"}, "mask", ".nii.gz"),
     "dwi_motion": ("dwi", {"desc": "motion"}, "timeseries", ".tsv"),
     "dwi_xfm": ("dwi", {"from": "dwi", "to": "T1w", "mode": "image"}, "xfm", ".txt"),
-    **{f"dwi_{p.lower()}": ("dwi", {"model": "DTI", "param": p}, "dwimap", ".nii.gz")
-       for p in ("FA", "MD", "AD", "RD")},
-    **{f"dwi_{p.lower()}_mni": ("dwi", {**_M, "model": "DTI", "param": p}, "dwimap", ".nii.gz")
-       for p in ("FA", "MD", "AD", "RD")},
+    # BEP016 (diffusion derivatives, as QSIRecon writes them): model-tensor, lowercase param labels
+    **{f"dwi_{p}": ("dwi", {"model": "tensor", "param": p}, "dwimap", ".nii.gz") for p in ("fa", "md", "ad", "rd")},
+    **{f"dwi_{p}_mni": ("dwi", {**_M, "model": "tensor", "param": p}, "dwimap", ".nii.gz")
+       for p in ("fa", "md", "ad", "rd")},
     # func
     "func_preproc": ("func", {"task": "rest", "desc": "preproc"}, "bold", ".nii.gz"),
     "func_mask": ("func", {"task": "rest", "desc": "brain"}, "mask", ".nii.gz"),
     "func_confounds": ("func", {"task": "rest", "desc": "confounds"}, "timeseries", ".tsv"),
     "func_xfm": ("func", {"task": "rest", "from": "bold", "to": "T1w", "mode": "image"}, "xfm", ".txt"),
-    **{f"func_{s.lower()}": ("func", {"task": "rest", "stat": s}, "boldmap", ".nii.gz")
-       for s in ("fALFF", "ReHo")},
-    **{f"func_{s.lower()}_mni": ("func", {"task": "rest", **_M, "stat": s}, "boldmap", ".nii.gz")
-       for s in ("fALFF", "ReHo")},
+    # XCP-D's BOLD maps (stat-alff, stat-reho, lowercase); fALFF, which XCP-D has not, as stat-falff
+    **{f"func_{s}": ("func", {"task": "rest", "stat": s}, "boldmap", ".nii.gz") for s in ("falff", "reho")},
+    **{f"func_{s}_mni": ("func", {"task": "rest", **_M, "stat": s}, "boldmap", ".nii.gz") for s in ("falff", "reho")},
     # QC figures (fMRIPrep puts them in sub-X/figures/)
     "qc_anat_mask": ("figures", {"desc": "brainmask"}, "T1w", ".png"),
     "qc_anat_reg": ("figures", {**_M, "desc": "reg"}, "T1w", ".png"),
-    "qc_dwi_fa": ("figures", {"model": "DTI", "desc": "maps"}, "dwi", ".png"),
+    "qc_dwi_fa": ("figures", {"model": "tensor", "desc": "maps"}, "dwi", ".png"),
     "qc_dwi_motion": ("figures", {"desc": "motion"}, "dwi", ".png"),
     "qc_func_maps": ("figures", {"task": "rest", "desc": "maps"}, "bold", ".png"),
     "qc_func_motion": ("figures", {"task": "rest", "desc": "motion"}, "bold", ".png"),
 }
 
 
+# Every image has a JSON sidecar (BIDS-derivatives: Sources, SkullStripped, Units, the model's parameters, ...),
+# written by the same job: key ``<image key>_json``, the image's name with ``.json`` (neuromoe.preproc.sidecars).
+IMAGE_KEYS: tuple[str, ...] = tuple(k for k, v in OUTPUTS.items() if v[3] == ".nii.gz")
+OUTPUTS.update({f"{k}_json": (*OUTPUTS[k][:3], ".json") for k in IMAGE_KEYS})
+
+
+def sidecar_key(key: str) -> str:
+    """The key of an image output's JSON sidecar (``dwi_fa_mni`` -> ``dwi_fa_mni_json``)."""
+    return f"{key}_json"
+
+
 # The motion-corrected 4D series (and the DWI's rotated gradients): only the maps computed in the same job use
 # them, so they are written only with ``preprocessing.keep_series`` (a stage skips a key it is not given).
-SERIES: tuple[str, ...] = ("dwi_preproc", "dwi_bval", "dwi_bvec", "func_preproc")
+SERIES: tuple[str, ...] = ("dwi_preproc", "dwi_bval", "dwi_bvec", "func_preproc", "dwi_preproc_json",
+                           "func_preproc_json")
 
 
-FUNC_MAP_KEYS = {m: (f"func_{m.lower()}", f"func_{m.lower()}_mni") for m in ("fALFF", "ReHo")}
+# config name of a BOLD map (cache.func_maps) -> its output keys (native, MNI, and their sidecars)
+FUNC_MAP_KEYS = {m: (f"func_{m.lower()}", f"func_{m.lower()}_mni", f"func_{m.lower()}_json",
+                     f"func_{m.lower()}_mni_json") for m in ("fALFF", "ReHo")}
 
 
 def stage_outputs(prefix: str, keep_series: bool = False, func_maps: Sequence[str] | None = None) -> list[str]:

@@ -49,6 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 E2E_SUBJECTS = 9  # 3 per group: the fewest a stratified 3-fold CV with a validation part accepts
 E2E_CONFIG = {
     "synthetic": {"generate": False},
+    # the demo's (config.yaml's): the synthetic brains have the template's shape; the default, nonlinear, is
+    # tested on its own (test_stage_contract, test_registration_truth) and measured (bench/registration.py)
+    "preprocessing": {"anat": {"registration": "affine"}},
     "cache": {"grid": [16, 16, 16]},
     "model": {"dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2, "clin_hidden": [16, 8], "expert_hidden": 16,
               "gate_hidden": 8},

@@ -395,8 +395,8 @@ def test_subject_maps_and_paths_follow_the_config(tmp_path: Path) -> None:
     maps = C.subject_maps("results", "07", CFG)
     assert maps["anat"] == [paths.derivative("results", "07", "anat_brain_mni")]
     assert [Path(p).name for p in maps["dwi"]] == [
-        "sub-07_space-MNI152NLin2009aSym_model-DTI_param-FA_dwimap.nii.gz",
-        "sub-07_space-MNI152NLin2009aSym_model-DTI_param-MD_dwimap.nii.gz"]
+        "sub-07_space-MNI152NLin2009aSym_model-tensor_param-fa_dwimap.nii.gz",
+        "sub-07_space-MNI152NLin2009aSym_model-tensor_param-md_dwimap.nii.gz"]
     assert C._channel_names("func", maps["func"]) == ["fALFF", "ReHo"]
     sp = C.subject_paths(tmp_path, "07")
     assert sp["record"] == C.default_record_path({m: sp[m] for m in C.MODALITIES}, "07")

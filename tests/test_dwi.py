@@ -259,7 +259,8 @@ def stage_run(tissue, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dwi")
     rng = np.random.default_rng(7)
     inputs, truth, bvals = _write_subject(tmp, tissue, "01", rng)
-    keys = [k for k in paths.OUTPUTS if k.startswith(("dwi_", "qc_dwi_"))]
+    # (the JSON sidecars are run_stage's, not the stage function's)
+    keys = [k for k in paths.OUTPUTS if k.startswith(("dwi_", "qc_dwi_")) and not k.endswith("_json")]
     outputs = {k: paths.derivative(tmp / "out", "01", k) for k in keys}
     t0 = time.perf_counter()
     run_dwi(inputs, outputs, "01", CONFIG, threads=1)

@@ -22,10 +22,10 @@ from neuromoe.learn.splits import make_splits, split_rows, subject_table, write_
 # --- names ----------------------------------------------------------------------------------------------------
 def test_session_entity_and_folder_only_where_a_session_is_given() -> None:
     assert paths.derivative("out", "01", "dwi_fa_mni") == (
-        "out/derivatives/neuromoe/sub-01/dwi/sub-01_space-MNI152NLin2009aSym_model-DTI_param-FA_dwimap.nii.gz")
+        "out/derivatives/neuromoe/sub-01/dwi/sub-01_space-MNI152NLin2009aSym_model-tensor_param-fa_dwimap.nii.gz")
     assert paths.derivative("out", "01", "dwi_fa_mni", "2") == (
         "out/derivatives/neuromoe/sub-01/ses-2/dwi/"
-        "sub-01_ses-2_space-MNI152NLin2009aSym_model-DTI_param-FA_dwimap.nii.gz")
+        "sub-01_ses-2_space-MNI152NLin2009aSym_model-tensor_param-fa_dwimap.nii.gz")
     assert paths.raw("b", "01", "bold") == "b/sub-01/func/sub-01_task-rest_bold.nii.gz"
     assert paths.raw("b", "01", "bval", "1") == "b/sub-01/ses-1/dwi/sub-01_ses-1_dwi.bval"
     assert paths.derivative_pattern("o", "anat_mask") == "o/derivatives/neuromoe/sub-{subject}/anat/" \

@@ -104,7 +104,40 @@ def test_every_output_is_written_under_its_name(run):
     assert set(o) == set(paths.OUTPUTS)
     for key, path in o.items():
         assert Path(path).is_file() and Path(path).stat().st_size > 0, key
-    assert not [k for k in paths.OUTPUTS if paths.OUTPUTS[k][3] == ".json"]  # no JSON sidecars to check (yet)
+    assert {k for k in paths.OUTPUTS if paths.OUTPUTS[k][3] == ".json"} == {f"{k}_json" for k in paths.IMAGE_KEYS}
+
+
+def test_every_image_has_a_sidecar_a_reader_can_use(run, bids):
+    """BIDS-Derivatives sidecars, the same keys from both backends: Sources as BIDS URIs that resolve (raw files
+    under the raw dataset, our own files under the derivatives), a native image's SpatialReference, SkullStripped,
+    brain masks' Type, the tensor maps' Model and units, the BOLD maps' parameters."""
+    backend, o = run
+    root = Path(o["anat_mask"]).parents[2]  # derivatives/neuromoe
+    for key in paths.IMAGE_KEYS:
+        side = Path(o[f"{key}_json"])
+        assert side.name == Path(o[key]).name.replace(".nii.gz", ".json"), key
+        meta = json.loads(side.read_text())
+        assert meta["Sources"], key
+        for src in meta["Sources"]:
+            scheme, rel = src.rsplit(":", 1)
+            assert scheme in ("bids:", "bids:raw"), src
+            assert (bids / rel if scheme == "bids:raw" else root / rel).is_file(), (key, src)
+        assert meta["Description"], key
+        if "space" not in paths.OUTPUTS[key][1]:
+            assert meta["SpatialReference"].startswith("bids:raw:sub-01/"), key
+        else:  # an MNI image: its native image and the transforms that took it there
+            assert any(s.endswith("_xfm.txt") for s in meta["Sources"]) and "ICBM152" in meta["SpatialReference"], key
+    side = {k: json.loads(Path(o[f"{k}_json"]).read_text()) for k in paths.IMAGE_KEYS}
+    assert side["anat_brain"]["SkullStripped"] is True and side["anat_mask_mni"]["Type"] == "Brain"
+    assert side["dwi_preproc"]["SkullStripped"] is False and side["func_preproc"]["SkullStripped"] is False
+    fa, md = side["dwi_fa_mni"], side["dwi_md"]
+    assert fa["Model"]["Parameters"]["FitMethod"] and fa["Model"]["Parameters"]["Shells"][0] == 0
+    b_max = max(float(b) for b in Path(paths.raw(bids, SUBJECT, "bval")).read_text().split())
+    assert abs(max(fa["Model"]["Parameters"]["Shells"]) - b_max) <= 25  # rounded to 50 s/mm^2
+    assert md["Units"] == "mm^2/s" and "mean diffusivity" in md["Description"]
+    assert side["func_falff"]["Parameters"] == {"BandHz": [0.01, 0.08], "DummyScans": DUMMY_SCANS,
+                                                "NuisanceRegressors": ["motion", "wm", "csf"]}
+    assert ("FSL" in side["dwi_fa"]["Software"]) == (backend == "fsl")
 
 
 def test_the_series_are_written_only_when_asked(run, bids, tmp_path):
@@ -120,8 +153,9 @@ def test_the_series_are_written_only_when_asked(run, bids, tmp_path):
         assert all(Path(p).is_file() for p in outputs.values()), stage
     assert not [k for k in paths.SERIES if Path(paths.derivative(tmp_path, SUBJECT, k)).exists()]
     assert set(paths.stage_outputs("dwi_", keep_series=True)) - set(paths.stage_outputs("dwi_")) == {
-        "dwi_preproc", "dwi_bval", "dwi_bvec"}
-    assert set(paths.stage_outputs("func_", keep_series=True)) - set(paths.stage_outputs("func_")) == {"func_preproc"}
+        "dwi_preproc", "dwi_bval", "dwi_bvec", "dwi_preproc_json"}
+    assert set(paths.stage_outputs("func_", keep_series=True)) - set(paths.stage_outputs("func_")) == {
+        "func_preproc", "func_preproc_json"}
 
 
 def test_images_have_their_dtype_and_grid(run, bids):
@@ -277,3 +311,14 @@ def test_scripts_hold_no_backend_switch():
         text = (scripts / f"{stage}.py").read_text()
         assert f'run_stage("{stage}"' in text and "backend" not in text and "fsl" not in text, stage
 
+
+
+def test_readme_lists_every_output_with_its_sidecar_keys():
+    from conftest import REPO
+
+    from neuromoe.preproc.sidecars import outputs_table
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("<!-- outputs-table: neuromoe.preproc.sidecars.outputs_table() -->\n")
+    end = text.index("<!-- /outputs-table -->")
+    assert text[text.index("\n", start) + 1:end] == outputs_table(), "stale: python tools/outputs_table.py --write"

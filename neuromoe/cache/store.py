@@ -114,6 +114,8 @@ def _jsonable(x: Any) -> Any:
 
 
 _CHANNEL_RE = re.compile(r"_(?:param|stat)-([A-Za-z0-9]+)")
+# the file names' lowercase labels (BEP016, XCP-D) -> the channel names of the config (cache.dwi_maps, func_maps)
+_CHANNEL_NAMES = {"fa": "FA", "md": "MD", "ad": "AD", "rd": "RD", "falff": "fALFF", "reho": "ReHo"}
 
 
 def _channel_names(modality: str, paths: Sequence[str | Path]) -> list[str]:
@@ -122,7 +124,7 @@ def _channel_names(modality: str, paths: Sequence[str | Path]) -> list[str]:
     names = []
     for i, p in enumerate(paths):
         m = _CHANNEL_RE.search(Path(p).name)
-        names.append(m.group(1) if m else f"{modality}{i}")
+        names.append(_CHANNEL_NAMES.get(m.group(1), m.group(1)) if m else f"{modality}{i}")
     return names
 
 

@@ -90,8 +90,14 @@ def save_mask(img: nib.Nifti1Image | np.ndarray, path: str | Path, affine: np.nd
 
 
 def _save(img: nib.Nifti1Image, path: str | Path) -> str:
+    """Write ``img``; a header that states no units (an image made from an array) gets mm (and s for a series),
+    as the BIDS validator asks (NIFTI_UNIT)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    space, time_ = img.header.get_xyzt_units()
+    if space == "unknown" or (img.ndim == 4 and time_ == "unknown"):
+        img.header.set_xyzt_units("mm" if space == "unknown" else space,
+                                  ("sec" if time_ == "unknown" else time_) if img.ndim == 4 else time_)
     nib.save(img, str(path))
     return str(path)
 

@@ -7,7 +7,8 @@ python backend (PyPI packages only): one module per stage, ``anat`` (brain extra
 ``func``, with realignment in ``motion``, the SimpleITK tools in ``registration``, mask building blocks in
 ``masks``, numpy time-series helpers in ``series`` and the QC figures in ``qc``. Each stage module also holds
 the public tail both backends share (``write_outputs``; ``func.derive_maps`` for what FSL has no tool for).
-fsl backend: ``fsl`` (FSL's tools, then those shared tails). The contract both keep (outputs, spaces,
+fsl backend: ``fsl`` (FSL's tools, then those shared tails). ``sidecars``: every image's JSON sidecar, written
+by ``run_stage`` after either backend. The contract both keep (outputs, spaces,
 sidecars, QC, errors) is docs/preprocessing.md.
 
 This package imports only the core modules and ``neuromoe.inputs`` (never cache, learn or results).
@@ -48,7 +49,16 @@ def run_stage(stage: str, inputs: Mapping[str, Any], outputs: Mapping[str, str],
     ``inputs`` / ``outputs``: the rule's named inputs and outputs (neuromoe.paths keys; anat reads ``t1w``).
     ``cfg``: the workflow config, or a rule's params holding the keys ``preproc_keys`` names.
     Bad input raises ``StageError`` / ``InputError`` naming the subject (see docs/preprocessing.md).
+    Then every image's JSON sidecar asked for is written (``neuromoe.preproc.sidecars``).
     """
+    from neuromoe.preproc.sidecars import write_sidecars
+
+    _run_backend(stage, inputs, outputs, subject, cfg, threads)
+    write_sidecars(inputs, outputs, cfg)  # both backends' images described the same way
+
+
+def _run_backend(stage: str, inputs: Mapping[str, Any], outputs: Mapping[str, str], subject: str,
+                 cfg: Mapping[str, Any], threads: int | None) -> None:
     from neuromoe.config import AnatConfig, DwiConfig, FslConfig, FuncConfig
 
     backend = cfg["preprocessing"]["backend"]

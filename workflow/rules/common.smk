@@ -318,7 +318,8 @@ def qc_figures(wildcards=None):
 
 
 def report_promised():
-    """Every file the report must hold: the QC sheets, the evaluation table and figures, the explanation."""
+    """Every file the report must hold: the QC sheets, the evaluation table and figures, the explanation, the
+    methods text."""
     ev = rules.evaluate.output
     return list(QC_SHEETS.values()) + [
         ev.table,
@@ -329,4 +330,5 @@ def report_promised():
         ev.gates,
         ev.curves,
         rules.explain.output.figure,
+        rules.methods.output[0],
     ]

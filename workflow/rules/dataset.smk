@@ -4,6 +4,7 @@
 rule dataset_description:
     output:
         f"{OUT}/derivatives/neuromoe/dataset_description.json",
+        f"{OUT}/derivatives/neuromoe/.bidsignore",
     log:
         f"{LOGS}/dataset_description.log",
     localrule: True

@@ -33,6 +33,35 @@ rule qc_group:
         f"{SCRIPTS}/qc_group.py"
 
 
+# The methods paragraph a paper needs, from the run's configuration (its params: a changed setting rewrites it).
+rule methods:
+    output:
+        report(
+            f"{OUT}/methods.md",
+            category="4. Methods",
+            caption="../report/methods.rst",
+        ),
+    log:
+        f"{LOGS}/methods.log",
+    localrule: True
+    conda:
+        PREPROC_ENV
+    params:
+        sections={
+            k: config[k]
+            for k in (
+                "preprocessing",
+                "participants",
+                "cache",
+                "model",
+                "train",
+                "evaluation",
+            )
+        },
+    script:
+        f"{SCRIPTS}/methods.py"
+
+
 rule report_manifest:
     input:
         report_promised(),
