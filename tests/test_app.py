@@ -131,7 +131,7 @@ def test_skip_reho_plans_no_reho_anywhere(workflow_run: Path, tmp_path: Path) ->
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     plan = run.stdout + run.stderr
-    assert "stat-falff" in plan and "reho" not in plan.lower()  # no map computed, cached or shown
+    assert "stat-falff" in plan and "stat-reho" not in plan and "ReHo" not in plan  # no map computed, cached or shown
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["cache"]["func_maps"] == ["fALFF"]
 
