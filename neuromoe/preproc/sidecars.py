@@ -98,8 +98,9 @@ def sidecar(key: str, inputs: Mapping[str, Any], outputs: Mapping[str, str], cfg
     if suffix == "dwimap":
         param = paths.OUTPUTS[key][1]["param"]
         dwi = DwiConfig.from_config(cfg)
+        own = "dipy.reconst.dti.TensorModel" if dwi.fit_method == "NLLS" else "neuromoe's own, matches dipy's"
         fit = (f"dtifit{' --wls' if dwi.fit_method == 'WLS' else ''} (FSL)" if backend == "fsl"
-               else f"{dwi.fit_method} (neuromoe's own, matches dipy.reconst.dti)")
+               else f"{dwi.fit_method} ({own})")
         meta.update({"Description": TENSOR_NAMES[param] + (" in MNI space" if mni else ""),
                      "Units": TENSOR_UNITS[param],
                      "Model": {"Description": "diffusion tensor (Basser et al. 1994), one tensor per voxel",

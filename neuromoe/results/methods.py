@@ -86,11 +86,13 @@ def _preprocessing(cfg: Mapping[str, Any], v: Mapping[str, str], cite: list[str]
               f"{v['SimpleITK']}, Mattes mutual information, affine with 12 degrees of freedom"
               + ("; then a dense displacement field estimated with symmetric-forces demons after a smooth "
                  "intensity-bias correction, two rounds" if nonlinear else "") + ").")
+        how = {"WLS": "weighted least squares", "OLS": "ordinary least squares",
+               "NLLS": "non-linear least squares"}.get(dwi["fit_method"], dwi["fit_method"])
         dw = (f"Diffusion-weighted images were realigned rigidly to the mean b=0 image (mutual information), "
-              f"b-vectors rotated with each volume's rotation, and a diffusion tensor fitted by "
-              f"{'weighted' if dwi['fit_method'] == 'WLS' else dwi['fit_method']} least squares "
-              f"(b-values at or below {dwi['b0_threshold']:g} s/mm^2 taken as b=0; matching dipy "
-              f"{v['dipy']}'s TensorModel)")
+              f"b-vectors rotated with each volume's rotation, and a diffusion tensor fitted by {how} "
+              f"(b-values at or below {dwi['b0_threshold']:g} s/mm^2 taken as b=0; "
+              + (f"dipy {v['dipy']}'s TensorModel)" if dwi["fit_method"] == "NLLS"
+                 else f"matching dipy {v['dipy']}'s TensorModel)"))
         bo = "Resting-state BOLD series were realigned rigidly to their middle volume and skull-stripped (nilearn)"
         cite += ["dipy", "nilearn"]
     cite += ["dti", "falff", "reho", "fd"]
