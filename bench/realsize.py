@@ -118,7 +118,7 @@ if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as fh:
-    json.dump({"maxrss_kib": usage.ru_maxrss}, fh)
+    json.dump({"maxrss_kib": usage.ru_maxrss, "user_s": usage.ru_utime, "sys_s": usage.ru_stime}, fh)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 

@@ -55,18 +55,7 @@ RESULTS = ROOT / "bench" / "results"
 METHODS = ("affine", "bspline", "nonlinear", "syn", "syn_full")
 TARGET_ERROR_MM, TARGET_DICE = 1.0, 0.85  # issue 23's acceptance for the nonlinear registration (1 mm T1w)
 
-# Runs the worker in a forked child and reports the child's rusage (exact peak RSS from a bare launcher: Linux
-# keeps a process's peak across exec, and this script has numpy loaded). As bench/realsize.py's.
-LAUNCHER = """import json, os, sys
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as fh:
-    json.dump({"maxrss_kib": usage.ru_maxrss, "user_s": usage.ru_utime, "sys_s": usage.ru_stime}, fh)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
+from realsize import LAUNCHER  # noqa: E402  (the bare launcher: exact peak RSS and CPU of the job)
 
 # ---------------------------------------------------------------- workers (one process per job)
 
