@@ -290,3 +290,17 @@ def test_register_rejects_bad_arguments(tpl4):
     img4 = new_image(np.zeros(img.shape + (2,)), img.affine)
     with pytest.raises(ValueError, match="3D"):
         reg.register(img, img4)
+
+
+def test_no_array_view_of_a_temporary_image():
+    """``sitk.GetArrayViewFromImage(sitk.Something(...))`` reads the temporary image's buffer after it is freed (the
+    view holds no reference): it once made a nonlinear registration differ between reruns. Views only of named
+    images."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"GetArrayViewFromImage\(\s*sitk\.")
+    offenders = [f"{p.relative_to(root)}:{i}" for d in ("neuromoe", "bench") for p in sorted((root / d).rglob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, offenders

@@ -479,7 +479,9 @@ def _unfold(d: np.ndarray, like: sitk.Image, stride: int, rounds: int = 10) -> n
         im.CopyInformation(like)
         fine = sitk.TransformToDisplacementField(_field_transform(im), sitk.sitkVectorFloat64, size, like.GetOrigin(),
                                                  tuple(spacing.tolist()), like.GetDirection())
-        bad = sitk.GetArrayViewFromImage(sitk.DisplacementFieldJacobianDeterminant(fine)) < JACOBIAN_MIN
+        # A copy: a view of the temporary image would outlive its buffer (read after free: the rare rerun
+        # that differed in a full test run)
+        bad = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(fine)) < JACOBIAN_MIN
         if not bad.any():
             break
         near = np.zeros(d.shape[:3], bool)
