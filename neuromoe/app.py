@@ -51,6 +51,17 @@ def _skip_name(text: str) -> str:
     return key
 
 
+def _derivatives(text: str) -> tuple[str, str]:
+    """``fmriprep=PATH`` / ``qsiprep=PATH`` (``--derivatives``, as XCP-D's)."""
+    from neuromoe.inputs.ingested import TOOLS
+
+    tool, sep, path = text.partition("=")
+    if not sep or tool.strip().lower() not in TOOLS or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: write TOOL=PATH, TOOL one of {', '.join(TOOLS)} "
+                                         "(e.g. fmriprep=/data/derivatives/fmriprep)")
+    return tool.strip().lower(), str(Path(path).expanduser().resolve())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="neuromoe", allow_abbrev=False,  # an abbreviation would swallow a Snakemake option
@@ -77,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registration", choices=["nonlinear", "affine"], default=None,
                    help="T1w -> MNI (preprocessing.anat.registration); default: nonlinear, unless a --config file "
                         "sets it (the repository's config.yaml says affine for its synthetic demo only)")
+    p.add_argument("--derivatives", nargs="+", default=[], type=_derivatives, metavar="TOOL=PATH",
+                   help="start from another tool's preprocessed series: fmriprep=PATH (resting BOLD), qsiprep=PATH "
+                        "(DWI); where a subject's files are found, that modality is not preprocessed again "
+                        "(inputs.derivatives)")
     p.add_argument("--config", action="append", default=[], type=Path, metavar="YAML",
                    help="settings merged over the repository's config.yaml (repeatable; later files win)")
     p.add_argument("--cores", default=None, help="Snakemake's --cores (default: all, unless a --profile sets it)")
@@ -124,6 +139,8 @@ def resolve_config(args: argparse.Namespace, base: Path = REPO / "config.yaml") 
         cfg["participant_label"] = [str(x).removeprefix("sub-") for x in args.participant_label]
     if args.exclude_participant_label:
         cfg["exclude_participant_label"] = [str(x).removeprefix("sub-") for x in args.exclude_participant_label]
+    for tool, path in getattr(args, "derivatives", []):
+        cfg.setdefault("inputs", {}).setdefault("derivatives", {})[tool] = path
     if args.session_label:
         cfg["session_label"] = [str(x).removeprefix("ses-") for x in args.session_label]
     cfg = validate_config(cfg)  # defaults filled: the lists below exist

@@ -49,7 +49,7 @@ def test_help_lists_our_options_and_snakemakes(capsys: pytest.CaptureFixture[str
     assert cli_main(["bids", "out", "participant", "--help"]) == 0
     text = capsys.readouterr().out
     for opt in ("--participant-label", "--exclude-participant-label", "--session-label", "--skip", "--registration",
-                "--config",
+                "--derivatives", "--config",
                 "--profile", "--version", "Snakemake options (passed through)", "--forcerun", "--until", "--use-conda"):
         assert opt in text, opt
 
@@ -83,6 +83,14 @@ def test_resolved_config_merges_files_then_options(tmp_path: Path) -> None:
     args, _ = parse(str(tmp_path / "bids"), str(tmp_path / "out"), "group", "--config", str(mine))
     with pytest.raises(ConfigError, match="train.epochs"):
         app.resolve_config(args)
+    # another tool's outputs (XCP-D's --derivatives TOOL=PATH): absolute paths in inputs.derivatives
+    args, _ = parse(str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--derivatives",
+                    f"fmriprep={tmp_path / 'fp'}", "QSIPrep=qp")
+    cfg = app.resolve_config(args)
+    assert cfg["inputs"]["derivatives"] == {"fmriprep": str(tmp_path / "fp"), "qsiprep": str(Path("qp").resolve())}
+    assert repo["inputs"]["derivatives"] == {"fmriprep": None, "qsiprep": None}
+    with pytest.raises(SystemExit):
+        app.build_parser().parse_args(["bids", "out", "participant", "--derivatives", "xcpd=/x"])
 
 
 def test_bad_call_is_a_clear_error_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

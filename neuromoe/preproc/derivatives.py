@@ -22,6 +22,11 @@ def write_dataset_description(path: str | Path, cfg: dict) -> None:
         # the sidecars' Sources name raw files as bids:raw:<path>
         "DatasetLinks": {"raw": f"file://{Path(cfg['bids_dir']).resolve()}"},
     }
+    # the maps of ingested series name their files as bids:fmriprep:<path> / bids:qsiprep:<path>
+    for tool, folder in sorted(((cfg.get("inputs") or {}).get("derivatives") or {}).items()):
+        if folder:
+            desc["SourceDatasets"].append({"URL": f"file://{Path(folder).resolve()}"})
+            desc["DatasetLinks"][tool] = f"file://{Path(folder).resolve()}"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(desc, indent=2) + "\n")
 

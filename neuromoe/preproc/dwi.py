@@ -268,8 +268,8 @@ def load_inputs(inputs: Mapping[str, str], subject: str, b0_threshold: float
         raise InputError(f"cannot read the gradient table ({exc})", subject=sub, path=inputs["bval"],
                          fix="bval: one line of numbers; bvec: three lines of numbers") from exc
     check_gradients(bvals, bvecs, img.shape[3], b0_threshold, subject, dict(inputs))
-    for key in ("anat_brain", "anat_mask", "anat_xfm"):
-        if not Path(inputs[key]).exists():
+    for key in ("anat_brain", "anat_mask", "anat_xfm"):  # absent for an ingested QSIPrep series
+        if key in inputs and not Path(inputs[key]).exists():
             raise InputError("file not found (an output of the anat stage).", subject=sub, path=inputs[key],
                              fix="run the anat stage for this subject first")
     return img, bvals, bvecs
@@ -353,7 +353,7 @@ def run_dwi(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str,
 def write_outputs(outputs: Mapping[str, str], subject: str, *, dwi: nib.Nifti1Image, corrected: np.ndarray,
                   bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray, motion: pd.DataFrame,
                   maps: Mapping[str, nib.Nifti1Image], maps_mni: Mapping[str, nib.Nifti1Image],
-                  transform: sitk.Transform) -> None:
+                  transform: sitk.Transform | None) -> None:
     """Write the dwi stage's files (both backends).
 
     ``dwi``: the raw series (grid and header of ``dwi_preproc``); ``corrected`` (X, Y, Z, N) the corrected series
@@ -375,7 +375,8 @@ def write_outputs(outputs: Mapping[str, str], subject: str, *, dwi: nib.Nifti1Im
     for m in MAPS:
         save_map(maps[m], outputs[f"dwi_{m.lower()}"])
         save_map(maps_mni[m], outputs[f"dwi_{m.lower()}_mni"])
-    reg.write_transform(transform, outputs["dwi_xfm"])
+    if "dwi_xfm" in outputs:  # an ingested QSIPrep series has none of its own (neuromoe.preproc.ingest)
+        reg.write_transform(transform, outputs["dwi_xfm"])
     if "qc_dwi_fa" in outputs and "qc_dwi_motion" in outputs:
         _qc(outputs, subject, maps, new_image(mask, dwi.affine, dtype=np.uint8), motion)
 

@@ -654,17 +654,11 @@ def derive_maps(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_img
          the mean BOLD, whose EPI contrast separates tissues poorly), pulled through the forward MNI -> BOLD
          transform (``priors_to_native``), thresholded and eroded (``tissue_mask``); StageError if one is empty.
       2. Confounds: 6 motion parameters, FD, DVARS, std_dvars, mean WM and CSF signals, fMRIPrep column names.
-      3. OLS nuisance regression (intercept, linear trend, the configured ``cfg.nuisance`` of motion/wm/csf) of
-         the in-mask series; the mean is kept.
-      4. fALFF of the cleaned series; ReHo (27 neighbours) of the cleaned series band-passed to ``cfg.band_hz``;
-         only those named in ``maps``.
+      3-4. ``clean_and_map``: nuisance regression, then fALFF and ReHo (only those named in ``maps``).
     """
     import logging
 
-    from neuromoe.inputs.imageio import new_image
-
     sub = _sub(subject)
-    band = band_hz(cfg)
     # 1. WM / CSF masks in BOLD space
     template, priors = template_tissue_priors()
     native = priors_to_native(mean_img, mni_to_bold, priors, template, threads=threads)
@@ -678,20 +672,29 @@ def derive_maps(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_img
                                             tissue["csf"].sum())
 
     # 2. confounds
-    series = data[mask]  # (V, T)
-    fd = framewise_displacement(motion)
-    dv, std_dv = dvars(series)
+    fd, (dv, std_dv) = framewise_displacement(motion), dvars(data[mask])
     wm_sig, csf_sig = data[tissue["wm"]].mean(axis=0), data[tissue["csf"]].mean(axis=0)
     confounds = confounds_table(motion, fd, dv, wm_sig, csf_sig, std_dvars=std_dv)
+    preproc, out = clean_and_map(data, mask, affine, confounds, tr, cfg, maps)
+    return FuncDerivatives(confounds=confounds, preproc=preproc, maps=out, template=template)
 
-    # 3. nuisance regression
+
+def clean_and_map(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, confounds: pd.DataFrame, tr: float,
+                  cfg: FuncConfig, maps: Sequence[str] = FUNC_MAPS) -> tuple[np.ndarray, dict[str, nib.Nifti1Image]]:
+    """OLS nuisance regression (intercept, linear trend, the ``cfg.nuisance`` columns of ``confounds``; the mean
+    is kept) of the in-mask series of ``data`` (X, Y, Z, T), then fALFF of the cleaned series and ReHo (27
+    neighbours) of it band-passed to ``cfg.band_hz`` (only those named in ``maps``). Returns the cleaned series
+    (0 outside the mask) and the maps on ``affine``'s grid. Shared by ``derive_maps`` and by the maps of an
+    ingested fMRIPrep series (``neuromoe.preproc.ingest``)."""
+    from neuromoe.inputs.imageio import new_image
+
+    band = band_hz(cfg)
+    series = data[mask]  # (V, T)
     chosen = [c for k in cfg.nuisance for c in NUISANCE_COLUMNS[k]]
-    regressors = confounds[chosen].to_numpy() if chosen else None
+    regressors = confounds[chosen].to_numpy(dtype=float) if chosen else None
     clean = regress_nuisance(series, regressors, detrend=True, keep_mean=True)  # (V, T)
     preproc = np.zeros(data.shape, dtype=np.float32)
     preproc[mask] = clean
-
-    # 4. maps
     out: dict[str, nib.Nifti1Image] = {}
     if "fALFF" in maps:
         falff_vol = np.zeros(mask.shape, dtype=np.float32)
@@ -702,11 +705,11 @@ def derive_maps(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_img
         filtered[mask] = bandpass(clean, tr, band)
         out["ReHo"] = new_image(reho(filtered, mask, neighbourhood=27), affine)
         del filtered
-    return FuncDerivatives(confounds=confounds, preproc=preproc, maps=out, template=template)
+    return preproc, out
 
 
 def write_outputs(outputs: Mapping[str, str], subject: str, *, bold: nib.Nifti1Image, tr: float, mask: np.ndarray,
-                  derived: FuncDerivatives, maps_mni: Mapping[str, nib.Nifti1Image], transform: sitk.Transform,
+                  derived: FuncDerivatives, maps_mni: Mapping[str, nib.Nifti1Image], transform: sitk.Transform | None,
                   qc_note: str = "", motion_source: str = "") -> None:
     """Write the func stage's files (both backends).
 
@@ -728,7 +731,8 @@ def write_outputs(outputs: Mapping[str, str], subject: str, *, bold: nib.Nifti1I
         preproc_img.header.set_zooms(preproc_img.header.get_zooms()[:3] + (tr,))
         save_map(preproc_img, outputs["func_preproc"])
     save_mask(mask, outputs["func_mask"], affine=affine)
-    reg.write_transform(transform, outputs["func_xfm"])
+    if "func_xfm" in outputs:  # an ingested fMRIPrep series has none of its own (neuromoe.preproc.ingest)
+        reg.write_transform(transform, outputs["func_xfm"])
     for name, m in derived.maps.items():
         save_map(m, outputs[f"func_{name.lower()}"])
         save_map(maps_mni[name], outputs[f"func_{name.lower()}_mni"])

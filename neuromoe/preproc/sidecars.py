@@ -38,14 +38,19 @@ DESCRIPTIONS = {"anat_mask": "brain mask of the T1w", "anat_brain": "skull-strip
                 "dwi_preproc": "motion-corrected DWI series (b-vectors rotated with each volume)",
                 "func_preproc": "motion-corrected BOLD series, dummy scans dropped",
                 "func_mask": "brain mask of the mean BOLD"}
+INGESTED_FROM = {"fmriprep": "fMRIPrep", "qsiprep": "QSIPrep"}
 BOLD_MAPS = {"falff": "fractional amplitude of low-frequency fluctuations (fALFF: power in the band / power over "
                       "all frequencies, of the nuisance-regressed series)",
              "reho": "regional homogeneity (ReHo: Kendall's W of each voxel's series with its 26 neighbours)"}
 
 
-def uri(path: str | Path) -> str:
-    """A BIDS URI: ``bids::<relative path>`` for a file of this derivatives dataset, ``bids:raw:<relative path>``
-    for a raw input (the part of its path from its ``sub-`` folder on)."""
+def uri(path: str | Path, links: Mapping[str, Any] | None = None) -> str:
+    """A BIDS URI: ``bids::<relative path>`` for a file of this derivatives dataset, ``bids:<tool>:<relative
+    path>`` for a file of an ingested dataset (``links``: tool -> its folder, ``inputs.derivatives``),
+    ``bids:raw:<relative path>`` for a raw input (the part of its path from its ``sub-`` folder on)."""
+    for tool, root in (links or {}).items():
+        if root and Path(path).resolve().is_relative_to(Path(root).resolve()):
+            return f"bids:{tool}:" + Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
     parts = Path(path).parts
     if paths.PIPELINE in parts and "derivatives" in parts:
         i = len(parts) - 1 - parts[::-1].index(paths.PIPELINE)
@@ -63,24 +68,25 @@ def _bvalues(bval: str | Path | None, threshold: float) -> list[int]:
     return sorted({0 if v <= threshold else int(round(v / 50.0) * 50) for v in values})
 
 
-def sidecar(key: str, inputs: Mapping[str, Any], outputs: Mapping[str, str], cfg: Mapping[str, Any]
-            ) -> dict[str, Any]:
+def sidecar(key: str, inputs: Mapping[str, Any], outputs: Mapping[str, str], cfg: Mapping[str, Any],
+            ingested: str | None = None) -> dict[str, Any]:
     """The sidecar of output ``key`` (an image key of ``neuromoe.paths.OUTPUTS``) of a stage run with ``inputs``
     and ``outputs`` (the rule's named files) and the workflow config ``cfg`` (or a rule's params holding its
     sections). A native image's sources are the raw files it came from; an MNI image's, its native image and the
-    transforms its one interpolation composed."""
+    transforms its one interpolation composed. ``ingested``: the tool (fmriprep, qsiprep) whose preprocessed
+    series the maps were computed from (``neuromoe.preproc.ingest``)."""
     from neuromoe.config import DwiConfig, FslConfig, FuncConfig
 
     stage = key.split("_")[0]
     pre = cfg["preprocessing"]
-    backend = pre["backend"]
+    backend = pre.get("backend", "python")
     mni = paths.OUTPUTS[key][1].get("space") == MNI_SPACE
     if mni:
         files = [outputs.get(key.removesuffix("_mni")), outputs.get(f"{stage}_xfm")]
-        files += [] if stage == "anat" else [inputs.get("anat_xfm")]
+        files += [] if stage == "anat" else [inputs.get("anat_xfm"), inputs.get("xfm")]
     else:
         files = [inputs.get(k) for k in {"anat": ["t1w"], "dwi": ["dwi", "bval", "bvec"], "func": ["bold"]}[stage]]
-    sources = [uri(f) for f in files if f]
+    sources = [uri(f, (cfg.get("inputs") or {}).get("derivatives")) for f in files if f]
     meta: dict[str, Any] = {"Description": DESCRIPTIONS.get(key, ""), "Sources": sources}
     if mni:
         meta["SpatialReference"] = MNI_REFERENCE
@@ -88,6 +94,8 @@ def sidecar(key: str, inputs: Mapping[str, Any], outputs: Mapping[str, str], cfg
         meta["SpatialReference"] = sources[0]
     software = {"python": "neuromoe (SimpleITK, dipy, nilearn)", "fsl": "neuromoe with FSL"}[backend]
     meta["Software"] = f"{software} {neuromoe.__version__}"
+    if ingested:
+        meta["Software"] = f"neuromoe {neuromoe.__version__}, from {INGESTED_FROM[ingested]}'s preprocessed series"
     suffix = paths.OUTPUTS[key][2]
     if suffix == "mask":
         meta["Type"] = "Brain"
@@ -111,20 +119,22 @@ def sidecar(key: str, inputs: Mapping[str, Any], outputs: Mapping[str, str], cfg
     elif suffix == "boldmap":
         stat = paths.OUTPUTS[key][1]["stat"]
         func = FuncConfig.from_config(cfg)
+        dummy = "fMRIPrep's non-steady-state volumes" if ingested else func.dummy_scans
         meta.update({"Description": BOLD_MAPS[stat] + (" in MNI space" if mni else ""), "Units": "arbitrary",
-                     "Parameters": {"BandHz": list(func.band_hz), "DummyScans": func.dummy_scans,
+                     "Parameters": {"BandHz": list(func.band_hz), "DummyScans": dummy,
                                     "NuisanceRegressors": list(func.nuisance)}})
     return meta
 
 
-def write_sidecars(inputs: Mapping[str, Any], outputs: Mapping[str, str], cfg: Mapping[str, Any]) -> list[str]:
+def write_sidecars(inputs: Mapping[str, Any], outputs: Mapping[str, str], cfg: Mapping[str, Any],
+                   ingested: str | None = None) -> list[str]:
     """Write the sidecar of every image in ``outputs`` whose sidecar key is there too; returns their paths."""
     written = []
     for key in paths.IMAGE_KEYS:
         side = paths.sidecar_key(key)
         if key in outputs and side in outputs:
             Path(outputs[side]).parent.mkdir(parents=True, exist_ok=True)
-            Path(outputs[side]).write_text(json.dumps(sidecar(key, inputs, outputs, cfg), indent=2) + "\n")
+            Path(outputs[side]).write_text(json.dumps(sidecar(key, inputs, outputs, cfg, ingested), indent=2) + "\n")
             written.append(outputs[side])
     return written
 

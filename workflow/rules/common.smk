@@ -10,6 +10,7 @@ from snakemake.utils import validate
 sys.path.insert(0, workflow.basedir)  # the neuromoe package for the Snakefile itself
 
 from neuromoe import paths
+from neuromoe.inputs.ingested import discover as discover_ingested
 from neuromoe.inputs.bids import (
     MODALITIES,
     generate_synthetic,
@@ -115,6 +116,22 @@ except NeuroMoEError as exc:
 for _w in DATASET.warnings:
     print(f"neuromoe: warning: {_w}", file=sys.stderr)
 
+# Series fMRIPrep / QSIPrep already preprocessed (inputs.derivatives): unit key -> {modality: Ingested}. Their
+# maps come from the func_fmriprep / dwi_qsiprep rules (rules/func.smk, rules/dwi.smk), never from func / dwi.
+try:
+    INGESTED = discover_ingested(config, DATASET.subjects)
+except NeuroMoEError as exc:
+    raise WorkflowError(str(exc))
+if workflow.is_main_process:
+    for _m, _tool in (("func", "fMRIPrep's BOLD"), ("dwi", "QSIPrep's DWI")):
+        _n = sum(_m in v for v in INGESTED.values())
+        if _n:
+            print(
+                f"neuromoe: {_tool} found for {_n} of {len(DATASET.subjects)} units: their {_m} maps are "
+                f"computed from it (no {_m} preprocessing here)",
+                file=sys.stderr,
+            )
+
 # The units processed: subjects, or subject-sessions where the dataset has ses-* folders (keys 01 or 01_ses-2).
 SUBJECTS = sorted(DATASET.subjects)
 SESSIONS = DATASET.sessions
@@ -179,14 +196,29 @@ def anat(key):
     return lambda wc: paths.derivative(OUT, wc.subject, key, unit_of(wc).anat_session)
 
 
-def keys(prefix):
+def keys(prefix, ingested=False):
     """Output keys of one stage: {key: pattern} for the rule's named outputs (the 4D series only with
-    preprocessing.keep_series)."""
+    preprocessing.keep_series; no transform of its own for an ``ingested`` series)."""
     keep = config["preprocessing"]["keep_series"]
     return {
         k: deriv(k)
         for k in paths.stage_outputs(prefix, keep, config["cache"]["func_maps"])
+        if not (ingested and k == f"{prefix}xfm")
     }
+
+
+def ingested(modality):
+    """Input function of an ingest rule: the unit's files from fMRIPrep / QSIPrep (INGESTED). A unit without them
+    gets a path no rule makes, so Snakemake plans the preprocessing rule (the ruleorder's second) instead.
+    """
+
+    def files(wildcards):
+        found = INGESTED.get(unit_key(wildcards.subject, wildcards.get("session")), {})
+        if modality not in found:
+            return {"not_ingested": f"{OUT}/.not-ingested/{modality}"}
+        return found[modality].files
+
+    return files
 
 
 def stage_config(*sections):

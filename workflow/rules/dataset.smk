@@ -8,6 +8,10 @@ rule dataset_description:
     log:
         f"{LOGS}/dataset_description.log",
     localrule: True
+    params:
+        # what the file says (a changed source dataset rewrites it)
+        bids=config["bids_dir"],
+        derivatives=config["inputs"]["derivatives"],
     conda:
         "../../envs/preproc.yaml"
     script:
