@@ -4,6 +4,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 CORES ?= 2
+# make test: pytest-xdist workers (tests/conftest.py keeps each module, and the end-to-end run, on one worker)
+TEST_WORKERS ?= 2
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
@@ -71,7 +73,7 @@ peers:
 test: install peers
 	$(BIN)/ruff check .
 	$(BIN)/snakefmt --check Snakefile workflow/
-	$(BIN)/python -m pytest -ra --durations=30
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -ra --durations=30
 
 clean-results:
 	rm -rf results .snakemake

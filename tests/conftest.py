@@ -15,6 +15,17 @@ SYNTH_COHORT_SEED = 3
 SYNTH_COHORT_SUBJECTS = 6
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """How `make test` splits the suite over its pytest-xdist workers (``-n 2 --dist loadgroup``): a module's
+    tests run on one worker, so its module fixtures are made once; every module that uses the end-to-end run
+    (``workflow_run``, a session fixture) runs on the same worker, so that run is made once. Without xdist the
+    marks do nothing."""
+    e2e = {item.module.__name__ for item in items if "workflow_run" in item.fixturenames}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("e2e" if module in e2e else module))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def template_copies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The on-disk template copies (``neuromoe.inputs.templates.nilearn_image``) of this session, in its tmp

@@ -8,11 +8,11 @@ rule dataset_description:
     log:
         f"{LOGS}/dataset_description.log",
     localrule: True
+    conda:
+        "../../envs/preproc.yaml"
     params:
         # what the file says (a changed source dataset rewrites it)
         bids=config["bids_dir"],
         derivatives=config["inputs"]["derivatives"],
-    conda:
-        "../../envs/preproc.yaml"
     script:
         f"{SCRIPTS}/dataset_description.py"
