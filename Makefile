@@ -73,7 +73,7 @@ peers:
 test: install peers
 	$(BIN)/ruff check .
 	$(BIN)/snakefmt --check Snakefile workflow/
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -ra --durations=30
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -ra --durations=30
 
 clean-results:
 	rm -rf results .snakemake

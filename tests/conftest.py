@@ -15,15 +15,24 @@ SYNTH_COHORT_SEED = 3
 SYNTH_COHORT_SUBJECTS = 6
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """How `make test` splits the suite over its pytest-xdist workers (``-n 2 --dist loadgroup``): a module's
-    tests run on one worker, so its module fixtures are made once; every module that uses the end-to-end run
-    (``workflow_run``, a session fixture) runs on the same worker, so that run is made once. Without xdist the
-    marks do nothing."""
-    e2e = {item.module.__name__ for item in items if "workflow_run" in item.fixturenames}
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("e2e" if module in e2e else module))
+# The modules that use the end-to-end run (the session fixture workflow_run; test_architecture.py checks the list)
+E2E_MODULES = ("test_app.py", "test_rerun.py", "test_workflow.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """How `make test` splits the suite over its pytest-xdist workers (``-n 2``): a module's tests run on one
+    worker, so its module fixtures are made once, and the modules of E2E_MODULES all on the same worker, so the
+    end-to-end run is made once. (xdist's ``loadgroup`` marks are lost under pytest 9: its test ids do not take
+    the group suffix.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "e2e" if Path(module).name in E2E_MODULES else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -158,3 +158,13 @@ def test_architecture_doc_names_every_module() -> None:
     missing = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
                if p.name != "__init__.py" and f"`{p.relative_to(PACKAGE)}`" not in doc]
     assert not missing, f"docs/architecture.md does not name: {missing}"
+
+
+def test_the_end_to_end_modules_are_listed_for_the_test_workers():
+    """conftest.E2E_MODULES keeps every module that uses the end-to-end run on one pytest-xdist worker; a module
+    missing there would make that run (minutes) a second time on the other worker."""
+    from conftest import E2E_MODULES
+
+    using = {p.name for p in (REPO / "tests").glob("test_*.py")
+             if p.name != Path(__file__).name and "workflow_run" in p.read_text()}
+    assert using == set(E2E_MODULES)
