@@ -169,8 +169,8 @@ def test_loss_matches_hand_computation() -> None:
     out = MoEOutput(log_probs=torch.tensor(np.log(p_out)), gate=torch.tensor(w),
                     expert_log_probs=torch.tensor(np.log(p)))
     loss, parts = moe_loss(out, torch.tensor(y), torch.tensor(a), lam)
-    assert math.isclose(parts["wce"], wce, rel_tol=1e-12)
-    assert math.isclose(parts["balance"], r, rel_tol=1e-12)
+    assert math.isclose(float(parts["wce"]), wce, rel_tol=1e-12)
+    assert math.isclose(float(parts["balance"]), r, rel_tol=1e-12)
     assert math.isclose(float(loss), wce + lam * r, rel_tol=1e-12)
     # Unweighted: the plain mean NLL.
     loss0, _ = moe_loss(out, torch.tensor(y), None, 0.0)

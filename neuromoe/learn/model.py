@@ -447,7 +447,7 @@ def balance_loss(gate: Tensor) -> Tensor:
 
 
 def moe_loss(out: MoEOutput, y: Tensor, class_weights: Tensor | None = None,
-             balance_lambda: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+             balance_lambda: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """L = WCE(P_out, y) + lambda * R_balance.
 
     WCE is ``F.nll_loss(log P_out, y, weight=a)``: the class-weighted mean sum_i a_{y_i} (-log P_out[i, y_i])
@@ -460,12 +460,13 @@ def moe_loss(out: MoEOutput, y: Tensor, class_weights: Tensor | None = None,
         class_weights: (C,) a_c from ``class_weights`` on the training fold; None = unweighted.
         balance_lambda: weight of R_balance.
     Returns:
-        (scalar loss tensor, {"wce": float, "balance": float}).
+        (scalar loss tensor, {"wce", "balance": detached scalar tensors}): tensors, not floats, so a training
+        step never waits for the device (``float()`` of a CUDA tensor is a host sync).
     """
     wce = F.nll_loss(out.log_probs, y, weight=class_weights)
     balance = balance_loss(out.gate)
     loss = wce + balance_lambda * balance
-    return loss, {"wce": float(wce.detach()), "balance": float(balance.detach())}
+    return loss, {"wce": wce.detach(), "balance": balance.detach()}
 
 
 def class_weights(labels: Tensor | list[int], n_classes: int) -> Tensor:

@@ -154,12 +154,14 @@ def check_flip_grid(affine: Sequence[Sequence[float]], grid: Sequence[int]) -> N
 
 def train_step(model: NeuroMoE, opt: torch.optim.Optimizer, batch: Mapping[str, Tensor],
                dev: torch.device, weights: Tensor | None, balance_lambda: float,
-               grad_clip: float = 0.0, flip_lr: float = 0.0, uniform_weights: bool = False) -> dict[str, float]:
+               grad_clip: float = 0.0, flip_lr: float = 0.0, uniform_weights: bool = False) -> dict[str, Tensor]:
     """One optimiser step on a collated batch (bf16 autocast on CUDA); the learning rate is the caller's.
 
     ``uniform_weights``: experts weighted equally, the gate not trained (``gate_fit: heldout`` / ``crossfit``).
 
-    Returns {"loss", "wce", "balance"} (batch means), {"correct", "n"} (counts) as floats.
+    Returns {"loss", "wce", "balance"} (batch means) and {"correct", "n"} (counts) as detached scalar tensors on
+    the device: nothing in the step waits for the GPU (no ``float()`` / ``.item()``; tests/test_cuda.py runs it
+    under CUDA's sync check), so the host queues the next batch while this one computes.
     """
     model.train()
     images, clin, present, y = to_device(batch, model.cfg.experts, dev)
@@ -172,8 +174,8 @@ def train_step(model: NeuroMoE, opt: torch.optim.Optimizer, batch: Mapping[str, 
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
-    correct = float((out.log_probs.argmax(1) == y).sum())
-    return {"loss": float(loss.detach()), **parts, "correct": correct, "n": float(y.shape[0])}
+    correct = (out.log_probs.detach().argmax(1) == y).sum()
+    return {"loss": loss.detach(), **parts, "correct": correct, "n": torch.tensor(float(y.shape[0]))}
 
 
 def train_epoch(model: NeuroMoE, opt: torch.optim.Optimizer, batches: Iterable[Mapping[str, Any]],
@@ -182,24 +184,28 @@ def train_epoch(model: NeuroMoE, opt: torch.optim.Optimizer, batches: Iterable[M
     """One pass of ``train_step`` over ``batches``, the learning rate set per step by the run's schedule.
 
     ``step``: optimiser steps taken before this epoch. Returns (sums of loss/wce/balance weighted by batch
-    size, correct and n; the step count after the epoch; the last learning rate). A ``tqdm`` as
-    ``batches`` shows the running loss and accuracy.
+    size, correct and n; the step count after the epoch; the last learning rate). The sums stay on the device
+    until the epoch ends (one host sync per epoch); a ``tqdm`` as ``batches`` shows the running loss and
+    accuracy at most once a second.
     """
-    sums = dict.fromkeys(("loss", "wce", "balance", "correct", "n"), 0.0)
-    lr = tc.lr
+    sums: dict[str, Any] = dict.fromkeys(("loss", "wce", "balance", "correct", "n"), 0.0)
+    lr, shown = tc.lr, time.monotonic()
     for batch in batches:
         lr = lr_at(step, tc.lr, warmup, total, tc.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
         r = train_step(model, opt, batch, dev, weights, lam, tc.grad_clip, tc.flip_lr, uniform_weights)
         step += 1
-        for k in ("loss", "wce", "balance"):
-            sums[k] += r[k] * r["n"]
-        sums["correct"] += r["correct"]
-        sums["n"] += r["n"]
-        if isinstance(batches, tqdm):
-            batches.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['correct'] / sums['n']:.2f}")
-    return sums, step, lr
+        n = float(r["n"])  # a CPU tensor: no sync
+        for k in ("loss", "wce", "balance"):  # in float64, as the floats they were
+            sums[k] = sums[k] + r[k].double() * n
+        sums["correct"] = sums["correct"] + r["correct"]
+        sums["n"] += n
+        if isinstance(batches, tqdm) and time.monotonic() - shown >= 1.0:
+            shown = time.monotonic()
+            batches.set_postfix(loss=f"{float(sums['loss']) / sums['n']:.3f}",
+                                acc=f"{float(sums['correct']) / sums['n']:.2f}")
+    return {k: float(v) for k, v in sums.items()}, step, lr
 
 
 @torch.no_grad()
