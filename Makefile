@@ -11,7 +11,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 SNAKEMAKE := $(BIN)/snakemake
 
-.PHONY: install demo study test lint peers clean-results
+.PHONY: install demo study test lint peers clean-results gpu-check gpu-check-cohort
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,24 @@ study: install
 	$(SNAKEMAKE) $(SMK_RUN) --configfile presets/study.yaml
 	@awk '/^### Pooled/{exit} {print}' study/evaluation/ablation.md
 	$(call report,study,--configfile presets/study.yaml)
+
+# The GPU check (issue 25; README "On a GPU"): bench/gpu_check.py on this machine's GPU. On a lent GPU machine
+# whose image lacks this project's packages: bash bench/gpu_wheels.sh && make gpu-check-cohort here, then
+# bash bench/gpu_check.sh there, carrying .whl and .gpucheck.
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py $(if $(wildcard .gpucheck/cohort),--cohort .gpucheck/cohort)
+
+# The GPU check's cohort: the demo's acquisition and settings on 18 synthetic subjects, preprocessed and cached
+# here (minutes), the cohort cache kept with its splits and config in .gpucheck/cohort (git-ignored).
+gpu-check-cohort: install
+	@grep -qx '/.gpucheck/' .git/info/exclude || echo /.gpucheck/ >> .git/info/exclude
+	test -d .gpucheck/bids || $(BIN)/python -c "import yaml; from neuromoe.inputs.synth import SynthParams, make_cohort; \
+	  acq = yaml.safe_load(open('config.yaml'))['synthetic']['acquisition']; \
+	  make_cohort('.gpucheck/bids', 18, 42, params=SynthParams(**acq), n_jobs=$(CORES))"
+	$(SNAKEMAKE) --cores $(CORES) --config bids_dir=.gpucheck/bids output_dir=.gpucheck/run \
+	  evaluation='{"folds": 3}' -- .gpucheck/run/cache/cohort/manifest.json .gpucheck/run/model/splits.tsv
+	rm -rf .gpucheck/cohort && cp -r .gpucheck/run/cache/cohort .gpucheck/cohort
+	cp .gpucheck/run/model/splits.tsv config.yaml .gpucheck/cohort/
 
 # $(call report,OUTPUT_DIR[,EXTRA SNAKEMAKE ARGS]): the zip report (its HTML loads each figure from
 # report/data/), unpacked next to it, checked against the workflow's manifest of what it must hold; rebuilt

@@ -88,8 +88,9 @@ def make_cache(root: Path, grid: tuple[int, int, int], n: int, seed: int = 0) ->
 
 
 def bench_case(name: str, mcfg: ModelConfig, batch: int, steps: int, warmup: int, workers: int,
-               dev: torch.device) -> dict:
-    """Time ``steps`` training steps (after ``warmup``) through a DataLoader over a memmapped cache."""
+               dev: torch.device, compile: bool = False) -> dict:
+    """Time ``steps`` training steps (after ``warmup``) through a DataLoader over a memmapped cache;
+    ``compile``: the model through ``torch.compile`` (its compilation falls in the warm-up steps)."""
     with tempfile.TemporaryDirectory(prefix=f"neuromoe-bench-{name}-") as tmp:
         n = max(batch * (steps + warmup), len(LABELS))  # every class once, for the class weights
         cache_dir, _ = make_cache(Path(tmp), mcfg.grid, n)
@@ -99,6 +100,7 @@ def bench_case(name: str, mcfg: ModelConfig, batch: int, steps: int, warmup: int
         torch.manual_seed(0)
         model = NeuroMoE(mcfg).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda" or None)
+        stepped = torch.compile(model) if compile else model
         w = class_weights(ds.labels, len(LABELS)).to(dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -110,7 +112,7 @@ def bench_case(name: str, mcfg: ModelConfig, batch: int, steps: int, warmup: int
             t0 = time.perf_counter()
             b = next(it)
             t1 = time.perf_counter()
-            train_step(model, opt, b, dev, w, 0.1, 1.0)
+            train_step(stepped, opt, b, dev, w, 0.1, 1.0)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
@@ -121,7 +123,7 @@ def bench_case(name: str, mcfg: ModelConfig, batch: int, steps: int, warmup: int
         sps = steps * batch / total
         flops = model.estimate_flops()
         peak = peak_flops(dev)
-        res = {"case": name, "grid": list(mcfg.grid), "tokens_per_modality": mcfg.n_tokens,
+        res = {"case": name, "compile": compile, "grid": list(mcfg.grid), "tokens_per_modality": mcfg.n_tokens,
                "model": {k: getattr(mcfg, k) for k in ("dim", "depth", "heads", "mlp_ratio")},
                "n_params": model.num_params(), "batch": batch, "steps": steps, "warmup": warmup,
                "num_workers": workers, "device": str(dev), "seconds_per_step": total / steps,
