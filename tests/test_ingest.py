@@ -209,13 +209,18 @@ def test_mni_space_is_preferred_and_sessions_and_other_tasks_are_kept_apart(tmp_
     mni = "space-MNI152NLin2009cAsym_res-2"
     _tree(tmp_path, [f"sub-03/ses-1/func/sub-03_ses-1_task-rest_{mni}_desc-preproc_bold.nii.gz",
                      f"sub-03/ses-1/func/sub-03_ses-1_task-rest_{mni}_desc-brain_mask.nii.gz",
+                     # the same run at another resolution: the 2 mm one is read
+                     "sub-03/ses-1/func/sub-03_ses-1_task-rest_space-MNI152NLin2009cAsym_res-1_desc-preproc_bold.nii.gz",
                      "sub-03/ses-1/func/sub-03_ses-1_task-rest_desc-confounds_timeseries.tsv",
                      "sub-03/ses-1/func/sub-03_ses-1_task-rest_space-T1w_desc-preproc_bold.nii.gz",
                      f"sub-03/ses-1/func/sub-03_ses-1_task-nback_{mni}_desc-preproc_bold.nii.gz"])
     found = find_fmriprep(tmp_path, "03", "1")
-    assert found.space == "MNI152NLin2009cAsym" and "xfm" not in found.files
+    assert found.space == "MNI152NLin2009cAsym" and "xfm" not in found.files and "_res-2_" in found.files["bold"]
     assert found.files["confounds"].endswith("sub-03_ses-1_task-rest_desc-confounds_timeseries.tsv")
     assert find_fmriprep(tmp_path, "03", "2") is None and find_fmriprep(tmp_path, "04") is None
+    _tree(tmp_path, [f"sub-03/ses-1/func/sub-03_ses-1_task-rest_run-2_{mni}_desc-preproc_bold.nii.gz"])
+    with pytest.raises(InputError, match="one run per subject"):  # two runs: which one is not ours to guess
+        find_fmriprep(tmp_path, "03", "1")
 
 
 def test_every_incomplete_unit_is_listed_at_once(tmp_path):

@@ -113,6 +113,10 @@ def _sibling(series: Path, replace: str, drop_space: bool = False) -> Path:
 
 
 def _one(tool: str, found: list[Path], subject: str) -> Path:
+    """The one series of a unit in one space: of several resolutions of it (``res-``), the 2 mm one (our
+    template grid's); several runs are an error."""
+    if len({tuple(sorted((k, v) for k, v in _entities(p.name).items() if k != "res")) for p in found}) == 1:
+        found = [p for p in found if _entities(p.name).get("res") == "2"] or found[:1]
     if len(found) > 1:
         raise InputError(f"{len(found)} preprocessed series for one unit in the {tool} folder "
                          f"({', '.join(p.name for p in found)}); the workflow reads one run per subject and session",
