@@ -72,7 +72,7 @@ def part_throughput(ctx: dict) -> dict:
     base = {"channels": {"anat": 1, "dwi": 2, "func": 2}, "n_clinical": 2, "n_classes": 3}
     dev, results = ctx["device"], []
     if ctx["tiny"]:
-        cases = [("demo", ModelConfig(**base, grid=(16, 16, 16), **{**cfg["model"], "encoder": "vit"}), 2, 2, 1)]
+        cases = [("demo", ModelConfig(**base, grid=(16, 16, 16), **cfg["model"]), 2, 2, 1)]
         compiles = [False]
     else:
         cases = [("demo", ModelConfig(**base, grid=(32, 32, 32), **cfg["model"]), cfg["train"]["batch_size"], 20, 3),

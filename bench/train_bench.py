@@ -42,6 +42,7 @@ from _machine import machine  # noqa: E402
 from neuromoe.cache import store as C  # noqa: E402
 from neuromoe.learn.data import CohortDataset  # noqa: E402
 from neuromoe.learn.model import ModelConfig, NeuroMoE, class_weights  # noqa: E402
+from neuromoe.learn.screen import fit_screens  # noqa: E402
 from neuromoe.learn.train import resolve_device, train_step  # noqa: E402
 
 # bf16 dense tensor-core peaks (FLOP/s), vendor data sheets; matched on the device name.
@@ -99,6 +100,7 @@ def bench_case(name: str, mcfg: ModelConfig, batch: int, steps: int, warmup: int
                             pin_memory=dev.type == "cuda", persistent_workers=workers > 0)
         torch.manual_seed(0)
         model = NeuroMoE(mcfg).to(dev)
+        fit_screens(model, C.open_cohort(cache_dir), list(range(n)))  # the demo's screen experts (else a no-op)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda" or None)
         stepped = torch.compile(model) if compile else model
         w = class_weights(ds.labels, len(LABELS)).to(dev)
