@@ -43,3 +43,6 @@ def test_a_changed_parameter_changes_the_text() -> None:
     nonlinear = methods_text(config(preprocessing__anat__registration="nonlinear"), VERSIONS)
     assert "demons" in nonlinear and "demons" not in base and "Vercauteren" in nonlinear
     assert "dipy 1.0" in base and "`dtifit`" in fsl and "`dtifit`" not in base
+    fmriprep = methods_text(config(inputs__derivatives__fmriprep="/data/fmriprep"), VERSIONS)
+    assert "fMRIPrep's preprocessed resting-state BOLD" in fmriprep and "Esteban O" in fmriprep
+    assert "fMRIPrep" not in base and "QSIPrep" not in fmriprep

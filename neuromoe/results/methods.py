@@ -28,6 +28,10 @@ REFERENCES = {
               "NeuroImage 45:S61 (2009).",
     "mattes": "Mattes D, et al. PET-CT image registration in the chest using free-form deformations. IEEE TMI "
               "22:120 (2003).",
+    "fmriprep": "Esteban O, et al. fMRIPrep: a robust preprocessing pipeline for functional MRI. Nat Methods "
+                "16:111 (2019).",
+    "qsiprep": "Cieslak M, et al. QSIPrep: an integrative platform for preprocessing and reconstructing diffusion "
+               "MRI data. Nat Methods 18:775 (2021).",
     "dti": "Basser PJ, Mattiello J, LeBihan D. MR diffusion tensor spectroscopy and imaging. Biophys J 66:259 "
            "(1994).",
     "dipy": "Garyfallidis E, et al. Dipy, a library for the analysis of diffusion MRI data. Front Neuroinform "
@@ -107,7 +111,19 @@ def _preprocessing(cfg: Mapping[str, Any], v: Mapping[str, str], cite: list[str]
     space = (f"Every map was resampled to {MNI_SPACE} (2 mm) in a single interpolation through the composition "
              f"of its rigid registration to the T1-weighted image (mutual information) and the T1w-to-template "
              f"transform.")
-    return [t1, dw, bo, space]
+    out = [t1, dw, bo, space]
+    ingested = {k: v for k, v in ((cfg.get("inputs") or {}).get("derivatives") or {}).items() if v}
+    if "fmriprep" in ingested:
+        cite.append("fmriprep")
+        out.append("Where fMRIPrep's preprocessed resting-state BOLD was available, fALFF and ReHo were computed "
+                   "from it instead (the same regression with fMRIPrep's motion, white-matter and CSF regressors, "
+                   "the volumes it flagged as non-steady-state discarded) and reached the template through "
+                   "fMRIPrep's transforms; the subjects concerned are those whose map sidecars cite bids:fmriprep.")
+    if "qsiprep" in ingested:
+        cite.append("qsiprep")
+        out.append("Where QSIPrep's preprocessed DWI was available, the tensor was fitted to it instead and the "
+                   "maps reached the template through QSIPrep's transforms (sidecars citing bids:qsiprep).")
+    return out
 
 
 def methods_text(cfg: Mapping[str, Any], v: Mapping[str, str] | None = None) -> str:

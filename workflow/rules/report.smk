@@ -50,6 +50,7 @@ rule methods:
         sections={
             k: config[k]
             for k in (
+                "inputs",
                 "preprocessing",
                 "participants",
                 "cache",
