@@ -61,8 +61,9 @@ gpu-check-cohort: install
 	test -d .gpucheck/bids || $(BIN)/python -c "import yaml; from neuromoe.inputs.synth import SynthParams, make_cohort; \
 	  acq = yaml.safe_load(open('config.yaml'))['synthetic']['acquisition']; \
 	  make_cohort('.gpucheck/bids', 18, 42, params=SynthParams(**acq), n_jobs=$(CORES))"
-	$(SNAKEMAKE) --cores $(CORES) --config bids_dir=.gpucheck/bids output_dir=.gpucheck/run \
-	  evaluation='{"folds": 3}' -- .gpucheck/run/cache/cohort/manifest.json .gpucheck/run/model/splits.tsv
+	printf 'bids_dir: .gpucheck/bids\noutput_dir: .gpucheck/run\nevaluation:\n  folds: 3\n' > .gpucheck/settings.yaml
+	$(SNAKEMAKE) --cores $(CORES) --configfile .gpucheck/settings.yaml \
+	  -- .gpucheck/run/cache/cohort/manifest.json .gpucheck/run/model/splits.tsv
 	rm -rf .gpucheck/cohort && cp -r .gpucheck/run/cache/cohort .gpucheck/cohort
 	cp .gpucheck/run/model/splits.tsv config.yaml .gpucheck/cohort/
 
