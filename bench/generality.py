@@ -20,6 +20,10 @@ the same command continues where it stopped (Snakemake reruns only what is missi
 ``--set`` that leaves the preprocessing and cache settings alone starts from hard links to the derivatives
 and cache of another folder of the same design and size, so tuning training settings costs only training.
 
+A piece of fewer subjects than a cohort of its design already written (``--subjects 60`` after 180) reads that
+cohort's first subjects (``participant_label``; subject k is the same whatever the cohort's size) and starts
+from hard links to its piece's preprocessing: it costs only its training (``source_cohort``).
+
 ``--shape-mm 3``: the same design with subjects whose anatomy differs from the template (a smooth warp, RMS
 3 mm; docs/synthetic_cohort.md: Shape), registered nonlinearly; its own cohort and folders (``design-11-shape3_n180``),
 its own entries and pooled line.
@@ -127,13 +131,17 @@ def apply_overrides(cfg: dict, overrides: dict[str, Any]) -> dict:
     return cfg
 
 
-def piece_config(bids_dir: Path, overrides: dict[str, Any], shape_mm: float = 0.0) -> dict:
+def piece_config(bids_dir: Path, overrides: dict[str, Any], shape_mm: float = 0.0,
+                 participants: Sequence[str] | None = None) -> dict:
     """The workflow config of a piece: the repository's config.yaml (the demo's settings), pointed at the
     cohort, no generation, the benchmark's variants and split protocol (5 folds x 2 seeds), no lambda sweep,
     the logistic baseline, for a cohort with shape the workflow's default registration (nonlinear: config.yaml's
-    affine is for template-shaped brains), then ``--set``."""
+    affine is for template-shaped brains), ``participants`` (labels) as ``participant_label`` when the piece
+    reads the first subjects of a larger cohort (``source_cohort``), then ``--set``."""
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["bids_dir"], cfg["output_dir"] = str(bids_dir), "results"
+    if participants:
+        cfg["participant_label"] = list(participants)
     cfg.setdefault("synthetic", {})["generate"] = False
     cfg["evaluation"].update({"variants": list(VARIANTS), "lambda_sweep": [], "baseline": "logreg", **PROTOCOL})
     if shape_mm:
@@ -175,6 +183,29 @@ def write_cohort(bids: Path, n_subjects: int, design_seed: int | None, n_jobs: i
                 n_jobs=n_jobs)
     partial.rename(bids)
     return True
+
+
+def source_cohort(workdir: Path, design_seed: int | None, n_subjects: int,
+                  shape_mm: float = 0.0) -> tuple[Path, list[str] | None]:
+    """The cohort a piece of ``n_subjects`` reads, and the participant labels it keeps (None: all).
+
+    Its own (``cohorts/design-<S>_n<N>``) when written; else the smallest complete larger cohort of the same
+    design (and shape), of which it takes the first ``n_subjects`` subjects: subject k's plan, images and
+    labels do not depend on the cohort's size (``synth_plan._diagnosis`` / ``_profile``), so they are the
+    subjects a cohort of ``n_subjects`` would hold, and that piece reuses the larger one's preprocessing
+    (``reusable_preprocessing``: same ``bids_dir``). Else its own, to be written."""
+    from neuromoe.inputs.synth import subject_id
+
+    root = workdir / "cohorts"
+    own = root / piece_name(design_seed, n_subjects, shape_mm=shape_mm)
+    if own.is_dir():
+        return own, None
+    prefix = f"design-{design_token(design_seed, shape_mm)}_n"
+    sizes = sorted(int(d.name[len(prefix):]) for d in root.glob(prefix + "*")
+                   if d.is_dir() and d.name[len(prefix):].isdigit() and int(d.name[len(prefix):]) > n_subjects)
+    if not sizes:
+        return own, None
+    return root / f"{prefix}{sizes[0]}", [subject_id(k) for k in range(1, n_subjects + 1)]
 
 
 def split_ids(cfg: dict) -> list[str]:
@@ -270,10 +301,11 @@ def _with_defaults(cfg: dict) -> dict | None:
 
 
 def reusable_preprocessing(wf: Path, cfg: dict) -> Path | None:
-    """A sibling workflow folder of the same design and size whose cohort cache is built with the same
-    preprocessing settings, or None. Both configs are compared with the schema's defaults filled, so a
-    folder written before a new key got its default still matches when that default is what it ran."""
-    prefix = wf.name.split("_")[0] + "_" + wf.name.split("_")[1]  # design-<S>_n<N>
+    """A sibling workflow folder of the same design whose subjects are preprocessed and cached with the same
+    settings from the same cohort (``bids_dir``: a piece of fewer subjects reading a larger cohort reuses that
+    cohort's piece), or None. Both configs are compared with the schema's defaults filled, so a folder
+    written before a new key got its default still matches when that default is what it ran."""
+    prefix = wf.name.split("_")[0] + "_n"  # design-<S>[-shape<mm>]_n
     cfg = _with_defaults(cfg) or cfg
     for other in sorted(wf.parent.glob(prefix + "*")):
         if other == wf or not (other / "results" / "cache" / "cohort" / "manifest.json").is_file():
@@ -284,7 +316,7 @@ def reusable_preprocessing(wf: Path, cfg: dict) -> Path | None:
             continue
         if ocfg is None:
             continue
-        if other.name.split("_")[:2] == wf.name.split("_")[:2] and all(
+        if other.name.split("_")[0] == wf.name.split("_")[0] and all(
                 _pick(ocfg, k) == _pick(cfg, k) for k in PREPROCESSING_KEYS):
             return other
     return None
@@ -527,9 +559,16 @@ def pooled_difference(designs: Sequence[dict], n_subjects: int = DEFAULT_SUBJECT
             and (d.get("paired_full_minus_no_gate") or {}).get("mean") is not None]
     rows.sort(key=lambda d: d["design_seed"])
     s = summarise([d["paired_full_minus_no_gate"]["mean"] for d in rows])
+    acc = [d["balanced_accuracy"] for d in rows]
+    gaps = [d["oracle"]["full"]["test_balanced_accuracy_mean"] - a["full"] for d, a in zip(rows, acc, strict=True)]
+    singles = [max((v for k, v in a.items() if k.startswith("only_")), default=float("nan")) for a in acc]
     return {"mean": _finite(s.mean), "ci_low": _finite(s.ci_low), "ci_high": _finite(s.ci_high),
             "n_designs": len(rows), "design_seeds": [d["design_seed"] for d in rows],
             "designs_full_wins": sum(d["paired_full_minus_no_gate"]["mean"] > 0 for d in rows),
+            # the other acceptance figures: distance to the oracle's ceiling, full against every single modality
+            "oracle_minus_full": _finite(float(np.mean(gaps))) if gaps else None,
+            "oracle_minus_full_per_design": [round(g, 4) for g in gaps],
+            "designs_full_beats_every_single": sum(a["full"] > m for a, m in zip(acc, singles, strict=True)),
             "n_subjects": n_subjects, "config_overrides": overrides or {}, "setting": setting,
             **({"shape_mm": float(shape_mm)} if shape_mm else {})}
 
@@ -582,15 +621,21 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
 
     meta = machine()  # before this run adds its own load
     tag = f"design {design_token(design_seed, shape_mm)}, {n_subjects} subjects"
-    cohort = workdir / "cohorts" / piece_name(design_seed, n_subjects, shape_mm=shape_mm)
     wf = workdir / piece_name(design_seed, n_subjects, overrides, shape_mm)
-    cfg = piece_config(cohort, overrides, shape_mm)
-    validate_config(yaml.safe_load(yaml.safe_dump(cfg)))  # every problem of the --set values now, not later
+    validate_config(yaml.safe_load(yaml.safe_dump(piece_config(Path("bids"), overrides, shape_mm))))  # --set now
     wf.mkdir(parents=True, exist_ok=True)
     state_path, log = wf / "generality_state.json", wf / "snakemake.log"
     with locked(wf / ".generality.lock", blocking=False):
         state = json.loads(state_path.read_text()) if state_path.is_file() else {}
         seconds = {p: float(state.get("seconds", {}).get(p, 0.0)) for p in PHASES}
+        if "cohort" not in state:  # chosen once: a resumed piece keeps reading the cohort it began with
+            path, labels = source_cohort(workdir, design_seed, n_subjects, shape_mm)
+            state["cohort"] = {"path": str(path), "participant_label": labels}
+        cohort, labels = Path(state["cohort"]["path"]), state["cohort"]["participant_label"]
+        cfg = piece_config(cohort, overrides, shape_mm, participants=labels)
+        if labels:
+            _say(tag, f"the first {n_subjects} subjects of {cohort.name} (the same subjects a cohort of "
+                      f"{n_subjects} holds)")
 
         def spend(phase: str, t0: float) -> None:  # summed over sittings, interrupted ones included
             seconds[phase] += time.perf_counter() - t0
@@ -601,7 +646,8 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
         try:
             with locked(cohort.with_name(cohort.name + ".lock")):  # pieces of one design share the cohort
                 _say(tag, f"cohort -> {cohort}")
-                wrote = write_cohort(cohort, n_subjects, design_seed, n_jobs=cores, shape_mm=shape_mm)
+                wrote = labels is None and write_cohort(cohort, n_subjects, design_seed, n_jobs=cores,
+                                                        shape_mm=shape_mm)
         finally:
             spend("cohort", t0)
         _say(tag, f"cohort {'written' if wrote else 'present'} ({seconds['cohort']:.0f} s)")
@@ -655,6 +701,7 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
         **({"shape_mm": float(shape_mm),
             "registration": cfg["preprocessing"]["anat"]["registration"]} if shape_mm else {}),
         "heldout": design_seed in HELDOUT_DESIGN_SEEDS, "cohort_seed": cohort_seed(design_seed),
+        "cohort": str(cohort), **({"participant_label": list(labels)} if labels else {}),
         "workdir": str(wf), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "splits": split_ids(cfg), "balanced_accuracy": mean, "balanced_accuracy_sd": sd,
         "balanced_accuracy_per_split": {v: {s: round(float(a), 4) for s, a in g.set_index("split_id")
@@ -731,15 +778,26 @@ def report(results: dict) -> str:
 
     designs = [d for d in results.get("designs", []) if d.get("finished")]
     now = current_setting()
-    main = [d for d in designs if d["design_seed"] in HELDOUT_DESIGN_SEEDS
-            and int(d["n_subjects"]) == DEFAULT_SUBJECTS and not effective_overrides(d.get("config_overrides"))
-            and entry_setting(d)["tag"] == now["tag"] and not d.get("shape_mm")]
-    lines = [f"Test balanced accuracy (%), mean over splits; held-out designs, {DEFAULT_SUBJECTS} subjects, "
-             f"the repository's config.yaml ({now['encoder']} experts, gate_fit {now['gate_fit']}):", "", head, sep]
-    lines += [row(d, str(d["design_seed"])) for d in main]
-    p = pooled_difference(designs)
-    lines.append(f"| **pooled** ({p['n_designs']} designs; full better in {p['designs_full_wins']}) | "
-                 + " | ".join("" for _ in cols) + f" | | {_fmt_diff(p)} | {_wins(p)} |")
+    held = [d for d in designs if d["design_seed"] in HELDOUT_DESIGN_SEEDS
+            and not effective_overrides(d.get("config_overrides")) and entry_setting(d)["tag"] == now["tag"]]
+    # one table per cohort size and shape (the protocol's 180 template-shaped subjects first), each pooled
+    groups = sorted({(int(d["n_subjects"]), float(d.get("shape_mm") or 0.0)) for d in held},
+                    key=lambda g: (g != (DEFAULT_SUBJECTS, 0.0), g[1], -g[0]))
+    main, lines = [], []
+    for n, shape in groups or [(DEFAULT_SUBJECTS, 0.0)]:
+        rows = [d for d in held if (int(d["n_subjects"]), float(d.get("shape_mm") or 0.0)) == (n, shape)]
+        main += rows
+        what = f"{n} subjects" + (f", shape {shape:g} mm (nonlinear registration)" if shape else "")
+        lines += [*([""] if lines else []),
+                  f"Test balanced accuracy (%), mean over splits; held-out designs, {what}, the repository's "
+                  f"config.yaml ({now['encoder']} experts, gate_fit {now['gate_fit']}):", "", head, sep]
+        lines += [row(d, str(d["design_seed"])) for d in rows]
+        p = pooled_difference(designs, n, shape_mm=shape)
+        gap = p.get("oracle_minus_full")
+        lines.append(f"| **pooled** ({p['n_designs']} designs; full better in {p['designs_full_wins']}, "
+                     f"above every single modality in {p.get('designs_full_beats_every_single', 0)}) | "
+                     + " | ".join("" for _ in cols)
+                     + f" | oracle - full {'' if gap is None else f'{100 * gap:.1f}'} | {_fmt_diff(p)} | {_wins(p)} |")
     rest = [d for d in designs if d not in main]
     if rest:
         lines += ["", "Other entries (not held out, or another size or setting):", "", head, sep]

@@ -175,7 +175,8 @@ def _entry(seed, diff: float, n: int = 180, overrides: dict | None = None, confi
     return {"design_seed": seed, "n_subjects": n, "config_overrides": overrides or {}, "finished": True,
             **({"shape_mm": shape_mm, "registration": "nonlinear"} if shape_mm else {}),
             "config": config, "setting": generality.setting_of(config),
-            "balanced_accuracy": {"full": 0.5 + diff, "no_gate": 0.5, "baseline": 0.4},
+            "balanced_accuracy": {"full": 0.5 + diff, "no_gate": 0.5, "only_anat": 0.53, "only_dwi": 0.45,
+                                  "baseline": 0.4},
             "oracle": {"full": {"test_balanced_accuracy_mean": 0.8}, "no_gate": {"test_balanced_accuracy_mean": 0.7}},
             "paired_full_minus_no_gate": {"mean": diff, "ci_low": diff - 0.05, "ci_high": diff + 0.05,
                                           "n_splits": 10}}
@@ -202,6 +203,9 @@ def test_results_merge_replaces_only_the_pieces_own_entry(gen, tmp_path: Path) -
     assert p["n_designs"] == 2 and p["design_seeds"] == [h[0], h[1]] and p["mean"] == pytest.approx(0.03)
     half = stats.t.ppf(0.975, 1) * np.std([0.04, 0.02], ddof=1) / math.sqrt(2)
     assert p["ci_low"] == pytest.approx(0.03 - half) and p["designs_full_wins"] == 2
+    # distance to the oracle (0.8 - 0.54, 0.8 - 0.52) and full against the best single modality (0.53)
+    assert p["oracle_minus_full"] == pytest.approx(0.27) and p["oracle_minus_full_per_design"] == [0.26, 0.28]
+    assert p["designs_full_beats_every_single"] == 1
     assert len(r["pooled_by_setting"]) == 5
     shaped = [q for q in r["pooled_by_setting"] if q.get("shape_mm") == 3]
     assert len(shaped) == 1 and shaped[0]["design_seeds"] == [h[1]] and shaped[0]["mean"] == pytest.approx(0.20)
@@ -209,8 +213,13 @@ def test_results_merge_replaces_only_the_pieces_own_entry(gen, tmp_path: Path) -
     table = gen.report(r)
     assert "an earlier config.yaml: vit experts, gate_fit crossfit" in table and "+30.0" not in table.split("Other")[0]
     assert f"| {h[0]} | 54.0 | 50.0 |" in table and "| 80.0 / 70.0 | +4.0 [-1.0, 9.0] | not shown |" in table
-    assert "**pooled** (2 designs; full better in 2)" in table and "tuning" in table and "demo, n 180" in table
-    assert f"{h[1]}, n 180, shape 3 mm (nonlinear registration)" in table.split("Other")[1]
+    assert "**pooled** (2 designs; full better in 2, above every single modality in 1)" in table
+    assert "| oracle - full 27.0 |" in table and "tuning" in table and "demo, n 180" in table
+    # one table per size and shape, each pooled, the protocol's (180, template-shaped) first
+    first = table.index("held-out designs, 180 subjects, the repository's")
+    assert first == table.index("held-out designs") < table.index("held-out designs, 9 subjects")
+    assert table.index("held-out designs, 180 subjects, shape 3 mm (nonlinear registration)") > first
+    assert table.count("**pooled**") == 3
 
 
 def test_results_write_is_atomic(gen, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,3 +291,37 @@ def test_a_new_setting_reuses_the_preprocessing_of_the_same_design(gen, tmp_path
     assert (train / "results/benchmarks/cache_cohort.tsv").is_file()
     assert not (train / "results/logs/train").exists() and not (train / "results/benchmarks/train").exists()
     assert (train / ".snakemake/metadata/abc").is_file()
+
+
+def test_a_smaller_piece_reads_the_first_subjects_of_a_larger_cohort(gen, tmp_path: Path) -> None:
+    """A 60-subject piece of a design whose 180-subject cohort is written takes its first 60 subjects (the same
+    subjects, synth_plan) and reuses that piece's preprocessing; its own cohort, when written, comes first."""
+    import yaml
+
+    cohorts = tmp_path / "cohorts"
+    (cohorts / "design-11_n180").mkdir(parents=True)
+    (cohorts / "design-11_n90.partial").mkdir()           # an interrupted write is never read
+    (cohorts / "design-11-shape3_n120").mkdir()           # another cohort (shape): not this design's
+    bids, labels = gen.source_cohort(tmp_path, 11, 60)
+    assert bids == cohorts / "design-11_n180"
+    assert labels == [f"{k:02d}" for k in range(1, 61)]
+    assert gen.source_cohort(tmp_path, 11, 180) == (cohorts / "design-11_n180", None)
+    assert gen.source_cohort(tmp_path, 12, 60) == (cohorts / "design-12_n60", None)      # none larger: its own
+    assert gen.source_cohort(tmp_path, 11, 60, shape_mm=3) == (cohorts / "design-11-shape3_n120",
+                                                                [f"{k:02d}" for k in range(1, 61)])
+    (cohorts / "design-11_n120").mkdir()
+    assert gen.source_cohort(tmp_path, 11, 60)[0] == cohorts / "design-11_n120"        # the smallest larger one
+    (cohorts / "design-11_n60").mkdir()
+    assert gen.source_cohort(tmp_path, 11, 60) == (cohorts / "design-11_n60", None)
+
+    big = tmp_path / gen.piece_name(11, 180)
+    (big / "results" / "cache" / "cohort").mkdir(parents=True)
+    (big / "results" / "cache" / "cohort" / "manifest.json").write_text("{}")
+    (big / "config.yaml").write_text(yaml.safe_dump(gen.piece_config(cohorts / "design-11_n180", {})))
+    cfg = gen.piece_config(cohorts / "design-11_n180", {}, participants=labels)
+    assert cfg["participant_label"] == labels
+    assert gen.reusable_preprocessing(tmp_path / gen.piece_name(11, 60), cfg) == big
+    # a 60-subject piece reading its own cohort of 60 has other inputs: nothing to reuse
+    own = gen.piece_config(cohorts / "design-11_n60", {})
+    assert "participant_label" not in own or not own["participant_label"]
+    assert gen.reusable_preprocessing(tmp_path / gen.piece_name(11, 60), own) is None

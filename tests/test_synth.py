@@ -536,6 +536,10 @@ def test_deterministic_per_subject_and_seed(tmp_path: Path):
     # Same seed: identical arrays (and files), whatever the cohort size or the number of processes.
     assert _arrays_digest(a, "01") == _arrays_digest(b, "01")
     assert Path(paths.raw(a, "01", "bold")).read_bytes() == Path(paths.raw(b, "01", "bold")).read_bytes()
+    # ... and its participants row: a cohort's first n subjects are the cohort of n (bench/generality.py
+    # runs the 60-subject pieces on the first 60 subjects of the 180-subject cohort)
+    pa, pb = (pd.read_csv(x / "participants.tsv", sep="\t", dtype=str) for x in (a, b))
+    pd.testing.assert_frame_equal(pa, pb.iloc[:1])
     # Another seed or another subject: different images.
     da, dc, db2 = _arrays_digest(a, "01"), _arrays_digest(c, "01"), _arrays_digest(b, "02")
     assert all(da[k] != dc[k] and da[k] != db2[k] for k in da)
