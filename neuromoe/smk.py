@@ -151,3 +151,49 @@ def trains(args: Any | None) -> bool:
     ``--until`` or ``--omit-from``), and not a listing, lint, report or clean-up mode; False when unknown."""
     return (args is not None and (not args.targets or "all" in args.targets) and not args.until
             and not args.omit_from and not any(getattr(args, mode, None) for mode in NOT_A_RUN))
+
+
+def coalesce_scheduler_wakeups(scheduler_cls: Any = None) -> bool:
+    """Keep Snakemake's scheduler from waking up once more every second for every job it has finished.
+
+    Snakemake 9's ``JobScheduler.schedule`` ends every pass by arming a ``threading.Timer`` (the timespan of
+    ``--max-jobs-per-timespan``, 1 s by default) that re-opens the scheduler; that pass re-arms one, and each
+    finished job adds a pass of its own. So every finished job starts a timer chain that never ends: after k
+    jobs the main process makes k passes a second (job selection, input sizes, a thread each). On the
+    180-subject generality piece (721 jobs) Snakemake's own process used half of one of the 2 cores after 156
+    jobs, and the timers are not daemon threads, so a long timespan makes Snakemake hang at exit instead.
+    Here a pass arms a timer only when none is pending (one chain, daemon): the re-evaluation the rate
+    limiter needs still comes within one timespan. Applied once per process by the Snakefile; returns
+    whether the scheduler is patched (False where this Snakemake has no such method: nothing to do)."""
+    import threading
+
+    if scheduler_cls is None:
+        try:
+            from snakemake.scheduling.job_scheduler import JobScheduler as scheduler_cls
+        except ImportError:
+            return False
+    if getattr(scheduler_cls, "_neuromoe_coalesced", False):
+        return True
+    if not callable(getattr(scheduler_cls, "_schedule_reevalutation", None)):
+        return False
+    guard = threading.Lock()
+
+    def _schedule_reevalutation(self: Any, delay: float) -> None:
+        with guard:
+            pending = getattr(self, "_neuromoe_timer", None)
+            if pending is not None and pending.is_alive():
+                return
+
+            def reopen() -> None:
+                with guard:
+                    self._neuromoe_timer = None
+                self._open_jobs.release()
+
+            timer = threading.Timer(delay, reopen)
+            timer.daemon = True
+            self._neuromoe_timer = timer
+            timer.start()
+
+    scheduler_cls._schedule_reevalutation = _schedule_reevalutation
+    scheduler_cls._neuromoe_coalesced = True
+    return True

@@ -314,6 +314,36 @@ def test_job_benchmark_record_counts_children_and_startup(tmp_path: Path) -> Non
     assert row["max_rss"] > 5 and row["status"] == "ok"
 
 
+def test_the_scheduler_keeps_one_wakeup_timer_not_one_per_finished_job() -> None:
+    """neuromoe.smk.coalesce_scheduler_wakeups (the Snakefile applies it): Snakemake 9 arms a 1 s timer at the end
+    of every scheduling pass, so each finished job started a timer chain of its own and the scheduler's passes
+    grew with the jobs done. Patched, fifty passes leave one pending daemon timer that re-opens the scheduler
+    once, and a later pass arms the next."""
+    import threading
+
+    from snakemake.scheduling.job_scheduler import JobScheduler
+
+    from neuromoe.smk import coalesce_scheduler_wakeups
+
+    class Scheduler:
+        def _schedule_reevalutation(self, delay: float) -> None:
+            raise AssertionError("not patched")
+
+    assert coalesce_scheduler_wakeups(Scheduler) and coalesce_scheduler_wakeups(Scheduler)  # idempotent
+    s = Scheduler()
+    s._open_jobs = threading.Semaphore(0)
+    before = threading.active_count()
+    for _ in range(50):                                  # 50 passes, e.g. after 50 finished jobs
+        s._schedule_reevalutation(0.3)
+    assert threading.active_count() - before == 1 and s._neuromoe_timer.daemon  # no hang at exit either
+    assert s._open_jobs.acquire(timeout=10)              # the re-evaluation comes ...
+    assert not s._open_jobs.acquire(timeout=1.0)         # ... once, not fifty times
+    s._schedule_reevalutation(0.05)
+    assert s._open_jobs.acquire(timeout=10)
+    # The Snakemake this project pins has the method (an upgrade that renames it fails here, not silently).
+    assert coalesce_scheduler_wakeups() and JobScheduler._neuromoe_coalesced
+
+
 def test_outputs_are_those_of_the_commit_before_sessions(workflow_run: Path) -> None:
     """A dataset without sessions gets exactly the outputs it always had: the sha256 of every derivative, cache
     array, prediction and evaluation table of this run equals tests/data/e2e_outputs.sha256, written from the same

@@ -23,7 +23,9 @@ from neuromoe.errors import NeuroMoEError
 from neuromoe.preproc import preproc_keys
 from neuromoe.preproc.resources import STAGE_IMAGE, job_estimate
 from neuromoe.learn.variants import expert_donor
-from neuromoe.smk import trains
+from neuromoe.smk import coalesce_scheduler_wakeups, trains
+
+coalesce_scheduler_wakeups()  # one scheduler timer, not one more per finished job (neuromoe/smk.py)
 
 try:
     validate_config(config)  # readable, every problem at once, semantic checks
