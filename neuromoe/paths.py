@@ -117,6 +117,14 @@ def unit_label(subject: str, session: str | None = None) -> str:
     return f"sub-{subject}" + (f"_ses-{session}" if session is not None else "")
 
 
+def subject_label(subject: str | None) -> str | None:
+    """``sub-01`` for ``01`` (or ``sub-01``): how a subject is named in messages, logs and figure titles; None
+    stays None (an error or log line without a subject)."""
+    if subject is None:
+        return None
+    return subject if subject.startswith("sub-") else f"sub-{subject}"
+
+
 def unit_dir(subject: str, session: str | None = None) -> Path:
     """``sub-01`` or ``sub-01/ses-2``: the folder of one subject-session in a BIDS tree."""
     return Path(f"sub-{subject}") / (f"ses-{session}" if session is not None else "")

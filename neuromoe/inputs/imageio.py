@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from neuromoe.errors import InputError
+from neuromoe.paths import subject_label
 
 # Diagonal that flips RAS+ <-> LPS+ world coordinates (its own inverse).
 _RAS2LPS = np.diag([-1.0, -1.0, 1.0])
@@ -33,18 +34,18 @@ def load_image(path: str | Path, *, subject: str | None = None, ndim: int | None
     """
     path = Path(path)
     if not path.exists():
-        raise InputError("file not found.", subject=_sub(subject), path=path,
+        raise InputError("file not found.", subject=subject_label(subject), path=path,
                          fix="check the BIDS dataset or rerun the stage that writes it.")
     try:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise InputError(f"cannot be read as NIfTI ({exc}).", subject=_sub(subject), path=path,
+        raise InputError(f"cannot be read as NIfTI ({exc}).", subject=subject_label(subject), path=path,
                          fix="replace the file with a valid NIfTI-1/2 image.") from exc
     if data.ndim == 4 and data.shape[3] == 1 and ndim == 3:
         data = data[..., 0]
     if ndim is not None and data.ndim != ndim:
-        raise InputError(f"expected a {ndim}D image, got shape {data.shape}.", subject=_sub(subject),
+        raise InputError(f"expected a {ndim}D image, got shape {data.shape}.", subject=subject_label(subject),
                          path=path, fix=f"give a {ndim}D image.")
     return new_image(data, img.affine, like=img)
 
@@ -100,10 +101,6 @@ def _save(img: nib.Nifti1Image, path: str | Path) -> str:
                                   ("sec" if time_ == "unknown" else time_) if img.ndim == 4 else time_)
     nib.save(img, str(path))
     return str(path)
-
-
-def _sub(subject: str | None) -> str | None:
-    return None if subject is None else (subject if subject.startswith("sub-") else f"sub-{subject}")
 
 
 # ---------------------------------------------------------------- SimpleITK <-> nibabel (RAS <-> LPS)

@@ -43,6 +43,7 @@ from scipy import ndimage
 from neuromoe.config import AnatConfig
 from neuromoe.errors import StageError
 from neuromoe.inputs.imageio import load_image, new_image, save_map, save_mask, to_sitk
+from neuromoe.paths import subject_label
 from neuromoe.preproc import registration as reg
 from neuromoe.preproc.masks import head_mask, largest_component
 
@@ -99,13 +100,13 @@ def nonfinite_note(t1: nib.Nifti1Image, path: str | Path, subject: str | None = 
     if bad == 0.0:
         return ""
     log.warning("%s: %.2f%% of the voxels of %s are NaN or infinite; set to 0 (check the conversion from DICOM)",
-                _sub(subject), 100 * bad, path)
+                subject_label(subject), 100 * bad, path)
     return f" ({100 * bad:.1f}% NaN/inf voxels set to 0)"
 
 
 def check_t1(t1: nib.Nifti1Image, subject: str | None = None) -> nib.Nifti1Image:
     """The T1w as a float32 3D image, or StageError if it cannot be a head (4D, constant, tiny, NaN)."""
-    sub = _sub(subject)
+    sub = subject_label(subject)
     shape = t1.shape
     if len(shape) == 4 and shape[3] == 1:
         t1 = new_image(np.asarray(t1.dataobj, dtype=np.float32)[..., 0], t1.affine, like=t1)
@@ -148,7 +149,7 @@ def extract_brain(t1: nib.Nifti1Image, subject: str | None = None, *, n4: bool =
 def brain_extraction(t1: nib.Nifti1Image, subject: str | None = None, *, n4: bool = True,
                      threads: int | None = None) -> BrainExtraction:
     """Brain extraction with its intermediates (see the module docstring for the method)."""
-    sub = _sub(subject)
+    sub = subject_label(subject)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     t1 = check_t1(t1, subject)
@@ -299,7 +300,7 @@ def register_to_mni(brain_img: nib.Nifti1Image, mask_img: nib.Nifti1Image, kind:
     """
     if kind not in ("affine", "nonlinear", "bspline"):
         raise ValueError(f"kind must be affine, nonlinear or bspline, got {kind!r}")
-    sub = _sub(subject)
+    sub = subject_label(subject)
     mask = np.asarray(mask_img.dataobj) > 0
     if mask.shape != brain_img.shape[:3] or not mask.any():
         raise StageError(f"brain mask shape {mask.shape} / {int(mask.sum())} voxels does not fit the "
@@ -332,7 +333,7 @@ def run_anat(t1_path: str | Path, outputs: Mapping[str, str], subject: str, cfg:
     check_outputs(outputs, "run_anat")
     kind = str(cfg.registration)
     t0 = time.perf_counter()
-    t1 = load_image(t1_path, subject=_sub(subject))
+    t1 = load_image(t1_path, subject=subject_label(subject))
     note = nonfinite_note(t1, t1_path, subject)
     res = brain_extraction(t1, subject, threads=threads)
     t = time.perf_counter()
@@ -342,7 +343,7 @@ def run_anat(t1_path: str | Path, outputs: Mapping[str, str], subject: str, cfg:
     write_outputs(outputs, subject, mask=res.mask, brain=res.brain, transform=tf, brain_mni=brain_mni,
                   mask_mni=mask_mni, qc_background=res.corrected,
                   mask_title=f"brain mask on the bias-corrected T1w{note}", method=kind)
-    log.info("%s anat: done in %.1f s (extraction %.1f s, MNI %s %.1f s)", _sub(subject),
+    log.info("%s anat: done in %.1f s (extraction %.1f s, MNI %s %.1f s)", subject_label(subject),
              time.perf_counter() - t0, res.timings["total"], kind, t_mni)
 
 
@@ -368,7 +369,7 @@ def write_outputs(outputs: Mapping[str, str], subject: str, *, mask: nib.Nifti1I
     if any(k in outputs for k in QC_KEYS):
         from neuromoe.preproc import qc  # matplotlib only when figures are asked for
 
-        sub = _sub(subject)
+        sub = subject_label(subject)
         if "qc_anat_mask" in outputs:
             qc.plot_mask_outline(qc_background, mask, outputs["qc_anat_mask"], f"{sub}: {mask_title}")
         if "qc_anat_reg" in outputs:
@@ -450,7 +451,3 @@ def _ball(radius_mm: float, zooms: np.ndarray) -> np.ndarray:
 def _dilate_mm(mask: np.ndarray, mm: float, zooms: Any) -> np.ndarray:
     dist = ndimage.distance_transform_edt(~mask, sampling=np.asarray(zooms, dtype=float))
     return dist <= mm
-
-
-def _sub(subject: str | None) -> str | None:
-    return None if subject is None else (subject if subject.startswith("sub-") else f"sub-{subject}")

@@ -25,6 +25,7 @@ import pandas as pd
 from scipy import ndimage
 
 from neuromoe.errors import InputError, StageError
+from neuromoe.paths import subject_label
 from neuromoe.preproc.masks import largest_component
 from neuromoe.preproc.motion import realign_series, rotate_bvecs, rotations_from_params
 
@@ -37,10 +38,6 @@ log = logging.getLogger("neuromoe.dwi")
 STAGE = "dwi"
 MAPS = ("FA", "MD", "AD", "RD")
 MIN_SIGNAL = 1e-4  # signals are clipped here before the log (dipy uses the same floor)
-
-
-def _sub(subject: str | None) -> str | None:
-    return None if subject is None else (subject if subject.startswith("sub-") else f"sub-{subject}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +215,7 @@ def _dipy_nlls(signal: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray
 def check_gradients(bvals: np.ndarray, bvecs: np.ndarray, n_volumes: int, b0_threshold: float,
                     subject: str | None, paths: dict[str, str]) -> None:
     """Raise StageError (naming subject, file and fix) if the gradient table cannot give a tensor fit."""
-    sub = _sub(subject)
+    sub = subject_label(subject)
     if bvecs.ndim != 2 or bvecs.shape[0] != 3:
         raise StageError(f"the b-vectors have shape {bvecs.shape}; expected 3 rows (x, y, z)", subject=sub,
                          stage=STAGE, path=paths["bvec"], fix="write the .bvec as three lines, one per axis")
@@ -260,7 +257,7 @@ def load_inputs(inputs: Mapping[str, str], subject: str, b0_threshold: float
     from neuromoe.inputs.bids import read_gradients
     from neuromoe.inputs.imageio import load_image
 
-    sub = _sub(subject)
+    sub = subject_label(subject)
     img = load_image(inputs["dwi"], subject=subject, ndim=4)
     try:
         bvals, bvecs = read_gradients(Path(inputs["bval"]), Path(inputs["bvec"]))
@@ -293,7 +290,7 @@ def run_dwi(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str,
     from neuromoe.inputs.imageio import load_image, new_image
     from neuromoe.preproc import registration as reg
 
-    sub = _sub(subject)
+    sub = subject_label(subject)
     b0_threshold, method = float(cfg.b0_threshold), str(cfg.fit_method)
     img, bvals, bvecs = load_inputs(inputs, subject, b0_threshold)
     n_vol = img.shape[3]
@@ -397,5 +394,5 @@ def _qc(outputs: Mapping[str, str], subject: str, maps: dict[str, nib.Nifti1Imag
     arr = motion.to_numpy()
     fd = np.r_[0.0, np.abs(np.diff(arr[:, :3], axis=0)).sum(1) + 50.0 * np.abs(np.diff(arr[:, 3:], axis=0)).sum(1)]
     qc.plot_map_slices({"FA": maps["FA"], "MD": maps["MD"]}, outputs["qc_dwi_fa"],
-                       title=f"{_sub(subject)} DTI (native)", mask=mask)
-    qc.plot_motion(motion, outputs["qc_dwi_motion"], title=f"{_sub(subject)} DWI motion", fd=fd)
+                       title=f"{subject_label(subject)} DTI (native)", mask=mask)
+    qc.plot_motion(motion, outputs["qc_dwi_motion"], title=f"{subject_label(subject)} DWI motion", fd=fd)

@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from neuromoe.errors import StageError
 from neuromoe.inputs.bids import min_volumes  # the rule lives with the start-up checks
-from neuromoe.paths import FUNC_MAP_KEYS
+from neuromoe.paths import FUNC_MAP_KEYS, subject_label
 from neuromoe.preproc.masks import epi_mask
 from neuromoe.preproc.series import detrend, rank_rows
 
@@ -45,13 +45,6 @@ DVARS_SCALE = 1000.0
 DEFAULT_BAND_HZ = (0.01, 0.08)
 
 
-def _sub(subject: str | None) -> str | None:
-    """Subjects are passed without the prefix; messages print ``sub-XX``."""
-    if subject is None:
-        return None
-    return subject if subject.startswith("sub-") else f"sub-{subject}"
-
-
 # --------------------------------------------------------------------------------------------------
 # Inputs: TR and dummy scans
 # --------------------------------------------------------------------------------------------------
@@ -67,21 +60,21 @@ def repetition_time(json_path: str | Path, subject: str | None = None) -> float:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise StageError("the BOLD sidecar JSON does not exist", subject=_sub(subject), stage=STAGE,
+        raise StageError("the BOLD sidecar JSON does not exist", subject=subject_label(subject), stage=STAGE,
                          path=path, fix=f"create it with {fix.removeprefix('add ')}") from exc
     except json.JSONDecodeError as exc:
         raise StageError(f"the BOLD sidecar is not valid JSON ({exc.msg}, line {exc.lineno})",
-                         subject=_sub(subject), stage=STAGE, path=path, fix="repair the JSON syntax") from exc
+                         subject=subject_label(subject), stage=STAGE, path=path, fix="repair the JSON syntax") from exc
     if not isinstance(meta, dict) or "RepetitionTime" not in meta:
-        raise StageError("no RepetitionTime in the BOLD sidecar", subject=_sub(subject), stage=STAGE,
+        raise StageError("no RepetitionTime in the BOLD sidecar", subject=subject_label(subject), stage=STAGE,
                          path=path, fix=fix)
     tr = meta["RepetitionTime"]
     if isinstance(tr, bool) or not isinstance(tr, int | float) or not math.isfinite(tr) or tr <= 0:
         raise StageError(f"RepetitionTime is {tr!r}; it must be a positive number of seconds",
-                         subject=_sub(subject), stage=STAGE, path=path, fix=fix)
+                         subject=subject_label(subject), stage=STAGE, path=path, fix=fix)
     if tr > 100:  # a TR in milliseconds is the usual mistake
         raise StageError(f"RepetitionTime is {tr}, which looks like milliseconds; BIDS wants seconds",
-                         subject=_sub(subject), stage=STAGE, path=path, fix=f"write {tr / 1000:g} instead")
+                         subject=subject_label(subject), stage=STAGE, path=path, fix=f"write {tr / 1000:g} instead")
     return float(tr)
 
 
@@ -95,7 +88,7 @@ def drop_dummy_scans(img: nib.Nifti1Image, n: int, tr: float | None = None, *,
     """
     if img.ndim != 4:
         raise StageError(f"the BOLD image is {img.ndim}D {img.shape}; a 4D time series is needed",
-                         subject=_sub(subject), stage=STAGE, fix="pass the 4D *_bold.nii.gz")
+                         subject=subject_label(subject), stage=STAGE, fix="pass the 4D *_bold.nii.gz")
     if n < 0:
         raise ValueError(f"dummy_scans must be >= 0, got {n}")
     if tr is None:
@@ -108,7 +101,7 @@ def drop_dummy_scans(img: nib.Nifti1Image, n: int, tr: float | None = None, *,
             f"{n_vols} volumes minus {n} dummy scans leaves {left} volumes ({max(left, 0) * tr:g} s at "
             f"TR {tr:g} s); fALFF/ReHo need at least {need} volumes ({need * tr:g} s = 1/{f_low:g} Hz) so "
             f"that the lowest band frequency {f_low:g} Hz is resolved",
-            subject=_sub(subject), stage=STAGE,
+            subject=subject_label(subject), stage=STAGE,
             fix="use a longer resting-state run, or lower preprocessing.func.dummy_scans / raise the low "
                 "edge of preprocessing.func.band_hz")
     if n == 0:
@@ -541,7 +534,7 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     from neuromoe.preproc.motion import realign_series
 
     log = logging.getLogger("neuromoe.func")
-    sub = _sub(subject)
+    sub = subject_label(subject)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     last = [t_start]
@@ -658,7 +651,7 @@ def derive_maps(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_img
     """
     import logging
 
-    sub = _sub(subject)
+    sub = subject_label(subject)
     # 1. WM / CSF masks in BOLD space
     template, priors = template_tissue_priors()
     native = priors_to_native(mean_img, mni_to_bold, priors, template, threads=threads)
@@ -722,7 +715,7 @@ def write_outputs(outputs: Mapping[str, str], subject: str, *, bold: nib.Nifti1I
     from neuromoe.inputs.imageio import new_image, save_map, save_mask
     from neuromoe.preproc import registration as reg
 
-    sub = _sub(subject)
+    sub = subject_label(subject)
     affine = bold.affine
     write_confounds(derived.confounds, outputs["func_confounds"])
     if "func_preproc" in outputs:  # the series: preprocessing.keep_series

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from neuromoe.errors import InputError
+from neuromoe.paths import subject_label
 
 log = logging.getLogger("neuromoe.ingest")
 TOOL_OF = {"func": "fmriprep", "dwi": "qsiprep"}
@@ -46,15 +47,11 @@ def run_ingested(stage: str, inputs: Mapping[str, Any], outputs: Mapping[str, st
     write_sidecars(inputs, outputs, cfg, ingested=TOOL_OF[stage])
 
 
-def _sub(subject: str) -> str:
-    return subject if subject.startswith("sub-") else f"sub-{subject}"
-
-
 def _same_grid(img: nib.Nifti1Image, mask: nib.Nifti1Image, subject: str, path: str, tool: str) -> np.ndarray:
     """``mask`` as a bool array, InputError unless it lies on ``img``'s grid."""
     if mask.shape[:3] != img.shape[:3] or not np.allclose(mask.affine, img.affine, atol=1e-3):
         raise InputError(f"the brain mask's grid ({mask.shape[:3]}) is not that of the series ({img.shape[:3]})",
-                         subject=_sub(subject), path=path,
+                         subject=subject_label(subject), path=path,
                          fix=f"use the mask {tool} wrote in the same space and resolution as the series")
     return np.asarray(mask.dataobj) > 0
 
@@ -65,20 +62,20 @@ def read_confounds(path: str | Path, n_volumes: int, subject: str, columns: list
     try:
         df = pd.read_csv(path, sep="\t", na_values=["n/a"])
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the confounds table ({exc})", subject=_sub(subject), path=path,
+        raise InputError(f"cannot read the confounds table ({exc})", subject=subject_label(subject), path=path,
                          fix=f"use the desc-confounds_timeseries.tsv {tool} wrote") from exc
     if len(df) != n_volumes:
         raise InputError(f"the confounds table has {len(df)} rows for a series of {n_volumes} volumes",
-                         subject=_sub(subject), path=path, fix=f"use the table {tool} wrote for this series")
+                         subject=subject_label(subject), path=path, fix=f"use the table {tool} wrote for this series")
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise InputError(f"the confounds table has no column {', '.join(missing)}", subject=_sub(subject),
+        raise InputError(f"the confounds table has no column {', '.join(missing)}", subject=subject_label(subject),
                          path=path, fix=f"use the table {tool} wrote, or drop the regressor from "
                                         "preprocessing.func.nuisance")
     bad = [c for c in columns if not np.isfinite(df[c].to_numpy(dtype=float)).all()]
     if bad:
-        raise InputError(f"the confounds column(s) {', '.join(bad)} hold missing values", subject=_sub(subject),
-                         path=path, fix=f"use the table {tool} wrote for this series")
+        raise InputError(f"the confounds column(s) {', '.join(bad)} hold missing values",
+                         subject=subject_label(subject), path=path, fix=f"use the table {tool} wrote for this series")
     return df
 
 
@@ -120,14 +117,14 @@ def func_from_fmriprep(inputs: Mapping[str, Any], outputs: Mapping[str, str], su
     mask &= np.isfinite(data).all(axis=3) & (data.min(axis=3) > 0)  # as ours: voxels with signal throughout
     if mask.sum() < 100:
         raise InputError(f"the brain mask holds {int(mask.sum())} voxels with signal in every volume",
-                         subject=_sub(subject), path=inputs["mask"], fix="check fMRIPrep's mask and series")
+                         subject=subject_label(subject), path=inputs["mask"], fix="check fMRIPrep's mask and series")
     preproc, maps = func.clean_and_map(data, mask, img.affine, conf, tr, cfg, func.wanted_maps(outputs))
     ours = conf.reindex(columns=func.CONFOUND_COLUMNS)  # fMRIPrep's columns of our table's names
     derived = func.FuncDerivatives(confounds=ours, preproc=preproc, maps=maps, template=None)
     func.write_outputs(outputs, subject, bold=img, tr=tr, mask=mask, derived=derived,
                        maps_mni=_to_mni(maps, inputs.get("xfm"), threads), transform=None,
                        qc_note="from fMRIPrep", motion_source="fMRIPrep")
-    log.info("%s: fALFF/ReHo from fMRIPrep's %s series (%d volumes after %d non-steady-state)", _sub(subject),
+    log.info("%s: fALFF/ReHo from fMRIPrep's %s series (%d volumes after %d non-steady-state)", subject_label(subject),
              Path(inputs["bold"]).name, data.shape[3], n_dummy)
 
 
@@ -153,5 +150,5 @@ def dwi_from_qsiprep(inputs: Mapping[str, Any], outputs: Mapping[str, str], subj
     dwi.write_outputs(outputs, subject, dwi=img, corrected=data, bvals=bvals, bvecs=bvecs, mask=mask,
                       motion=motion[list(MOTION_COLUMNS)], maps=maps,
                       maps_mni=_to_mni(maps, inputs.get("xfm"), threads), transform=None)
-    log.info("%s: tensor maps from QSIPrep's %s (%d volumes, mask %d voxels)", _sub(subject),
+    log.info("%s: tensor maps from QSIPrep's %s (%d volumes, mask %d voxels)", subject_label(subject),
              Path(inputs["dwi"]).name, data.shape[3], int(mask.sum()))

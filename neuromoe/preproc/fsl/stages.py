@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from neuromoe.errors import InputError, StageError
+from neuromoe.paths import subject_label
 from neuromoe.preproc.fsl import tools as T
 from neuromoe.preproc.fsl import transforms as X
 
@@ -48,7 +49,7 @@ def run_anat_fsl(t1_path: str | Path, outputs: Mapping[str, str], subject: str, 
     anat.check_outputs(outputs, "run_anat_fsl")
     nonlinear = cfg.registration == "nonlinear"
     T.require(fsl, cfg.registration, "anat", subject)
-    sub = _sub(subject)
+    sub = subject_label(subject)
     t0 = time.perf_counter()
     t1 = load_image(t1_path, subject=sub)
     note = anat.nonfinite_note(t1, t1_path, subject)
@@ -115,7 +116,7 @@ def run_dwi_fsl(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: 
     from neuromoe.preproc.motion import rotate_bvecs
 
     stage = "dwi"
-    sub = _sub(subject)
+    sub = subject_label(subject)
     b0_threshold, method = float(cfg.b0_threshold), str(cfg.fit_method)
     if method.upper() == "NLLS":
         log.warning("%s: dtifit has no NLLS fit; using its weighted least squares (--wls)", sub)
@@ -210,7 +211,7 @@ def run_func_fsl(inputs: Mapping[str, str], outputs: Mapping[str, str], subject:
     from neuromoe.preproc import registration as reg
 
     stage = "func"
-    sub = _sub(subject)
+    sub = subject_label(subject)
     n_dummy, band = int(cfg.dummy_scans), F.band_hz(cfg)
     T.require(fsl, anat.registration, stage, subject)
     tr = F.repetition_time(inputs["bold_json"], subject)
@@ -310,7 +311,7 @@ def _template_files(work: Path) -> tuple[Path, Path, nib.Nifti1Image]:
 
 def _copy_in(src: str | Path, dst: Path, subject: str | None, stage: str) -> Path:
     if not Path(src).exists():
-        raise InputError("file not found.", subject=_sub(subject), path=src,
+        raise InputError("file not found.", subject=subject_label(subject), path=src,
                          fix="check the BIDS dataset or rerun the stage that writes it.")
     if str(src).endswith(".nii") and dst.name.endswith(".nii.gz"):
         dst = dst.with_suffix("")  # an uncompressed input stays uncompressed under its working name
@@ -355,10 +356,6 @@ def _bet(in_path: Path, out_path: Path, fsl: FslConfig, work: Path, subject: str
     mask = np.asarray(nib.load(str(T.expect(work / (T.stem(out_path) + "_mask.nii.gz"), "bet", subject, stage))
                                  ).dataobj) > 0
     if mask.sum() < 100:
-        raise StageError(f"bet found no brain in the {what} ({int(mask.sum())} voxels)", subject=_sub(subject),
+        raise StageError(f"bet found no brain in the {what} ({int(mask.sum())} voxels)", subject=subject_label(subject),
                          stage=stage, fix="check the image, or change preprocessing.fsl.bet_frac (smaller keeps more)")
     return brain, mask
-
-
-def _sub(subject: str | None) -> str | None:
-    return None if subject is None else (subject if subject.startswith("sub-") else f"sub-{subject}")

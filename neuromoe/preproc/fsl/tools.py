@@ -28,6 +28,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from neuromoe.errors import StageError
+from neuromoe.paths import subject_label
 
 if TYPE_CHECKING:
     from neuromoe.config import FslConfig
@@ -128,8 +129,8 @@ def require(fsl: FslConfig, registration: str, stage: str, subject: str | None) 
     if stage == "dwi" and fsl.dwi_correction == "eddy_correct" and not os.environ.get("FSLDIR"):
         missing.append("FSLDIR is not set (the eddy_correct script runs $FSLDIR/bin/<tool>).")
     if missing:
-        raise StageError("the FSL backend cannot run: " + " ".join(missing), subject=_sub(subject), stage=stage,
-                         fix=FSL_FIX)
+        raise StageError("the FSL backend cannot run: " + " ".join(missing), subject=subject_label(subject),
+                         stage=stage, fix=FSL_FIX)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,32 +320,28 @@ def run_interface(iface: Any, cwd: str | Path, *, subject: str | None, stage: st
     """
     argv = shlex.split(iface.cmdline)
     env = {**os.environ, **{k: str(v) for k, v in dict(iface.inputs.environ).items()}}
-    log.info("%s %s: %s", _sub(subject), step, shlex.join(argv))
+    log.info("%s %s: %s", subject_label(subject), step, shlex.join(argv))
     t0 = time.perf_counter()
     try:
         res = subprocess.run(argv, cwd=str(cwd), env=env, capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
-        raise StageError(f"{step}: the FSL program `{argv[0]}` is not on PATH", subject=_sub(subject), stage=stage,
-                         fix=FSL_FIX) from exc
+        raise StageError(f"{step}: the FSL program `{argv[0]}` is not on PATH", subject=subject_label(subject),
+                         stage=stage, fix=FSL_FIX) from exc
     for stream, text in (("stdout", res.stdout), ("stderr", res.stderr)):
         if text.strip():
-            log.debug("%s %s %s:\n%s", _sub(subject), argv[0], stream, text.rstrip()[-4000:])
+            log.debug("%s %s %s:\n%s", subject_label(subject), argv[0], stream, text.rstrip()[-4000:])
     if res.returncode != 0:
         last = (res.stderr.strip() or res.stdout.strip() or "(no output)").splitlines()[-5:]
         raise StageError(f"{step}: `{argv[0]}` exited with status {res.returncode}: " + " | ".join(last),
-                         subject=_sub(subject), stage=stage,
+                         subject=subject_label(subject), stage=stage,
                          fix="read the command and FSL's output in the rule's log; check the input image")
-    log.info("%s %s: %.1f s", _sub(subject), step, time.perf_counter() - t0)
+    log.info("%s %s: %.1f s", subject_label(subject), step, time.perf_counter() - t0)
     return res.stdout
 
 
 def expect(path: Path, step: str, subject: str | None, stage: str) -> Path:
     """``path``, or a StageError naming the subject when the FSL ``step`` did not write it."""
     if not path.exists():
-        raise StageError(f"{step}: FSL finished but did not write {path.name}", subject=_sub(subject), stage=stage,
-                         fix="read FSL's output in the rule's log (FSLOUTPUTTYPE must be NIFTI_GZ)")
+        raise StageError(f"{step}: FSL finished but did not write {path.name}", subject=subject_label(subject),
+                         stage=stage, fix="read FSL's output in the rule's log (FSLOUTPUTTYPE must be NIFTI_GZ)")
     return path
-
-
-def _sub(subject: str | None) -> str | None:
-    return None if subject is None else (subject if subject.startswith("sub-") else f"sub-{subject}")
