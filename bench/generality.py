@@ -716,6 +716,9 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
         "preprocessing_reused_from": state.get("preprocessing_reused_from"),
         "config": cfg, "setting": setting_of(cfg), "git_commit": _git_commit(),
         "cpu_seconds": benchmark_cpu_seconds(res),
+        **({"cpu_seconds_note": "preprocessing+cache: the job records hard-linked from "
+                                f"{Path(state['preprocessing_reused_from']).name} (its jobs, not this piece's)"}
+           if state.get("preprocessing_reused_from") else {}),
         "design": design, "machine": meta, "finished": True,
     }
     write_results(out, entry, meta)
