@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 def template_copies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The on-disk template copies (``neuromoe.inputs.templates.nilearn_image``) of this session, in its tmp
     folder rather than the user's ~/.cache; Snakemake jobs the tests start inherit the variable."""
-    import os
-
     folder = tmp_path_factory.mktemp("neuromoe_cache")
     old = os.environ.get("NEUROMOE_CACHE_DIR")
     os.environ["NEUROMOE_CACHE_DIR"] = str(folder)
@@ -170,7 +169,6 @@ def kill_when(cmd: list[str], log: Path, pattern: str, timeout: float = 900, wri
     matches ``pattern``: kill -9 of the workflow and every job it runs, as an OOM kill or a lost session does.
     ``written``: a callable; then the kill waits until it is true (a job's first output on disk), so that the
     job dies mid-write, leaving outputs Snakemake marks incomplete, whatever the machine's speed."""
-    import os
     import re
     import signal
     import subprocess
