@@ -22,6 +22,26 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _cpu_generation() -> dict[str, Any]:
+    """Family / model and the widest vector instructions of the CPU: "AMD EPYC" alone names hosts of different
+    generations (on this project's VM, an AVX2-only host and an AVX-512 one ran the same jobs about 2x apart)."""
+    info: dict[str, Any] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            name = {"cpu family": "cpu_family", "model": "cpu_model"}.get(key)
+            if name and name not in info:
+                info[name] = int(value)
+            elif key == "flags":
+                flags = set(value.split())
+                info["isa"] = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+                break
+    except (OSError, ValueError):
+        pass
+    return info
+
+
 def _ram_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -33,7 +53,8 @@ def _ram_gib() -> float | None:
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, cores (all and usable), RAM (GiB), GPU (None on CPU), library versions, torch threads,
+    """CPU model (with family, model and vector ISA), cores (all and usable), RAM (GiB), GPU (None on CPU),
+    library versions, torch threads,
     and the 1-minute load at call time (a shared machine's load explains slow CPU figures): call it before
     the benchmark adds its own load."""
     import nibabel
@@ -43,7 +64,8 @@ def machine() -> dict[str, Any]:
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": usable, "ram_gib": _ram_gib(),
+        "cpu": _cpu_model(), **_cpu_generation(), "cores": os.cpu_count(), "cores_usable": usable,
+        "ram_gib": _ram_gib(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

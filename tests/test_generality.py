@@ -325,3 +325,13 @@ def test_a_smaller_piece_reads_the_first_subjects_of_a_larger_cohort(gen, tmp_pa
     own = gen.piece_config(cohorts / "design-11_n60", {})
     assert "participant_label" not in own or not own["participant_label"]
     assert gen.reusable_preprocessing(tmp_path / gen.piece_name(11, 60), own) is None
+
+
+def test_a_piece_counts_against_the_45_minutes_only_when_timed_whole(gen) -> None:
+    """Only a piece run in one sitting that wrote its own preprocessing is a measure of a piece's time."""
+    secs = {"cohort": 300.0, "preprocessing+cache": 1900.0, "training": 500.0, "evaluation": 20.0, "oracle": 40.0}
+    whole = gen.piece_time(secs, sittings=1, reused=None)
+    assert whole == {"wall_s": 2760.0, "sittings": 1, "whole_piece_measured": True, "within_target": False}
+    assert gen.piece_time({**secs, "training": 400.0}, 1, None)["within_target"] is True  # 2,660 s <= 2,700
+    assert gen.piece_time(secs, sittings=2, reused=None)["within_target"] is None
+    assert gen.piece_time(secs, sittings=1, reused="/w/design-14_n180")["whole_piece_measured"] is False
