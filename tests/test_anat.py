@@ -123,6 +123,39 @@ def test_xfm_maps_mni_to_t1w_like_the_known_pose(stage):
     assert err.mean() < 2.0  # mm; one voxel at 2 mm
 
 
+def test_a_scanner_field_of_view_is_cropped_to_the_head_with_the_same_result(stage, caplog):
+    """The posed head inside a scanner's field of view (256 x 264 x 256 mm of noisy air around it): brain
+    extraction runs on the head's box and gives the head-sized image's mask and transform on the larger grid."""
+    import logging
+
+    outputs, truth = stage
+    img, _ = posed_head()
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    zooms = np.asarray(img.header.get_zooms()[:3])
+    assert anat.head_box(masks.head_mask(data, img.affine), zooms) is None  # the head fills this one: no crop
+    rng = np.random.default_rng(1)
+    shape, at = (128, 132, 128), (14, 4, 12)
+    air = np.abs(30.0 * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)))  # the image's Rician air
+    box = tuple(slice(a, a + n) for a, n in zip(at, data.shape, strict=True))
+    air[box] = data
+    shift = np.eye(4)
+    shift[:3, 3] = -np.asarray(at, dtype=float)  # voxel i of the large image is voxel i - at of the small one
+    large = new_image(air, img.affine @ shift)
+    with caplog.at_level(logging.INFO, logger="neuromoe.preproc.anat"):
+        res = anat.brain_extraction(large, "01")
+    assert "brain extraction on its box" in caplog.text
+    mask = np.asarray(res.mask.dataobj) > 0
+    assert mask.shape == shape and not mask[:at[0]].any()  # on the large grid, nothing in the air
+    small = np.asarray(nib.load(outputs["anat_mask"]).dataobj) > 0
+    assert dice(mask[box], small) >= 0.98 and dice(mask[box], truth) >= 0.90
+    tpl_mask = anat.mni_template()[1]
+    xyz = nib.affines.apply_affine(tpl_mask.affine, np.argwhere(np.asarray(tpl_mask.dataobj) > 0)[::25])
+    ref = anat.brain_extraction(img, "01").template_to_t1w  # the head-sized image's template -> T1w transform
+    err = np.linalg.norm(nib.affines.apply_affine(reg.transform_to_ras(res.template_to_t1w), xyz)
+                         - nib.affines.apply_affine(reg.transform_to_ras(ref), xyz), axis=1)
+    assert err.mean() < 1.0  # mm, half a voxel
+
+
 def _aniso_vox() -> nib.Nifti1Image:
     d = Path(importlib.util.find_spec("dipy").submodule_search_locations[0]) / "data" / "files"
     return nib.load(str(d / "aniso_vox.nii.gz"))
