@@ -169,7 +169,7 @@ def brain_extraction(t1: nib.Nifti1Image, subject: str | None = None, *, n4: boo
     times["head_mask"] = time.perf_counter() - t0
     box = head_box(head, zooms)
     if box is not None:  # a scanner's field of view: the rest runs on the head, ~half the voxels or fewer
-        log.info("%s anat: the head fills %.0f %% of the field of view; brain extraction on its box %s",
+        log.info("%s anat: the head's box is %.0f %% of the field of view; brain extraction on its box %s",
                  sub, 100.0 * np.prod([b.stop - b.start for b in box]) / head.size,
                  " x ".join(f"{b.start}:{b.stop}" for b in box))
         res = brain_extraction(t1.slicer[box], subject, n4=n4, threads=threads)
