@@ -11,6 +11,8 @@ import io
 import json
 import math
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -318,6 +320,22 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path: Path,
 # ---------------------------------------------------------------------------------------------
 # train_run
 # ---------------------------------------------------------------------------------------------
+def test_deterministic_mode_is_set_and_restored_without_loading_torch_compile() -> None:
+    """A run switches torch to deterministic algorithms (warning only) and restores the caller's mode, and the
+    switch does not import TorchInductor / Dynamo (``torch.use_deterministic_algorithms`` does: 1.6 CPU s in
+    every training job, for a flag only torch.compile reads). A fresh interpreter: tests may load them."""
+    code = ("import sys, torch\n"
+            "from neuromoe.learn.train import deterministic_algorithms\n"
+            "deterministic_algorithms(True, warn_only=True)\n"
+            "on = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()\n"
+            "deterministic_algorithms(False)\n"
+            "print(*on, torch.are_deterministic_algorithms_enabled(), 'torch._dynamo' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "False", "False"]
+
+
 def test_training_run_learns_and_writes_its_outputs(cohort: dict[str, Path], tmp_path: Path) -> None:
     t0 = time.time()
     m = run(cohort, tmp_path, cfg=make_cfg(epochs=12, lr=5e-3, batch_size=4))

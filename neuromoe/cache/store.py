@@ -33,17 +33,18 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 
 from neuromoe import __version__
 from neuromoe.cache.grid import MIN_SUPPORT, ZSCORE_CLIP, check_grid, grid_mask, model_grid, normalise_map
 from neuromoe.config import CacheConfig, ParticipantsConfig, schema_defaults
 from neuromoe.errors import CacheError, InputError, StageError
-from neuromoe.inputs.bids import read_sessions
+
+if TYPE_CHECKING:  # pandas (~0.25 CPU s) only where tables are read: not in the per-subject cache jobs
+    import pandas as pd
 
 MODALITIES: tuple[str, ...] = ("anat", "dwi", "func")
 ANAT_CHANNELS: tuple[str, ...] = ("T1w",)
@@ -294,6 +295,8 @@ def _check_record(rec: dict[str, Any], path: Path, exp: dict[str, Any]) -> None:
 
 
 def _read_participants(path: Path, id_column: str = "participant_id") -> pd.DataFrame:
+    import pandas as pd
+
     df = pd.read_csv(path, sep="\t", dtype={id_column: str}, keep_default_na=True)
     if id_column not in df.columns:
         raise InputError(f"no {id_column!r} column (columns: {list(df.columns)})", path=path,
@@ -321,6 +324,10 @@ def build_cohort(subject_records: Sequence[str | Path], participants_tsv: str | 
     Raises CacheError when a subject's record disagrees with the config (grid, dtype, channels) and
     InputError for a subject missing from participants.tsv or with a diagnosis not in the labels.
     """
+    import pandas as pd
+
+    from neuromoe.inputs.bids import read_sessions
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
@@ -522,6 +529,8 @@ def open_cohort(cache_dir: str | Path, expected: Mapping[str, Any] | None = None
     mmap_mode: ``r`` (read-only) or ``c`` (copy-on-write: writable views, nothing written back).
     Never unpickles (``allow_pickle=False``).
     """
+    import pandas as pd
+
     root = Path(cache_dir)
     fix = _fix_hint(root)
     mpath = root / "manifest.json"

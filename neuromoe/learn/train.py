@@ -623,6 +623,16 @@ def _finish(run: Run, state: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def deterministic_algorithms(mode: bool, warn_only: bool = False) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=...)`` without the import of TorchInductor's config
+    that the public call makes (torch._inductor and torch._dynamo: 1.6 CPU s in every training job, for a
+    flag only ``torch.compile`` reads; training here never compiles). Once Inductor is loaded, the public call."""
+    if "torch._inductor.config" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+
+
 def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, variant: str,
               cfg: Mapping[str, Any], out_dir: str | Path, device: str = "auto", threads: int | None = None,
               *, max_epochs_this_run: int | None = None,
@@ -674,7 +684,7 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
     if dev.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # only effective before cuBLAS starts
         torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic_algorithms(True, warn_only=True)
     try:
         torch.manual_seed(seed)
         model = NeuroMoE(mcfg).to(dev)
@@ -715,7 +725,7 @@ def train_run(cache_dir: str | Path, splits_tsv: str | Path, split_id: str, vari
                 return {"finished": False, "epochs_run": state["epoch"], "split_id": split_id, "variant": variant}
         return _finish(run, state)
     finally:
-        torch.use_deterministic_algorithms(prev_det)
+        deterministic_algorithms(prev_det)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[NeuroMoE, dict[str, Any]]:

@@ -60,15 +60,28 @@ def b0_mask(dwi: nib.Nifti1Image, bvals: np.ndarray, b0_threshold: float = 50.0)
     component (drops scalp and eye fragments), a one-voxel closing and 3D hole filling (dark structures
     inside the brain must not become holes).
     """
-    from dipy.segment.mask import median_otsu
-
     b0 = mean_b0(np.asarray(dwi.dataobj, dtype=np.float32), bvals, b0_threshold)
     zoom = float(np.mean(dwi.header.get_zooms()[:3]))
     radius = max(1, int(round(4.0 / zoom)))
-    _, mask = median_otsu(b0, median_radius=radius, numpass=2)
+    mask = median_otsu_mask(b0, radius, numpass=2)
     mask = largest_component(mask)
     mask = ndimage.binary_closing(mask, iterations=1, border_value=0)
     return ndimage.binary_fill_holes(mask)
+
+
+def median_otsu_mask(volume: np.ndarray, median_radius: int, numpass: int) -> np.ndarray:
+    """The mask of dipy's ``median_otsu`` (its defaults otherwise): ``numpass`` median filters of width
+    ``2 * median_radius + 1``, then dipy's Otsu threshold. The same steps as dipy 1.12's ``multi_median``
+    (tested equal to ``median_otsu``), without importing ``dipy.segment.mask``, which imports dipy's tensor
+    module for another function and cost every dwi job ~0.4 CPU s."""
+    from dipy.segment.threshold import otsu
+
+    smooth = np.array(volume, copy=True)
+    out = np.empty_like(smooth)
+    for _ in range(numpass):
+        ndimage.median_filter(smooth, size=2 * int(median_radius) + 1, output=out)
+        smooth, out = out, smooth
+    return smooth > otsu(smooth)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 
 # Figure objects render with the Agg canvas without pyplot: no display needed on cluster nodes, no
 # global backend switch, and no figure registry to leak memory across many subjects.
@@ -36,6 +36,9 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from neuromoe.preproc.masks import otsu_threshold
+
+if TYPE_CHECKING:  # pandas costs ~0.25 CPU s to import; the anat stage's figures never need it
+    import pandas as pd
 
 MOTION_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 VIEWS = ("axial", "coronal", "sagittal")
