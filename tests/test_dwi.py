@@ -350,17 +350,21 @@ def test_run_dwi_principal_direction(stage_run):
 
 
 # ----------------------------------------------------------------------------------------------- mask
-def test_b0_mask_is_the_brain(tissue):
-    """On a 3 mm b=0 phantom with scalp and noise: Dice >= 0.9 with the true brain (WM+GM+CSF > 0.5)."""
+def _noisy_b0(tissue, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 3 mm b=0 phantom with scalp and Rician-like noise: (b0 float32, affine, true brain WM+GM+CSF > 0.5)."""
     maps, maps_aff = tissue
     aff = np.diag([3.0, 3.0, 3.0, 1.0])
     aff[:3, 3] = [-96.0, -132.0, -70.0]
     shape = (66, 78, 63)
     fr, x = _sample(maps, maps_aff, aff, shape, np.eye(4))
     b0 = _signal(fr, x, np.zeros((3, fr.shape[1])), 0.0).reshape(shape)
-    rng = np.random.default_rng(3)
-    b0 = np.abs(b0 + rng.normal(0, 30, shape))
-    truth = ((fr[0] + fr[1] + fr[2]) > 0.5).reshape(shape)
+    b0 = np.abs(b0 + np.random.default_rng(seed).normal(0, 30, shape)).astype(np.float32)
+    return b0, aff, ((fr[0] + fr[1] + fr[2]) > 0.5).reshape(shape)
+
+
+def test_b0_mask_is_the_brain(tissue):
+    """On a 3 mm b=0 phantom with scalp and noise: Dice >= 0.9 with the true brain (WM+GM+CSF > 0.5)."""
+    b0, aff, truth = _noisy_b0(tissue, 3)
     mask = b0_mask(nib.Nifti1Image(b0[..., None].astype(np.float32), aff), np.array([0.0]), 50)
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     print(f"\nb0 mask Dice {dice:.3f}")
@@ -373,13 +377,7 @@ def test_the_b0_mask_threshold_is_dipys_median_otsu(tissue, radius):
     on a noisy b=0 phantom, for the radii the stage uses (1 voxel at 3-4 mm, 2 at 2 mm)."""
     from dipy.segment.mask import median_otsu
 
-    maps, maps_aff = tissue
-    aff = np.diag([3.0, 3.0, 3.0, 1.0])
-    aff[:3, 3] = [-96.0, -132.0, -70.0]
-    shape = (66, 78, 63)
-    fr, x = _sample(maps, maps_aff, aff, shape, np.eye(4))
-    b0 = _signal(fr, x, np.zeros((3, fr.shape[1])), 0.0).reshape(shape)
-    b0 = np.abs(b0 + np.random.default_rng(5).normal(0, 30, shape)).astype(np.float32)
+    b0, _, _ = _noisy_b0(tissue, 5)
     ours = median_otsu_mask(b0, radius, numpass=2)
     _, theirs = median_otsu(b0, median_radius=radius, numpass=2)
     assert ours.dtype == bool and 0.1 < ours.mean() < 0.9
