@@ -836,7 +836,8 @@ def report(results: dict) -> str:
                       f"{DEFAULT_SUBJECTS} subjects on 2 cores):", ""]
         for d in timed:
             m = d.get("machine") or {}
-            lines.append(f"- design {d['design_seed']}, {d['n_subjects']} subjects: {d['wall_s'] / 60:.1f} min "
+            shape = f", shape {d['shape_mm']:g} mm ({d.get('registration', 'nonlinear')})" if d.get("shape_mm") else ""
+            lines.append(f"- design {d['design_seed']}{shape}, {d['n_subjects']} subjects: {d['wall_s'] / 60:.1f} min "
                          f"({m.get('cores_usable', '?')} cores, {m.get('cpu', '?')} {m.get('isa', '')}".rstrip()
                          + f"; {', '.join(f'{k} {v / 60:.1f}' for k, v in d['seconds'].items())} min)")
     return "\n".join(lines) + "\n"

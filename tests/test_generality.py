@@ -222,6 +222,19 @@ def test_results_merge_replaces_only_the_pieces_own_entry(gen, tmp_path: Path) -
     assert table.count("**pooled**") == 3
 
 
+def test_the_report_names_the_shape_of_each_timed_piece(gen, tmp_path: Path) -> None:
+    """Whole pieces are listed with their time; a piece with shape says so (it registers nonlinearly: slower)."""
+    out = tmp_path / "generality.json"
+    secs = {"cohort": 150.0, "preprocessing+cache": 1260.0, "training": 310.0}
+    for shape in (0.0, 3.0):
+        e = _entry(gen.HELDOUT_DESIGN_SEEDS[1], 0.1, n=60, shape_mm=shape)
+        gen.write_results(out, {**e, "seconds": secs, **gen.piece_time(secs, sittings=1, reused=None)})
+    timed = gen.report(json.loads(out.read_text())).split("Whole pieces timed")[1]
+    seed = gen.HELDOUT_DESIGN_SEEDS[1]
+    assert f"- design {seed}, shape 3 mm (nonlinear), 60 subjects: 28.7 min" in timed
+    assert f"- design {seed}, 60 subjects: 28.7 min" in timed
+
+
 def test_results_write_is_atomic(gen, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "generality.json"
     gen.write_results(out, _entry(gen.HELDOUT_DESIGN_SEEDS[0], 0.1))
