@@ -347,4 +347,5 @@ def test_a_piece_counts_against_the_45_minutes_only_when_timed_whole(gen) -> Non
     assert whole == {"wall_s": 2760.0, "sittings": 1, "whole_piece_measured": True, "within_target": False}
     assert gen.piece_time({**secs, "training": 400.0}, 1, None)["within_target"] is True  # 2,660 s <= 2,700
     assert gen.piece_time(secs, sittings=2, reused=None)["within_target"] is None
+    assert gen.piece_time(secs, 1, None, n_subjects=60)["within_target"] is None  # the target is for 180
     assert gen.piece_time(secs, sittings=1, reused="/w/design-14_n180")["whole_piece_measured"] is False
