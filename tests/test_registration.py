@@ -207,6 +207,24 @@ def test_resolve_threads(monkeypatch):
     assert reg.resolve_threads() == 1
 
 
+def test_a_jobs_thread_count_reaches_itk_without_importing_simpleitk_for_it():
+    """``neuromoe.smk.set_threads`` (every rule's start) pins ITK through its environment variable, so SimpleITK,
+    imported later by the stage, runs the job's threads (1 per preprocessing job: 2 jobs on 2 cores do not
+    oversubscribe); it does not import SimpleITK itself (0.35 CPU s in jobs that never register). 5 threads: not
+    ITK's default on a machine of any usual core count. A fresh interpreter: SimpleITK is loaded here."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom neuromoe.smk import set_threads\nset_threads(5)\nloaded = 'SimpleITK' in sys.modules\n"
+            "import SimpleITK as sitk\nprint(loaded, sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ITK_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "5"]
+
+
 # ---------------------------------------------------------------- registration
 
 @pytest.mark.parametrize("metric", ["mi", "corr"])
