@@ -76,11 +76,9 @@ def median_otsu_mask(volume: np.ndarray, median_radius: int, numpass: int) -> np
     module for another function and cost every dwi job ~0.4 CPU s."""
     from dipy.segment.threshold import otsu
 
-    smooth = np.array(volume, copy=True)
-    out = np.empty_like(smooth)
+    smooth = volume
     for _ in range(numpass):
-        ndimage.median_filter(smooth, size=2 * int(median_radius) + 1, output=out)
-        smooth, out = out, smooth
+        smooth = ndimage.median_filter(smooth, size=2 * int(median_radius) + 1)
     return smooth > otsu(smooth)
 
 
