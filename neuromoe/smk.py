@@ -92,8 +92,18 @@ def unit(snakemake: Any) -> str:
     return w.subject if w.get("session") is None else f"{w.subject}_ses-{w.session}"
 
 
-def run(snakemake: Any, fn: Callable[[Any], Any]) -> None:
-    """Run ``fn(snakemake)`` with logging to the rule's log and clean error reporting."""
+def run(snakemake: Any, fn: Callable[[Any], Any], warm: str = "preproc") -> None:
+    """Run ``fn(snakemake)`` with logging to the rule's log and clean error reporting.
+
+    A local job of one thread first offers itself to the worker (``neuromoe.worker``) that keeps the modules of
+    its kind (``warm``: "preproc", or "learn" for the jobs that import torch) imported; the worker runs this
+    same script in a fork of itself. With no worker it runs here."""
+    from neuromoe import worker
+
+    if worker.wanted(snakemake.threads):
+        code = worker.delegate(warm)
+        if code is not None:
+            sys.exit(code)
     from neuromoe.errors import NeuroMoEError
 
     console = sys.stderr

@@ -14,7 +14,7 @@ MAX_LINES = 750
 
 # Lower layers never import upper ones. The core modules sit under everything; the command line on top.
 LAYERS = ["core", "inputs", "preproc", "cache", "learn", "results", "cli"]
-CORE = {"neuromoe", "neuromoe.errors", "neuromoe.paths", "neuromoe.config", "neuromoe.smk"}
+CORE = {"neuromoe", "neuromoe.errors", "neuromoe.paths", "neuromoe.config", "neuromoe.smk", "neuromoe.worker"}
 
 
 def module_name(path: Path) -> str:

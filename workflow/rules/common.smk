@@ -24,8 +24,18 @@ from neuromoe.preproc import preproc_keys
 from neuromoe.preproc.resources import STAGE_IMAGE, job_estimate
 from neuromoe.learn.variants import expert_donor
 from neuromoe.smk import coalesce_scheduler_wakeups, trains
+from neuromoe import worker
 
 coalesce_scheduler_wakeups()  # one scheduler timer, not one more per finished job (neuromoe/smk.py)
+
+
+onstart:
+    # Local jobs of one thread run as forks of a process that keeps their imports (neuromoe/worker.py); the
+    # executor is known only now, not while this file is read. NEUROMOE_WORKER=0 in the environment turns it off.
+    os.environ[worker.ENV] = worker.enabled(
+        workflow.local_exec, workflow.is_main_process
+    )
+
 
 try:
     validate_config(config)  # readable, every problem at once, semantic checks

@@ -10,4 +10,4 @@ def main(s):
                  Path(s.output[0]).parent)
 
 
-run(snakemake, main)
+run(snakemake, main, warm="learn")

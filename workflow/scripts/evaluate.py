@@ -12,4 +12,4 @@ def main(s):
         raise FileNotFoundError(f"evaluation did not write {missing}; it wrote {sorted(map(str, written.values()))}")
 
 
-run(snakemake, main)
+run(snakemake, main, warm="learn")

@@ -10,4 +10,4 @@ def main(s):
                 figure=True)
 
 
-run(snakemake, main)
+run(snakemake, main, warm="learn")

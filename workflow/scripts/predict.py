@@ -10,4 +10,4 @@ def main(s):
                    explain=True)
 
 
-run(snakemake, main)
+run(snakemake, main, warm="learn")

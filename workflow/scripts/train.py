@@ -12,4 +12,4 @@ def main(s):
               threads=s.threads, experts_from=getattr(s.input, "experts_from", None))
 
 
-run(snakemake, main)
+run(snakemake, main, warm="learn")
