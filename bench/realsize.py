@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -169,10 +170,13 @@ class TreeSampler(threading.Thread):
 def run_measured(cmd: list[str], cwd: Path, log: Path) -> dict[str, Any]:
     """Run ``cmd``; its wall seconds, the sampled peaks and the exact peak of its largest process (``wait4``)."""
     usage = log.with_suffix(".rusage.json")
+    # Each job in its own interpreter, as on a cluster: a job the local worker forks (neuromoe/worker.py) runs
+    # outside Snakemake's process tree, where this sampler looks, and its memory is what mem_mb must cover.
+    env = {**os.environ, "NEUROMOE_WORKER": "0"}
     t0 = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, str(usage), *cmd], cwd=cwd, stdout=fh,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, env=env)
         sampler = TreeSampler(proc.pid)
         sampler.start()
         proc.wait()

@@ -12,9 +12,9 @@ start at zero; its peak RSS counts the pages it shares with the server, as a fre
 Who uses it (``wanted``): the Snakefile sets ``NEUROMOE_WORKER=1`` for runs whose jobs execute on this machine
 (not on a cluster, where a job must stay inside its allocation) unless the user set ``NEUROMOE_WORKER=0``; a
 job asks only when it runs one thread (the server's BLAS is loaded with one). The first job that finds no
-server starts one in the background (``python -m neuromoe.worker SOCKET``, its log next to the socket) and
-runs itself as before; so does every job the server refuses. One server per interpreter and checkout
-(``socket_path``): a ``--use-conda`` job's server runs the conda environment's Python.
+server starts one in the background (``python -m neuromoe.worker SOCKET KIND``, its log next to the socket)
+and runs itself as before; so does every job the server refuses. One server per kind of job (``PRELOAD``),
+environment and checkout (``socket_path``): a ``--use-conda`` job's server runs the conda environment's Python.
 
 Safety: the server forks only while it is one thread (checked before every fork: OpenBLAS, ITK and OpenMP
 thread pools start on first use, never in the server); it refuses jobs once any of the package's own source
@@ -74,9 +74,11 @@ def wanted(threads: int) -> bool:
 
 
 def socket_path(warm: str, executable: str | None = None) -> Path:
-    """The socket of the server for jobs of kind ``warm`` in this interpreter and this checkout of the package
+    """The socket of the server for jobs of kind ``warm`` of this environment (interpreter, prefix and
+    ``PYTHONPATH``: a venv's python links to the same binary as another's) and this checkout of the package
     (``NEUROMOE_WORKER_DIR`` moves the folder)."""
-    key = f"{os.path.realpath(executable or sys.executable)}\0{PACKAGE}".encode()
+    key = "\0".join([executable or sys.executable, sys.prefix, os.environ.get("PYTHONPATH", ""), str(PACKAGE)])
+    key = key.encode()
     runtime = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     base = Path(os.environ.get("NEUROMOE_WORKER_DIR") or Path(runtime) / f"neuromoe-worker-{os.getuid()}")
     return base / f"{hashlib.sha1(key).hexdigest()[:12]}-{warm}.sock"
