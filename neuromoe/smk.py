@@ -116,7 +116,8 @@ def run(snakemake: Any, fn: Callable[[Any], Any], warm: str = "preproc") -> None
     set_threads(snakemake.threads)
     label = f"rule {snakemake.rule}" + (f", sub-{unit(snakemake)}" if "subject" in snakemake.wildcards.keys() else "")
     t0 = time.time()
-    logging.getLogger("neuromoe").info("%s: start (threads=%s)", label, snakemake.threads)
+    logging.getLogger("neuromoe").info("%s: start (threads=%s%s)", label, snakemake.threads,
+                                       f", a fork of worker {os.getppid()}" if worker.in_fork() else "")
     try:
         fn(snakemake)
     except NeuroMoEError as exc:

@@ -56,21 +56,30 @@ PRELOAD = {
               "neuromoe.results.explain", "neuromoe.results.predict"),
 }
 _MAX_MSG = 1 << 20
+REFUSED_S = 600  # how long a server that cannot serve keeps others from starting
 _in_fork = False  # True in a job the server forked: it runs itself
 
 
-def enabled(local_exec: bool, main_process: bool, environ: dict | None = None) -> str:
+def enabled(local_exec: bool, main_process: bool, environ: dict | None = None, containers: bool = False) -> str:
     """The value the Snakefile gives ``NEUROMOE_WORKER`` for its jobs: "1" when they run on this machine (a
-    local run's main process), unless the user set it to "0"; "0" otherwise (cluster jobs, their own
-    Snakemake processes)."""
+    local run's main process) and not in containers, unless the user set it to "0"; "0" otherwise (cluster
+    jobs, their own Snakemake processes; a job's container, whose /tmp may be the host's, must not serve
+    the next job)."""
     environ = os.environ if environ is None else environ
-    return "1" if local_exec and main_process and environ.get(ENV, "1") != "0" else "0"
+    return "1" if local_exec and main_process and not containers and environ.get(ENV, "1") != "0" else "0"
+
+
+def in_fork() -> bool:
+    """Is this process a job the worker forked?"""
+    return _in_fork
 
 
 def wanted(threads: int) -> bool:
-    """Should this job hand itself to the worker?"""
+    """Should this job hand itself to the worker? Only a script Snakemake wrote for a job
+    (``.snakemake/scripts/tmp*.py``, run as ``__main__``) of one thread, with the worker turned on."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
     return (not _in_fork and os.environ.get(ENV) == "1" and int(threads) == 1 and sys.platform == "linux"
-            and bool(sys.argv) and os.path.isfile(sys.argv[0]))
+            and script is not None and script.parent.parts[-2:] == (".snakemake", "scripts") and script.is_file())
 
 
 def socket_path(warm: str, executable: str | None = None) -> Path:
@@ -149,7 +158,8 @@ def start_server(path: Path, warm: str) -> bool:
                                                                       os.environ.get("PYTHONPATH")]))}
     with open(f"{path}.log", "a") as log:
         subprocess.Popen([sys.executable, "-m", "neuromoe.worker", str(path), warm], stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True)
+                         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True,
+                         cwd="/")  # not the job's folder, which may be gone before the server is
     return True
 
 
@@ -209,7 +219,9 @@ def serve(path: str | Path, preload: tuple[str, ...] = PRELOAD["preproc"], idle_
             _say(f"preload {name}: {type(exc).__name__}: {exc}")
     sources = _sources(watch)
     if _threads() != 1:
-        _say(f"not serving: {_threads()} threads after the imports (a fork would copy them half-way)")
+        _say(f"not serving: {_threads()} threads after the imports (a fork would copy them half-way); holding the "
+             f"lock for {REFUSED_S} s so that jobs run themselves without starting another")
+        time.sleep(REFUSED_S)
         return
     try:
         path.unlink()
@@ -220,6 +232,7 @@ def serve(path: str | Path, preload: tuple[str, ...] = PRELOAD["preproc"], idle_
     listener.listen(64)
     _say(f"serving {path} ({time.perf_counter() - t0:.1f} s of imports, {len(sources)} watched sources)")
     jobs: dict[int, tuple[socket.socket, int]] = {}  # fork pid -> (its job's connection, end of its done pipe)
+    orphans: set[int] = set()  # forks whose script hung up: ended with SIGTERM, their exit awaited
     stopping, last = False, time.monotonic()
     served = 0
 
@@ -237,12 +250,12 @@ def serve(path: str | Path, preload: tuple[str, ...] = PRELOAD["preproc"], idle_
     signal.signal(signal.SIGTERM, lambda *a: stop())
     try:
         while not stopping or jobs:
-            conns = {conn.fileno(): pid for pid, (conn, _) in jobs.items()}
+            conns = {conn.fileno(): pid for pid, (conn, _) in jobs.items() if pid not in orphans}
             dones = {done: pid for pid, (_, done) in jobs.items()}
             watch_fds = list(conns) + list(dones) + ([] if stopping else [listener.fileno()])
             try:
                 ready, _, _ = select.select(watch_fds, [], [], 1.0)
-            except InterruptedError:
+            except (OSError, ValueError):  # SIGTERM closed the listener while select waited on it: look again
                 continue
             for fd in ready:
                 if not stopping and fd == listener.fileno():
@@ -256,22 +269,23 @@ def serve(path: str | Path, preload: tuple[str, ...] = PRELOAD["preproc"], idle_
                     else:
                         jobs[job[0]] = (conn, job[1])
                         served += 1
-                elif fd in dones:
+                elif fd in dones and dones[fd] in jobs:  # the fork ended: its exit status to its script
                     pid = dones[fd]
                     conn, done = jobs.pop(pid)
-                    _, status = os.waitpid(pid, 0)
-                    code = os.waitstatus_to_exitcode(status)
+                    orphans.discard(pid)
                     try:
+                        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
                         conn.send(json.dumps({"exit": code if code >= 0 else 128 - code}).encode())
-                    except OSError:
-                        pass
+                    except (OSError, ValueError):
+                        pass  # the script is gone (killed): nobody to tell
                     conn.close()
                     os.close(done)
                     last = time.monotonic()
-                elif fd in conns:  # the job's script hung up (killed) while its fork runs: end the fork
+                elif fd in conns and conns[fd] in jobs:  # the script hung up (killed) while its fork runs: end it
                     pid = conns[fd]
                     try:
                         if not jobs[pid][0].recv(16):
+                            orphans.add(pid)
                             os.kill(pid, signal.SIGTERM)
                     except OSError:
                         pass

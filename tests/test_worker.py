@@ -65,8 +65,8 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def job(tmp_path: Path) -> Path:
-    (tmp_path / "job").mkdir()
-    script = tmp_path / "job" / "tmp123.toy.py"
+    (tmp_path / "job" / ".snakemake" / "scripts").mkdir(parents=True)
+    script = tmp_path / "job" / ".snakemake" / "scripts" / "tmp123.toy.py"
     script.write_text(JOB.format(repo=str(REPO)))
     return script
 
@@ -88,9 +88,10 @@ def start_server(env: dict, preload: tuple[str, ...] = ("json",), watch: Path | 
 
 
 def run_job(script: Path, mode: str, env: dict) -> tuple[subprocess.CompletedProcess, dict]:
-    done = subprocess.run([sys.executable, str(script), mode], cwd=script.parent, env=env, capture_output=True,
+    folder = script.parents[2]  # the job runs in the workflow's folder, its script under .snakemake/scripts
+    done = subprocess.run([sys.executable, str(script), mode], cwd=folder, env=env, capture_output=True,
                           text=True, timeout=60)
-    return done, json.loads((script.parent / "toy.json").read_text())
+    return done, json.loads((folder / "toy.json").read_text())
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -104,11 +105,11 @@ def test_a_job_handed_to_the_worker_runs_in_its_fork_with_its_own_stdio_folder_e
         done, seen = run_job(job, "ok", env)
         assert done.returncode == 0, done.stderr
         assert seen["ppid"] == server.pid  # a fork of the server ran it, not the script's interpreter
-        assert seen["cwd"] == str(job.parent) and seen["var"] == "x" and seen["argv"] == ["ok"]
+        assert seen["cwd"] == str(job.parents[2]) and seen["var"] == "x" and seen["argv"] == ["ok"]
         assert "hello from the job" in done.stdout  # the job's own stdout, passed to the fork
-        log = (job.parent / "toy.log").read_text()
-        assert "rule toy, sub-07: start" in log and "done in" in log
-        bench = (job.parent / "toy.tsv").read_text().splitlines()
+        log = (job.parents[2] / "toy.log").read_text()
+        assert "rule toy, sub-07: start (threads=1, a fork of worker" in log and "done in" in log
+        bench = (job.parents[2] / "toy.tsv").read_text().splitlines()
         assert bench[1].split("\t")[-1] == "ok"
     finally:
         stop(server)
@@ -122,7 +123,7 @@ def test_a_failing_job_fails_the_same_way_with_and_without_the_worker(job, env):
             done, seen = run_job(job, "fail", {**env, "NEUROMOE_WORKER": mode})
             results[mode] = (done.returncode, done.stderr.replace(str(seen["pid"]), "PID"))
             assert (seen["ppid"] == server.pid) == (mode == "1")
-            assert (job.parent / "toy.tsv").read_text().splitlines()[1].endswith("failed")
+            assert (job.parents[2] / "toy.tsv").read_text().splitlines()[1].endswith("failed")
         assert results["1"] == results["0"]
         assert results["1"][0] == 1 and "rule toy, sub-07 failed" in results["1"][1] and "toy input is bad" in \
             results["1"][1]
@@ -134,14 +135,14 @@ def test_a_failing_job_fails_the_same_way_with_and_without_the_worker(job, env):
 def test_a_job_killed_by_snakemake_takes_its_fork_with_it(job, env, how):
     server = start_server(env)
     try:
-        client = subprocess.Popen([sys.executable, str(job), "sleep"], cwd=job.parent, env=env,
+        client = subprocess.Popen([sys.executable, str(job), "sleep"], cwd=job.parents[2], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(400):
-            if (job.parent / "toy.json").exists():
+            if (job.parents[2] / "toy.json").exists():
                 break
             time.sleep(0.05)
         time.sleep(0.2)
-        fork = json.loads((job.parent / "toy.json").read_text())["pid"]
+        fork = json.loads((job.parents[2] / "toy.json").read_text())["pid"]
         assert fork != client.pid
         client.send_signal(how)  # SIGTERM: passed on to the fork; SIGKILL: the server sees the script gone
         assert client.wait(timeout=20) != 0
@@ -180,7 +181,7 @@ def test_with_no_server_the_job_runs_itself_and_starts_one_for_the_next(job, env
     done, seen = run_job(job, "ok", env)
     assert done.returncode == 0 and seen["pid"] != seen["ppid"]
     sock = Path(env["NEUROMOE_WORKER_DIR"]) / worker.socket_path("preproc").name
-    for _ in range(600):  # it imports the preprocessing modules first (a few seconds)
+    for _ in range(2400):  # it imports the preprocessing modules first (a few seconds; 2 min on a busy machine)
         if sock.is_socket():
             break
         time.sleep(0.05)
@@ -196,13 +197,17 @@ def test_with_no_server_the_job_runs_itself_and_starts_one_for_the_next(job, env
     assert not sock.exists()
 
 
-def test_only_local_jobs_of_one_thread_ask_for_the_worker(monkeypatch):
+def test_only_local_jobs_of_one_thread_ask_for_the_worker(monkeypatch, job):
     assert worker.enabled(True, True, {}) == "1"
     assert worker.enabled(True, True, {"NEUROMOE_WORKER": "0"}) == "0"  # the user's off switch
     assert worker.enabled(False, True, {}) == "0"  # a cluster run's jobs
     assert worker.enabled(True, False, {}) == "0"  # a cluster job's own Snakemake
+    assert worker.enabled(True, True, {}, containers=True) == "0"  # --use-apptainer
     monkeypatch.setenv("NEUROMOE_WORKER", "1")
-    monkeypatch.setattr(sys, "argv", [__file__])
+    monkeypatch.setattr(sys, "argv", [str(job)])
     assert worker.wanted(1) and not worker.wanted(2)
+    monkeypatch.setattr(sys, "argv", [__file__])  # not a Snakemake job's script (pytest here, say): never
+    assert not worker.wanted(1)
+    monkeypatch.setattr(sys, "argv", [str(job)])
     monkeypatch.setenv("NEUROMOE_WORKER", "0")
     assert not worker.wanted(1)

@@ -358,6 +358,20 @@ def test_outputs_are_those_of_the_commit_before_sessions(workflow_run: Path) -> 
     assert not changed, f"{len(changed)} of {len(known)} outputs differ: {changed[:10]}"
 
 
+def test_the_local_run_hands_its_jobs_to_the_worker(workflow_run: Path) -> None:
+    """The run above is local, so the Snakefile's onstart turned the worker on: after the first jobs started it,
+    preprocessing and training jobs ran as its forks (their logs say so), and their outputs are the manifest's
+    (the test above) and their benchmark records complete."""
+    logs = {rule: [p.read_text() for p in (workflow_run / "results" / "logs" / rule).rglob("*.log")]
+            for rule in ("anat", "dwi", "func", "cache_subject", "train")}
+    forked = {rule: sum("a fork of worker" in text for text in texts) for rule, texts in logs.items()}
+    assert all(logs.values()) and forked["func"] and forked["cache_subject"] and forked["train"], forked
+    for rule in ("func", "train"):
+        for rec in (workflow_run / "results" / "benchmarks" / rule).rglob("*.tsv"):
+            row = rec.read_text().splitlines()[1].split("\t")
+            assert row[-1] == "ok" and float(row[0]) > 0 and float(row[3]) > 0, (rec, row)
+
+
 def test_the_manifest_forgives_last_bits_of_explanations_not_changes(tmp_path: Path) -> None:
     """An ``approx:`` entry (evaluation/explain/) holds through a change of a float's last bits, not through a
     changed value, id, shape or affine; every other entry is byte for byte."""

@@ -32,8 +32,13 @@ coalesce_scheduler_wakeups()  # one scheduler timer, not one more per finished j
 onstart:
     # Local jobs of one thread run as forks of a process that keeps their imports (neuromoe/worker.py); the
     # executor is known only now, not while this file is read. NEUROMOE_WORKER=0 in the environment turns it off.
+    from snakemake.settings.types import DeploymentMethod
+
     os.environ[worker.ENV] = worker.enabled(
-        workflow.local_exec, workflow.is_main_process
+        workflow.local_exec,
+        workflow.is_main_process,
+        containers=DeploymentMethod.APPTAINER
+        in workflow.deployment_settings.deployment_method,
     )
 
 
