@@ -101,6 +101,8 @@ def delegate(warm: str = "preproc") -> int | None:
     if warm not in PRELOAD:
         raise ValueError(f"unknown kind of job {warm!r}; one of {sorted(PRELOAD)}")
     path = socket_path(warm)
+    if not _private_folder(path.parent):
+        return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.connect(str(path))
@@ -143,8 +145,10 @@ def delegate(warm: str = "preproc") -> int | None:
 def start_server(path: Path, warm: str) -> bool:
     """Start a server in the background unless one holds ``path``'s lock (running, or starting). Returns
     whether one was started."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _private_folder(path.parent):
+            return False
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
         return False
@@ -161,6 +165,18 @@ def start_server(path: Path, warm: str) -> bool:
                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True,
                          cwd="/")  # not the job's folder, which may be gone before the server is
     return True
+
+
+def _private_folder(folder: Path) -> bool:
+    """Is ``folder`` ours alone (or not there yet)? A job hands its environment and stdio to whatever listens
+    in it, so a folder another user made or can write (a shared /tmp) is never used."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
 # --- the server -----------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ def test_the_worker_refuses_jobs_once_its_code_changed_and_stops(job, env, tmp_p
 
 
 def test_with_no_server_the_job_runs_itself_and_starts_one_for_the_next(job, env):
-    env = {**env, "NEUROMOE_WORKER_IDLE": "1"}
+    env = {**env, "NEUROMOE_WORKER_IDLE": "5"}  # long enough for the second job to connect on a busy machine
     done, seen = run_job(job, "ok", env)
     assert done.returncode == 0 and seen["pid"] != seen["ppid"]
     sock = Path(env["NEUROMOE_WORKER_DIR"]) / worker.socket_path("preproc").name
@@ -190,7 +190,7 @@ def test_with_no_server_the_job_runs_itself_and_starts_one_for_the_next(job, env
     done, seen = run_job(job, "ok", env)
     log = Path(f"{sock}.log").read_text()
     assert f"[{seen['ppid']}] serving" in log  # the second job ran in a fork of that server
-    for _ in range(400):  # idle for NEUROMOE_WORKER_IDLE: it stops and removes its socket
+    for _ in range(1200):  # idle for NEUROMOE_WORKER_IDLE: it stops and removes its socket
         if not sock.exists():
             break
         time.sleep(0.05)
@@ -211,3 +211,18 @@ def test_only_local_jobs_of_one_thread_ask_for_the_worker(monkeypatch, job):
     monkeypatch.setattr(sys, "argv", [str(job)])
     monkeypatch.setenv("NEUROMOE_WORKER", "0")
     assert not worker.wanted(1)
+
+
+def test_a_folder_others_can_write_is_never_used(job, env, tmp_path):
+    """The job hands its environment and stdio to whatever listens there: not in a folder open to others."""
+    server = start_server(env)
+    try:
+        os.chmod(env["NEUROMOE_WORKER_DIR"], 0o777)
+        done, seen = run_job(job, "ok", env)
+        assert done.returncode == 0 and seen["ppid"] != server.pid  # ran in its own interpreter
+        os.chmod(env["NEUROMOE_WORKER_DIR"], 0o700)
+        _, seen = run_job(job, "ok", env)
+        assert seen["ppid"] == server.pid
+    finally:
+        stop(server)
+
