@@ -717,6 +717,8 @@ def run_piece(design_seed: int | None, n_subjects: int, workdir: Path, cores: in
         **piece_time(seconds, state["sittings"], state.get("preprocessing_reused_from"), n_subjects),
         "preprocessing_reused_from": state.get("preprocessing_reused_from"),
         "config": cfg, "setting": setting_of(cfg), "git_commit": _git_commit(),
+        # the jobs ran as forks of the local worker (neuromoe/worker.py) unless NEUROMOE_WORKER=0 turned it off
+        "local_worker": os.environ.get("NEUROMOE_WORKER", "1") != "0",
         "cpu_seconds": benchmark_cpu_seconds(res),
         **({"cpu_seconds_note": "preprocessing+cache: the job records hard-linked from "
                                 f"{Path(state['preprocessing_reused_from']).name} (its jobs, not this piece's)"}
@@ -841,7 +843,8 @@ def report(results: dict) -> str:
             shape = f", shape {d['shape_mm']:g} mm ({d.get('registration', 'nonlinear')})" if d.get("shape_mm") else ""
             lines.append(f"- design {d['design_seed']}{shape}, {d['n_subjects']} subjects: {d['wall_s'] / 60:.1f} min "
                          f"({m.get('cores_usable', '?')} cores, {m.get('cpu', '?')} {m.get('isa', '')}".rstrip()
-                         + f"; {', '.join(f'{k} {v / 60:.1f}' for k, v in d['seconds'].items())} min)")
+                         + f"; {', '.join(f'{k} {v / 60:.1f}' for k, v in d['seconds'].items())} min"
+                         + ("; jobs as forks of the local worker" if d.get("local_worker") else "") + ")")
     return "\n".join(lines) + "\n"
 
 

@@ -228,11 +228,16 @@ def test_the_report_names_the_shape_of_each_timed_piece(gen, tmp_path: Path) -> 
     secs = {"cohort": 150.0, "preprocessing+cache": 1260.0, "training": 310.0}
     for shape in (0.0, 3.0):
         e = _entry(gen.HELDOUT_DESIGN_SEEDS[1], 0.1, n=60, shape_mm=shape)
-        gen.write_results(out, {**e, "seconds": secs, **gen.piece_time(secs, sittings=1, reused=None)})
+        gen.write_results(out, {**e, "seconds": secs, **gen.piece_time(secs, sittings=1, reused=None),
+                                "local_worker": bool(shape)})
     timed = gen.report(json.loads(out.read_text())).split("Whole pieces timed")[1]
     seed = gen.HELDOUT_DESIGN_SEEDS[1]
-    assert f"- design {seed}, shape 3 mm (nonlinear), 60 subjects: 28.7 min" in timed
-    assert f"- design {seed}, 60 subjects: 28.7 min" in timed
+    lines = [line for line in timed.splitlines() if line.startswith(f"- design {seed},")]
+    (shaped,), (plain,) = ([x for x in lines if "shape" in x], [x for x in lines if "shape" not in x])
+    assert shaped.startswith(f"- design {seed}, shape 3 mm (nonlinear), 60 subjects: 28.7 min")
+    assert plain.startswith(f"- design {seed}, 60 subjects: 28.7 min")
+    # a piece whose jobs ran as forks of the local worker says so (cluster runs and NEUROMOE_WORKER=0 do not)
+    assert shaped.endswith("; jobs as forks of the local worker)") and "worker" not in plain
 
 
 def test_results_write_is_atomic(gen, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
