@@ -57,6 +57,7 @@ PRELOAD = {
 }
 _MAX_MSG = 1 << 20
 REFUSED_S = 600  # how long a server that cannot serve keeps others from starting
+_JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 _in_fork = False  # True in a job the server forked: it runs itself
 
 
@@ -338,10 +339,15 @@ def _accept(conn: socket.socket, sources: dict[str, int], jobs: dict, listener: 
     done_r, done_w = os.pipe()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    # Signals wait until the fork has a job's handlers (the server's SIGTERM handler would remove its socket).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _JOB_SIGNALS)
     pid = os.fork()
     if pid == 0:  # the job
         code = 1
         try:
+            for sig in _JOB_SIGNALS:  # as in a fresh interpreter (SIGPIPE stays ignored, as Python sets it)
+                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             listener.close()
             for other, other_done in jobs.values():
                 other.close()
@@ -351,6 +357,7 @@ def _accept(conn: socket.socket, sources: dict[str, int], jobs: dict, listener: 
             code = _run_job(request, fds)
         finally:
             os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     for fd in (*fds, done_w):
         os.close(fd)
     try:
@@ -367,8 +374,6 @@ def _run_job(request: dict, fds: list[int]) -> int:
     import runpy
 
     _in_fork = True  # the script's own run() then runs the job here
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
