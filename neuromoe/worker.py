@@ -225,6 +225,8 @@ def serve(path: str | Path, preload: tuple[str, ...] = PRELOAD["preproc"], idle_
     except BlockingIOError:
         return  # another server has it
     idle_s = float(os.environ.get("NEUROMOE_WORKER_IDLE", 60)) if idle_s is None else idle_s
+    # before the imports: BLAS and OpenMP size their pools when loaded (jobs of one thread only). The variables of
+    # smk.set_threads, not a call to it: smk imports this module (no import cycle between the two).
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[var] = "1"
     os.environ.setdefault("MPLBACKEND", "Agg")
