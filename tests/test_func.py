@@ -16,6 +16,7 @@ from scipy import stats
 from neuromoe.config import FuncConfig
 from neuromoe.errors import StageError
 from neuromoe.preproc import func as F
+from neuromoe.preproc import series as S
 
 TR = 2.0
 
@@ -139,7 +140,7 @@ def test_regress_nuisance_removes_regressors_and_trend():
     trend = np.outer(rng.uniform(-3, 3, n_v), np.arange(n_t) / n_t)
     mean = rng.uniform(100, 1000, (n_v, 1))
     y = mean + signal + beta @ reg.T + trend
-    res = F.regress_nuisance(y, reg, detrend=True, keep_mean=True).astype(np.float64)
+    res = S.regress_nuisance(y, reg, detrend=True, keep_mean=True).astype(np.float64)
     # OLS residuals are orthogonal to every centred regressor and the trend (float32 output: 1e-3 relative)
     design = np.column_stack([reg - reg.mean(0), np.arange(n_t) - (n_t - 1) / 2])
     proj = (res - res.mean(1, keepdims=True)) @ design / np.linalg.norm(design, axis=0)
@@ -148,9 +149,9 @@ def test_regress_nuisance_removes_regressors_and_trend():
     # what is left is the signal minus its own projection: correlation with the truth > 0.95 for K=5, T=120
     r = [np.corrcoef(res[i], signal[i])[0, 1] for i in range(n_v)]
     assert np.median(r) > 0.95
-    assert np.abs(F.regress_nuisance(y, reg, keep_mean=False).mean(1)).max() < 1e-3
+    assert np.abs(S.regress_nuisance(y, reg, keep_mean=False).mean(1)).max() < 1e-3
     with pytest.raises(ValueError, match="NaN"):
-        F.regress_nuisance(y, np.r_[np.nan, np.ones(n_t - 1)])
+        S.regress_nuisance(y, np.r_[np.nan, np.ones(n_t - 1)])
 
 
 # ---------------------------------------------------------------------------------------------- fALFF
@@ -160,11 +161,11 @@ def test_falff_sine_in_band_is_near_one():
     # small broadband leak of the linear detrend (measured 0.92), hence >= 0.9.
     t = np.arange(200) * TR
     x = 3.0 * np.sin(2 * np.pi * 0.05 * t)[None] + 500.0
-    assert F.falff(x, TR)[0] >= 0.9
+    assert S.falff(x, TR)[0] >= 0.9
     # out of band (0.2 Hz) -> near 0
-    assert F.falff(np.sin(2 * np.pi * 0.2 * t)[None], TR)[0] < 0.1
+    assert S.falff(np.sin(2 * np.pi * 0.2 * t)[None], TR)[0] < 0.1
     # ALFF of that in-band sine recovers ~ its amplitude spread over the band's bins
-    a = F.alff(x, TR)[0]
+    a = S.alff(x, TR)[0]
     n_bins = np.sum((np.fft.rfftfreq(200, TR) >= 0.01) & (np.fft.rfftfreq(200, TR) <= 0.08))
     assert abs(a * n_bins - 3.0) < 0.3
 
@@ -173,16 +174,16 @@ def test_falff_white_noise_is_band_share():
     # Flat expected amplitude spectrum: fALFF ~ fraction of bins in band = 29/100 at T=200, TR=2
     # (~ 0.07 / 0.25 = 0.28 in continuous frequency). Averaged over 2000 voxels, within 0.05 of 0.28.
     x = _rng(3).standard_normal((2000, 200))
-    f = F.falff(x, TR)
+    f = S.falff(x, TR)
     assert abs(f.mean() - 0.07 / (1 / (2 * TR))) < 0.05
     assert np.all((f >= 0) & (f <= 1))
-    assert F.falff(np.ones((3, 200)), TR).tolist() == [0.0, 0.0, 0.0]  # constant: no spectrum, 0
+    assert S.falff(np.ones((3, 200)), TR).tolist() == [0.0, 0.0, 0.0]  # constant: no spectrum, 0
 
 
 def test_bandpass_keeps_band_only():
     t = np.arange(200) * TR
     low, high = np.sin(2 * np.pi * 0.05 * t), np.sin(2 * np.pi * 0.2 * t)
-    out = F.bandpass((low + high + 10)[None], TR)[0]
+    out = S.bandpass((low + high + 10)[None], TR)[0]
     np.testing.assert_allclose(out - 10, low, atol=0.05)
 
 
@@ -201,7 +202,7 @@ def test_reho_identical_neighbours_is_one():
     data = np.broadcast_to(ts, (10, 10, 10, n_t)).copy()
     data *= rng.uniform(1, 3, (10, 10, 10, 1))  # monotone (positive) scaling keeps ranks: still W = 1
     mask = _cube_mask(10)
-    w = F.reho(data, mask)
+    w = S.reho(data, mask)
     np.testing.assert_allclose(w[mask], 1.0, atol=1e-6)
     assert np.all(w[~mask] == 0)
 
@@ -211,7 +212,7 @@ def test_reho_matches_direct_kendall_w():
     n_t = 40
     data = rng.standard_normal((8, 8, 8, n_t))
     mask = _cube_mask(8)
-    w = F.reho(data, mask)
+    w = S.reho(data, mask)
     # direct W at an interior voxel and at a mask corner (K = 8: only in-mask neighbours count)
     for v, sl in [((4, 4, 4), np.s_[3:6, 3:6, 3:6]), ((1, 1, 1), np.s_[1:3, 1:3, 1:3])]:
         blk = data[sl].reshape(-1, n_t)
@@ -229,12 +230,12 @@ def test_reho_independent_noise_is_near_null():
     n_t = 100
     data = rng.standard_normal((12, 12, 12, n_t))
     mask = _cube_mask(12)
-    w = F.reho(data, mask)
+    w = S.reho(data, mask)
     assert abs(w[3:9, 3:9, 3:9].mean() - 1 / 27) < 0.005
-    null = F.null_reho(mask)
+    null = S.null_reho(mask)
     assert abs(w[mask].mean() - null[mask].mean()) < 0.005
     for nb in (7, 19):
-        assert abs(F.reho(data, mask, nb)[mask].mean() - F.null_reho(mask, nb)[mask].mean()) < 0.01
+        assert abs(S.reho(data, mask, nb)[mask].mean() - S.null_reho(mask, nb)[mask].mean()) < 0.01
 
 
 # ---------------------------------------------------------------------------------------------- tissue masks
@@ -451,11 +452,46 @@ def test_detrend_and_ranks_match_scipy() -> None:
 
     rng = np.random.default_rng(7)
     y = rng.normal(size=(200, 64)) + np.linspace(0.0, 5.0, 64)
-    np.testing.assert_allclose(F.detrend(y), signal.detrend(y, axis=1, type="linear"), atol=1e-12)
+    np.testing.assert_allclose(S.detrend(y), signal.detrend(y, axis=1, type="linear"), atol=1e-12)
     ties = rng.integers(0, 4, size=(50, 30)).astype(np.float32)
     ties[0] = 2.0  # a constant series: every rank (T + 1) / 2
     for a in (ties, y.astype(np.float32)):
-        np.testing.assert_array_equal(F.rank_rows(a), stats.rankdata(a, axis=1))
+        np.testing.assert_array_equal(S.rank_rows(a), stats.rankdata(a, axis=1))
+
+
+def test_voxel_blocks_give_the_whole_series_values(monkeypatch) -> None:
+    """The voxel-wise maps work through the series a block of rows (and ReHo's neighbour sums a block of time
+    points) at a time, to bound their memory; blocks of a few voxels give the values of one block of all: ReHo,
+    ranks and the confounds exactly, the float64 regression and spectra to rounding."""
+    rng = np.random.default_rng(11)
+    shape, n_t = (9, 10, 8), 90
+    mask = np.zeros(shape, bool)
+    mask[1:8, 2:9, 1:7] = True
+    mask[4, 5, 3] = False  # a hole: rows of the series are not a box
+    series = (100 + rng.normal(size=(int(mask.sum()), n_t)).cumsum(axis=1)).astype(np.float32)
+    motion = rng.normal(scale=0.1, size=(n_t, 6))
+
+    def everything() -> dict[str, np.ndarray]:
+        clean = S.regress_nuisance(series, motion)
+        return {"clean": clean, "band": S.bandpass(clean, TR), "falff": S.falff(clean, TR), "alff": S.alff(clean, TR),
+                "reho": S.reho_series(clean, mask), "reho7": S.reho_series(clean, mask, 7),
+                "dvars": np.stack(F.dvars(series))}
+
+    whole = everything()
+    monkeypatch.setattr(S, "BLOCK_BYTES", 5 * n_t * 8)  # 5 voxels a block; 1 time point for the neighbour sums
+    assert len(list(S.row_blocks(*series.shape))) == -(-series.shape[0] // 5)
+    blocked = everything()
+    for k in ("reho", "reho7"):
+        np.testing.assert_array_equal(blocked[k], whole[k])
+    for k in ("clean", "band", "falff", "alff", "dvars"):
+        np.testing.assert_allclose(blocked[k], whole[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    np.testing.assert_array_equal(S.reho_series(series, mask), S.reho(_volume(series, mask), mask))
+
+
+def _volume(series: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    vol = np.zeros(mask.shape + (series.shape[1],), series.dtype)
+    vol[mask] = series
+    return vol
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

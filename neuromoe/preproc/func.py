@@ -1,11 +1,14 @@
-"""Resting-state fMRI: dummy scans, confounds, nuisance regression, fALFF, ReHo, and the stage driver.
+"""Resting-state fMRI: dummy scans, confounds, WM/CSF masks, and the stage driver (nuisance regression, fALFF
+and ReHo themselves are in ``neuromoe.preproc.series``).
 
 Array conventions: a 4D BOLD is (X, Y, Z, T) in voxel order with its NIfTI affine; voxel time series
 are flattened to (V, T) (V in-mask voxels, T volumes). Times are in seconds, frequencies in Hz,
 translations in mm, rotations in radians (fMRIPrep column names).
 
-The pure functions are vectorised over voxels: a 4 mm BOLD (~50 x 60 x 50 x 120) takes about a second
-for confounds, regression, fALFF and ReHo together; realignment and registration dominate ``run_func``.
+The pure functions are vectorised over voxels and work through them a block of rows at a time: a 4 mm BOLD
+(~50 x 60 x 50 x 120) takes about a second for confounds, regression, fALFF and ReHo together; realignment and
+registration dominate ``run_func``. Once realigned, only the brain mask's series (V, T) is kept, so the stage's
+peak memory is the realignment's (the series twice, float32).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from neuromoe.errors import StageError
 from neuromoe.inputs.bids import min_volumes  # the rule lives with the start-up checks
 from neuromoe.paths import FUNC_MAP_KEYS, subject_label
 from neuromoe.preproc.masks import epi_mask
-from neuromoe.preproc.series import detrend, rank_rows
+from neuromoe.preproc.series import DEFAULT_BAND_HZ, bandpass, falff, regress_nuisance, reho_series, row_blocks
 
 if TYPE_CHECKING:  # SimpleITK costs ~1 s to import; only run_func and priors_to_native need it, lazily
     import SimpleITK as sitk
@@ -42,7 +45,6 @@ FD_RADIUS_MM = 50.0
 # fMRIPrep/nipype scale the series so the median in-mask mean is 1000 before DVARS, so DVARS values are
 # comparable across scanners and subjects.
 DVARS_SCALE = 1000.0
-DEFAULT_BAND_HZ = (0.01, 0.08)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,6 +145,19 @@ def framewise_displacement(params: pd.DataFrame | np.ndarray, radius: float = FD
     return np.concatenate([[0.0], fd])
 
 
+def _as_vt(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """(X, Y, Z, T) + mask -> (V, T) view of the in-mask voxels; (V, T) passes through."""
+    data = np.asarray(data)
+    if mask is None:
+        if data.ndim != 2:
+            raise ValueError(f"pass a mask with 4D data, or data as (V, T); got {data.shape}")
+        return data
+    mask = np.asarray(mask, dtype=bool)
+    if data.shape[:-1] != mask.shape:
+        raise ValueError(f"mask {mask.shape} does not match data {data.shape}")
+    return data[mask]
+
+
 def dvars(data: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """DVARS and standardised DVARS (Power 2012; Nichols 2013 as in nipype/fMRIPrep), each (T,).
 
@@ -152,23 +167,28 @@ def dvars(data: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray,
     a temporally AR(1) series without artefacts, sqrt(mean_v) of 2 (1 - ar1_v) sigma_v^2 with a robust
     (IQR / 1.349) sigma, so it is ~1 for clean frames. The first value of both is NaN (no previous frame).
     """
-    x = _as_vt(data, mask).astype(np.float64)
-    means = x.mean(axis=1)
-    if x.shape[1] < 2:
+    x = _as_vt(data, mask)
+    n_v, n_t = x.shape
+    if n_t < 2:
         raise ValueError("DVARS needs at least two volumes")
-    med = np.median(means)
-    if med != 0:
-        x = x * (DVARS_SCALE / med)
-    dv = np.sqrt(np.mean(np.diff(x, axis=1) ** 2, axis=0))
-    # Standardisation: robust per-voxel sigma and lag-1 autocorrelation (Yule-Walker), zero-variance voxels
-    # (background caught by the mask) excluded.
-    q75, q25 = np.percentile(x, [75, 25], axis=1)
-    sd = (q75 - q25) / 1.349
+    blocks = list(row_blocks(n_v, n_t))
+    med = np.median(np.concatenate([x[b].astype(np.float64).mean(axis=1) for b in blocks])) if n_v else 0.0
+    scale = DVARS_SCALE / med if med != 0 else 1.0
+    sq = np.zeros(n_t - 1)  # sum over voxels of the squared frame-to-frame differences
+    sd, ar1 = np.zeros(n_v), np.zeros(n_v)
+    for b in blocks:
+        xb = x[b].astype(np.float64) * scale
+        sq += np.sum(np.diff(xb, axis=1) ** 2, axis=0)
+        # Standardisation: robust per-voxel sigma and lag-1 autocorrelation (Yule-Walker); zero-variance voxels
+        # (background caught by the mask) are excluded below.
+        q75, q25 = np.percentile(xb, [75, 25], axis=1)
+        sd[b] = (q75 - q25) / 1.349
+        xc = xb - xb.mean(axis=1, keepdims=True)
+        denom = np.sum(xc * xc, axis=1)
+        ar1[b] = np.where(denom > 0, np.sum(xc[:, 1:] * xc[:, :-1], axis=1) / np.where(denom > 0, denom, 1), 0.0)
+    dv = np.sqrt(sq / n_v) if n_v else np.full(n_t - 1, np.nan)
     keep = sd > 0
-    xc = x[keep] - x[keep].mean(axis=1, keepdims=True)
-    denom = np.sum(xc * xc, axis=1)
-    ar1 = np.where(denom > 0, np.sum(xc[:, 1:] * xc[:, :-1], axis=1) / np.where(denom > 0, denom, 1), 0.0)
-    expected = np.mean(np.sqrt(2.0 * (1.0 - ar1)) * sd[keep]) if keep.any() else 0.0
+    expected = np.mean(np.sqrt(2.0 * (1.0 - ar1[keep])) * sd[keep]) if keep.any() else 0.0
     # nipype's dvars_stdz: DVARS over the mean expected differenced sd.
     std = dv / expected if expected > 0 else np.full_like(dv, np.nan)
     nan = np.array([np.nan])
@@ -201,207 +221,6 @@ def write_confounds(df: pd.DataFrame, path: str | Path) -> None:
     """Write the confounds TSV (tab-separated, ``n/a`` for NaN, BIDS style)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
-
-
-# --------------------------------------------------------------------------------------------------
-# Denoising and filtering
-# --------------------------------------------------------------------------------------------------
-
-def _as_vt(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """(X, Y, Z, T) + mask -> (V, T) view of the in-mask voxels; (V, T) passes through."""
-    data = np.asarray(data)
-    if mask is None:
-        if data.ndim != 2:
-            raise ValueError(f"pass a mask with 4D data, or data as (V, T); got {data.shape}")
-        return data
-    mask = np.asarray(mask, dtype=bool)
-    if data.shape[:-1] != mask.shape:
-        raise ValueError(f"mask {mask.shape} does not match data {data.shape}")
-    return data[mask]
-
-
-def regress_nuisance(data: np.ndarray, regressors: np.ndarray | None = None, detrend: bool = True,
-                     keep_mean: bool = True) -> np.ndarray:
-    """Residuals of voxel time series after OLS on nuisance regressors, (V, T) -> (V, T) float32.
-
-    The design is [intercept, linear trend (if ``detrend``), regressors (T, K), each column centred].
-    With ``keep_mean`` each voxel's temporal mean is added back, so the cleaned series still looks like a
-    BOLD image (masks and QC of the mean stay meaningful); fALFF/ReHo are unaffected by the constant. All
-    voxels are solved at once through one pseudo-inverse of the (T, K+2) design.
-    """
-    y = np.asarray(data, dtype=np.float64)
-    if y.ndim != 2:
-        raise ValueError(f"data must be (V, T), got {y.shape}")
-    n_t = y.shape[1]
-    cols = [np.ones(n_t)]
-    if detrend:
-        cols.append(np.linspace(-1.0, 1.0, n_t))  # centred and scaled: better conditioned than 0..T-1
-    if regressors is not None:
-        reg = np.asarray(regressors, dtype=np.float64)
-        if reg.ndim == 1:
-            reg = reg[:, None]
-        if reg.shape[0] != n_t:
-            raise ValueError(f"regressors have {reg.shape[0]} rows but the data has {n_t} time points")
-        if not np.all(np.isfinite(reg)):
-            raise ValueError("regressors contain NaN/inf (e.g. the first DVARS row); fill or drop them first")
-        reg = reg - reg.mean(axis=0)
-        cols.extend(reg.T)
-    design = np.column_stack(cols)  # (T, P)
-    if design.shape[1] >= n_t:
-        raise ValueError(f"{design.shape[1]} regressors for {n_t} time points: nothing left to estimate")
-    beta = np.linalg.pinv(design) @ y.T  # (P, V)
-    resid = y - (design @ beta).T
-    if keep_mean:
-        resid += y.mean(axis=1, keepdims=True)
-    return resid.astype(np.float32)
-
-
-def bandpass(data: np.ndarray, tr: float, band: Sequence[float] = DEFAULT_BAND_HZ) -> np.ndarray:
-    """Zero-phase band-pass (V, T) -> (V, T) float32, ``band`` in Hz, ``tr`` in seconds.
-
-    Ideal (FFT-domain) filter after linear detrending, as REST/DPABI do for ReHo: it keeps exactly the
-    frequencies fALFF calls low-frequency, with no filter order to tune on short series. The mean is kept.
-    """
-    y = np.asarray(data, dtype=np.float64)
-    mean = y.mean(axis=1, keepdims=True)
-    y = detrend(y)
-    freqs = np.fft.rfftfreq(y.shape[1], d=tr)
-    spec = np.fft.rfft(y, axis=1)
-    spec[:, (freqs < band[0]) | (freqs > band[1])] = 0.0
-    return (np.fft.irfft(spec, n=y.shape[1], axis=1) + mean).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------------
-# Maps
-# --------------------------------------------------------------------------------------------------
-
-def _amplitude_spectrum(data: np.ndarray, tr: float) -> tuple[np.ndarray, np.ndarray]:
-    """Frequencies (F,) in Hz for 0 < f <= Nyquist and the one-sided amplitude spectrum (V, F), after
-    linear detrending of each series (so drift does not dominate the lowest bins)."""
-    y = detrend(np.asarray(data, dtype=np.float64))
-    freqs = np.fft.rfftfreq(y.shape[1], d=tr)
-    amp = np.abs(np.fft.rfft(y, axis=1))
-    return freqs[1:], amp[:, 1:]
-
-
-def falff(data: np.ndarray, tr: float, band: Sequence[float] = DEFAULT_BAND_HZ) -> np.ndarray:
-    """Fractional ALFF (Zou et al. 2008), (V, T) -> (V,) float32 in [0, 1].
-
-    Sum of the amplitude spectrum (sqrt of power) over ``band`` (Hz, edges included) divided by its sum over
-    the whole spectrum 0 < f <= 1 / (2 TR), after linear detrending; ``tr`` in seconds. A sinusoid inside the
-    band gives ~1; white noise gives about the band's share of the frequency bins, (f_hi - f_lo) / Nyquist.
-    A constant series (no spectrum) gives 0.
-    """
-    freqs, amp = _amplitude_spectrum(data, tr)
-    inband = (freqs >= band[0]) & (freqs <= band[1])
-    if not inband.any():
-        raise ValueError(f"no frequency bin in {tuple(band)} Hz for {np.shape(data)[1]} volumes at TR {tr} s")
-    total = amp.sum(axis=1)
-    part = amp[:, inband].sum(axis=1)
-    # A constant (or linear) series leaves only round-off after detrending; call it "no spectrum", not a
-    # ratio of rounding errors. Round-off is ~1e-16 of the signal's magnitude per bin.
-    scale = np.abs(np.asarray(data, dtype=np.float64)).max(axis=1) * amp.shape[1]
-    has_spectrum = total > 1e-10 * np.maximum(scale, np.finfo(np.float64).tiny)
-    out = np.divide(part, total, out=np.zeros_like(total), where=has_spectrum)
-    return out.astype(np.float32)
-
-
-def alff(data: np.ndarray, tr: float, band: Sequence[float] = DEFAULT_BAND_HZ) -> np.ndarray:
-    """ALFF, (V, T) -> (V,) float32: mean one-sided amplitude over ``band`` (Hz), in the data's units.
-
-    Amplitude of bin k is 2 |X_k| / T, so a sinusoid of amplitude a on a bin gives a at that bin.
-    """
-    freqs, amp = _amplitude_spectrum(data, tr)
-    inband = (freqs >= band[0]) & (freqs <= band[1])
-    if not inband.any():
-        raise ValueError(f"no frequency bin in {tuple(band)} Hz for {np.shape(data)[1]} volumes at TR {tr} s")
-    n_t = np.shape(data)[1]
-    return (2.0 / n_t * amp[:, inband].mean(axis=1)).astype(np.float32)
-
-
-_CUBE = [(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)]
-# 27: faces, edges and corners; 19: faces and edges; 7: faces (offsets with at most 3 / 2 / 1 non-zero).
-_NEIGHBOUR_OFFSETS = {n: [o for o in _CUBE if sum(map(abs, o)) <= d] for n, d in ((27, 3), (19, 2), (7, 1))}
-
-
-def _neighbour_sum(a: np.ndarray, neighbourhood: int) -> np.ndarray:
-    """Sum of ``a`` (X, Y, Z[, ...]) over each voxel's neighbourhood (zero outside the volume), same shape.
-
-    27: separable 3-tap sums along x, y, z (9 adds instead of 27); 19 and 7: shifted views. Values are summed
-    exactly (integer or half-integer ranks), so W = 1 comes out exactly for identical neighbours.
-    """
-    if neighbourhood == 27:
-        out = a
-        for ax in range(3):
-            s = out.copy()
-            idx_lo = [slice(None)] * a.ndim
-            idx_hi = [slice(None)] * a.ndim
-            idx_lo[ax], idx_hi[ax] = slice(1, None), slice(None, -1)
-            s[tuple(idx_lo)] += out[tuple(idx_hi)]  # neighbour at -1
-            s[tuple(idx_hi)] += out[tuple(idx_lo)]  # neighbour at +1
-            out = s
-        return out
-    out = np.zeros_like(a)
-    shape = a.shape[:3]
-    for off in _NEIGHBOUR_OFFSETS[neighbourhood]:
-        dst, src = [], []
-        for o, n in zip(off, shape, strict=True):
-            dst.append(slice(max(0, -o), n - max(0, o)))
-            src.append(slice(max(0, o), n - max(0, -o)))
-        out[tuple(dst)] += a[tuple(src)]
-    return out
-
-
-def reho(data: np.ndarray, mask: np.ndarray, neighbourhood: int = 27) -> np.ndarray:
-    """Regional homogeneity (Zang et al. 2004), (X, Y, Z, T) + mask (X, Y, Z) -> (X, Y, Z) float32.
-
-    Kendall's coefficient of concordance over each in-mask voxel and its in-mask neighbours (cluster of
-    ``neighbourhood`` = 27, 19 or 7 voxels; fewer at the mask edge, K counts only those in the mask):
-        W = (12 sum_t R_t^2 - 3 K^2 n (n + 1)^2) / (K^2 (n^3 - n)),
-    with n time points and R_t the sum over the K voxels of the rank of time point t in each voxel's series.
-    W = 1 when all K series are identical (up to monotone transforms); for K independent series E[W] = 1/K.
-    Ties get average ranks and the tie-free formula (ties are measure-zero for real BOLD). 0 outside the mask
-    and for voxels with no in-mask neighbour (K = 1 gives the meaningless W = 1, so it is set to 0).
-
-    Ranks are computed once per voxel along time; the neighbourhood sums are array shifts, not voxel loops.
-    """
-    if neighbourhood not in _NEIGHBOUR_OFFSETS:
-        raise ValueError(f"neighbourhood must be one of {sorted(_NEIGHBOUR_OFFSETS)}, got {neighbourhood}")
-    data = np.asarray(data)
-    mask = np.asarray(mask, dtype=bool)
-    if data.ndim != 4 or data.shape[:3] != mask.shape:
-        raise ValueError(f"data must be (X, Y, Z, T) matching mask {mask.shape}, got {data.shape}")
-    out = np.zeros(mask.shape, dtype=np.float32)
-    if not mask.any():
-        return out
-    # Work inside the mask's bounding box (+1 voxel), which is most of the cost saved for a head in a FOV.
-    (x0, y0, z0), (x1, y1, z1) = np.argwhere(mask).min(0), np.argwhere(mask).max(0) + 1
-    box = (slice(x0, x1), slice(y0, y1), slice(z0, z1))
-    m = mask[box]
-    n_t = data.shape[3]
-    # Ranks are integers or half-integers <= n: float32 holds them, and their sums over <= 27 voxels, exactly.
-    ranks = np.zeros(m.shape + (n_t,), dtype=np.float32)
-    ranks[m] = rank_rows(data[box][m])
-    r_sum = _neighbour_sum(ranks, neighbourhood)[m].astype(np.float64)  # (V, T)
-    k = _neighbour_sum(m.astype(np.float32), neighbourhood)[m].astype(np.float64)  # (V,)
-    s2 = np.einsum("vt,vt->v", r_sum, r_sum)
-    w = (12.0 * s2 - 3.0 * k**2 * n_t * (n_t + 1) ** 2) / (k**2 * (n_t**3 - n_t))
-    w[k < 2] = 0.0
-    sub = np.zeros(m.shape, dtype=np.float32)
-    sub[m] = w
-    out[box] = sub
-    return out
-
-
-def null_reho(mask: np.ndarray, neighbourhood: int = 27) -> np.ndarray:
-    """Expected ReHo under independence, E[W] = 1/K per voxel, (X, Y, Z); K counts in-mask neighbours and
-    the voxel itself (0 outside the mask and where K = 1, as in ``reho``)."""
-    m = np.asarray(mask, dtype=bool)
-    k = _neighbour_sum(m.astype(np.float32), neighbourhood)
-    out = np.zeros(m.shape, dtype=np.float32)
-    sel = m & (k >= 2)
-    out[sel] = 1.0 / k[sel]
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,17 +376,21 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
         log.warning("%s: TR %.4g s in the NIfTI header differs from RepetitionTime %.4g s in %s; using the "
                     "sidecar", sub, header_tr, tr, inputs["bold_json"])
     img = drop_dummy_scans(raw, n_dummy, tr, f_low=band[0], subject=subject)
+    del raw  # (img's voxels may be a view of it)
     affine = img.affine
     lap("inputs")
 
     # 2. realignment
     corrected, motion = realign_series(img, metric="corr", subject=sub, threads=threads)
+    # The series' grid and header for the outputs without its voxels, so the input series can be freed.
+    img = nib.Nifti1Image(np.zeros(img.shape[:3] + (1,), np.uint8), affine, img.header)
     data = np.asarray(corrected.dataobj, dtype=np.float32)  # (X, Y, Z, T)
+    del corrected
     n_t = data.shape[3]
     log.info("%s: realigned %d volumes in %.1f s", sub, n_t, motion.attrs.get("seconds", float("nan")))
     lap("realign")
 
-    # 3. brain mask
+    # 3. brain mask; from here on only its voxels' series (V, T) are kept
     mean_bold = data.mean(axis=3)
     mean_img = new_image(mean_bold, affine)
     mask = epi_mask(mean_bold)
@@ -575,6 +398,8 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     if mask.sum() < 100:
         raise StageError(f"the BOLD brain mask is (nearly) empty ({int(mask.sum())} voxels)", subject=sub,
                          stage=STAGE, path=inputs["bold"], fix="check that the BOLD volumes contain a head")
+    series = data[mask]
+    del data
     lap("mask")
 
     # 4. BOLD -> T1w, and MNI -> BOLD
@@ -600,8 +425,9 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     lap("register")
 
     # 5-8. tissue signals, confounds, regression, maps; then MNI
-    derived = derive_maps(data, mask, affine, mean_img, motion, mni_to_bold, tr, cfg, subject=subject,
+    derived = derive_maps(series, mask, affine, mean_img, motion, mni_to_bold, tr, cfg, subject=subject,
                           bold_path=inputs["bold"], threads=threads, maps=wanted_maps(outputs))
+    del series
     lap("derive")
     maps_mni = {name: reg.resample(m, derived.template, mni_to_bold, interp="linear", threads=threads)
                 for name, m in derived.maps.items()}
@@ -629,18 +455,19 @@ class FuncDerivatives:
     """What ``derive_maps`` computes from a realigned series (native BOLD grid)."""
 
     confounds: pd.DataFrame  # one row per volume, CONFOUND_COLUMNS
-    preproc: np.ndarray  # (X, Y, Z, T) float32, the cleaned series inside the mask, 0 outside
+    clean: np.ndarray  # (V, T) float32, the cleaned series of the mask's voxels (rows in the order of data[mask])
     maps: dict[str, nib.Nifti1Image]  # fALFF, ReHo (float32, BOLD grid)
     template: nib.Nifti1Image  # the MNI 2 mm template the tissue priors came from (the grid of the MNI maps)
 
 
-def derive_maps(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_img: nib.Nifti1Image, motion: pd.DataFrame,
-                mni_to_bold: sitk.Transform, tr: float, cfg: FuncConfig, *, subject: str | None,
+def derive_maps(series: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_img: nib.Nifti1Image,
+                motion: pd.DataFrame, mni_to_bold: sitk.Transform, tr: float, cfg: FuncConfig, *, subject: str | None,
                 bold_path: str | Path, threads: int = 1, maps: Sequence[str] = FUNC_MAPS) -> FuncDerivatives:
     """Everything the func stage derives in Python from a realigned series (both backends; FSL has no fALFF/ReHo).
 
-    ``data`` (X, Y, Z, T) realigned BOLD with its ``affine``, ``mask`` (X, Y, Z) bool brain mask, ``mean_img`` its
-    mean over time,
+    ``series`` (V, T) the realigned BOLD of the ``mask``'s voxels (``data[mask]`` of the (X, Y, Z, T) series; the
+    caller can let the 4D series go), ``mask`` (X, Y, Z) bool brain mask on the grid of ``affine``, ``mean_img``
+    the series' mean over time,
     ``motion`` the table of ``MOTION_COLUMNS`` (mm, radians), ``mni_to_bold`` (ITK) maps MNI points to BOLD
     points, ``tr`` seconds. Steps:
       1. WM and CSF masks in BOLD space from the MNI template's priors (not from an intensity segmentation of
@@ -664,41 +491,35 @@ def derive_maps(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_img
     logging.getLogger("neuromoe.func").info("%s: WM mask %d voxels, CSF mask %d voxels", sub, tissue["wm"].sum(),
                                             tissue["csf"].sum())
 
-    # 2. confounds
-    fd, (dv, std_dv) = framewise_displacement(motion), dvars(data[mask])
-    wm_sig, csf_sig = data[tissue["wm"]].mean(axis=0), data[tissue["csf"]].mean(axis=0)
+    # 2. confounds (the tissue masks lie inside the brain mask: their rows of the series)
+    fd, (dv, std_dv) = framewise_displacement(motion), dvars(series)
+    wm_sig, csf_sig = (series[tissue[k][mask]].mean(axis=0) for k in ("wm", "csf"))
     confounds = confounds_table(motion, fd, dv, wm_sig, csf_sig, std_dvars=std_dv)
-    preproc, out = clean_and_map(data, mask, affine, confounds, tr, cfg, maps)
-    return FuncDerivatives(confounds=confounds, preproc=preproc, maps=out, template=template)
+    clean, out = clean_and_map(series, mask, affine, confounds, tr, cfg, maps)
+    return FuncDerivatives(confounds=confounds, clean=clean, maps=out, template=template)
 
 
-def clean_and_map(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, confounds: pd.DataFrame, tr: float,
+def clean_and_map(series: np.ndarray, mask: np.ndarray, affine: np.ndarray, confounds: pd.DataFrame, tr: float,
                   cfg: FuncConfig, maps: Sequence[str] = FUNC_MAPS) -> tuple[np.ndarray, dict[str, nib.Nifti1Image]]:
     """OLS nuisance regression (intercept, linear trend, the ``cfg.nuisance`` columns of ``confounds``; the mean
-    is kept) of the in-mask series of ``data`` (X, Y, Z, T), then fALFF of the cleaned series and ReHo (27
+    is kept) of the in-mask ``series`` (V, T) (``data[mask]``), then fALFF of the cleaned series and ReHo (27
     neighbours) of it band-passed to ``cfg.band_hz`` (only those named in ``maps``). Returns the cleaned series
-    (0 outside the mask) and the maps on ``affine``'s grid. Shared by ``derive_maps`` and by the maps of an
-    ingested fMRIPrep series (``neuromoe.preproc.ingest``)."""
+    (V, T) and the maps on ``affine``'s grid. Shared by ``derive_maps`` and by the maps of an ingested fMRIPrep
+    series (``neuromoe.preproc.ingest``)."""
     from neuromoe.inputs.imageio import new_image
 
     band = band_hz(cfg)
-    series = data[mask]  # (V, T)
     chosen = [c for k in cfg.nuisance for c in NUISANCE_COLUMNS[k]]
     regressors = confounds[chosen].to_numpy(dtype=float) if chosen else None
     clean = regress_nuisance(series, regressors, detrend=True, keep_mean=True)  # (V, T)
-    preproc = np.zeros(data.shape, dtype=np.float32)
-    preproc[mask] = clean
     out: dict[str, nib.Nifti1Image] = {}
     if "fALFF" in maps:
         falff_vol = np.zeros(mask.shape, dtype=np.float32)
         falff_vol[mask] = falff(clean, tr, band)
         out["fALFF"] = new_image(falff_vol, affine)
     if "ReHo" in maps:
-        filtered = np.zeros(data.shape, dtype=np.float32)
-        filtered[mask] = bandpass(clean, tr, band)
-        out["ReHo"] = new_image(reho(filtered, mask, neighbourhood=27), affine)
-        del filtered
-    return preproc, out
+        out["ReHo"] = new_image(reho_series(bandpass(clean, tr, band), mask, neighbourhood=27), affine)
+    return clean, out
 
 
 def write_outputs(outputs: Mapping[str, str], subject: str, *, bold: nib.Nifti1Image, tr: float, mask: np.ndarray,
@@ -706,8 +527,9 @@ def write_outputs(outputs: Mapping[str, str], subject: str, *, bold: nib.Nifti1I
                   qc_note: str = "", motion_source: str = "") -> None:
     """Write the func stage's files (both backends).
 
-    ``bold``: the series after the dummy scans (grid and header of ``func_preproc``, whose TR is set to ``tr``; the
-    series is written only when ``outputs`` has that key: ``preprocessing.keep_series``);
+    ``bold``: an image with the grid and header of the series after the dummy scans (its voxels are not read; the
+    header of ``func_preproc``, whose TR is set to ``tr``; the cleaned series is written only when ``outputs`` has
+    that key: ``preprocessing.keep_series``);
     ``mask`` (X, Y, Z) bool; ``maps_mni``: fALFF and ReHo on the MNI grid; ``transform`` (ITK) maps T1w points to
     BOLD points. QC figures when their keys are in ``outputs``; ``qc_note`` and ``motion_source`` go into their
     titles (e.g. "FSL", "mcflirt").
@@ -719,7 +541,9 @@ def write_outputs(outputs: Mapping[str, str], subject: str, *, bold: nib.Nifti1I
     affine = bold.affine
     write_confounds(derived.confounds, outputs["func_confounds"])
     if "func_preproc" in outputs:  # the series: preprocessing.keep_series
-        preproc_img = new_image(derived.preproc, affine, like=bold)
+        series = np.zeros(mask.shape + (derived.clean.shape[1],), dtype=np.float32)  # 0 outside the mask
+        series[mask] = derived.clean
+        preproc_img = new_image(series, affine, like=bold)
         preproc_img.header.set_xyzt_units("mm", "sec")
         preproc_img.header.set_zooms(preproc_img.header.get_zooms()[:3] + (tr,))
         save_map(preproc_img, outputs["func_preproc"])

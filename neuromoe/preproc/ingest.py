@@ -118,14 +118,17 @@ def func_from_fmriprep(inputs: Mapping[str, Any], outputs: Mapping[str, str], su
     if mask.sum() < 100:
         raise InputError(f"the brain mask holds {int(mask.sum())} voxels with signal in every volume",
                          subject=subject_label(subject), path=inputs["mask"], fix="check fMRIPrep's mask and series")
-    preproc, maps = func.clean_and_map(data, mask, img.affine, conf, tr, cfg, func.wanted_maps(outputs))
+    n_t = data.shape[3]
+    series = data[mask]
+    del data
+    clean, maps = func.clean_and_map(series, mask, img.affine, conf, tr, cfg, func.wanted_maps(outputs))
     ours = conf.reindex(columns=func.CONFOUND_COLUMNS)  # fMRIPrep's columns of our table's names
-    derived = func.FuncDerivatives(confounds=ours, preproc=preproc, maps=maps, template=None)
+    derived = func.FuncDerivatives(confounds=ours, clean=clean, maps=maps, template=None)
     func.write_outputs(outputs, subject, bold=img, tr=tr, mask=mask, derived=derived,
                        maps_mni=_to_mni(maps, inputs.get("xfm"), threads), transform=None,
                        qc_note="from fMRIPrep", motion_source="fMRIPrep")
     log.info("%s: fALFF/ReHo from fMRIPrep's %s series (%d volumes after %d non-steady-state)", subject_label(subject),
-             Path(inputs["bold"]).name, data.shape[3], n_dummy)
+             Path(inputs["bold"]).name, n_t, n_dummy)
 
 
 def dwi_from_qsiprep(inputs: Mapping[str, Any], outputs: Mapping[str, str], subject: str, cfg: Any,

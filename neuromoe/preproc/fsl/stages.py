@@ -263,7 +263,9 @@ def run_func_fsl(inputs: Mapping[str, str], outputs: Mapping[str, str], subject:
                              nib.load(str(work / "bold_brain.nii.gz")), nib.load(str(t1_file)), rigid=True)
 
         mni_to_bold = reg.compose(reg.read_transform(inputs["anat_xfm"]), xfm)
-        derived = F.derive_maps(data, mask, affine, mean_img, motion, mni_to_bold, tr, cfg, subject=subject,
+        series = data[mask]
+        del data
+        derived = F.derive_maps(series, mask, affine, mean_img, motion, mni_to_bold, tr, cfg, subject=subject,
                                 bold_path=inputs["bold"], threads=threads or 1, maps=F.wanted_maps(outputs))
         map_files = {k: _save_float(np.asarray(v.dataobj), affine, work / f"{k}.nii.gz")
                      for k, v in derived.maps.items()}
