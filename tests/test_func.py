@@ -474,7 +474,8 @@ def test_voxel_blocks_give_the_whole_series_values(monkeypatch) -> None:
     def everything() -> dict[str, np.ndarray]:
         clean = S.regress_nuisance(series, motion)
         return {"clean": clean, "band": S.bandpass(clean, TR), "falff": S.falff(clean, TR), "alff": S.alff(clean, TR),
-                "reho": S.reho_series(clean, mask), "reho7": S.reho_series(clean, mask, 7),
+                "reho": S.reho_series(clean, mask, prefilter=lambda rows: S.bandpass(rows, TR)),
+                "reho7": S.reho_series(clean, mask, 7),
                 "dvars": np.stack(F.dvars(series))}
 
     whole = everything()
@@ -486,6 +487,7 @@ def test_voxel_blocks_give_the_whole_series_values(monkeypatch) -> None:
     for k in ("clean", "band", "falff", "alff", "dvars"):
         np.testing.assert_allclose(blocked[k], whole[k], rtol=1e-6, atol=1e-6, err_msg=k)
     np.testing.assert_array_equal(S.reho_series(series, mask), S.reho(_volume(series, mask), mask))
+    np.testing.assert_array_equal(whole["reho"], S.reho_series(whole["band"], mask))  # filtered in blocks = whole
 
 
 def _volume(series: np.ndarray, mask: np.ndarray) -> np.ndarray:

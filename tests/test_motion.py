@@ -165,8 +165,15 @@ def test_corrected_volumes_align_with_reference(template):
     truth = random_motion(rng, 4)
     img, c = series(template, "b0", 4.0, False, truth, rng)
     data = np.asarray(img.dataobj)
+    before_call = data.copy()
     corrected, params = realign_series(img, ref_index=0)
     out = np.asarray(corrected.dataobj)
+    np.testing.assert_array_equal(data, before_call)  # the caller's series is left as it was
+    # inplace (the func stage's, one copy of the series less): the same corrected series, in the input's array
+    handed = before_call.copy()
+    again, _ = realign_series(nib.Nifti1Image(handed, img.affine), ref_index=0, inplace=True)
+    assert np.asarray(again.dataobj) is handed
+    np.testing.assert_array_equal(handed, out)
     head = ndimage.binary_erosion(data[..., 0] > 0.3 * data[..., 0].max(), iterations=2)
     for k in range(1, 4):
         oracle = sample(data[..., k], img.affine, img.affine, data.shape[:3], np.linalg.inv(rigid(truth[k], c)))

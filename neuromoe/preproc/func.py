@@ -171,7 +171,7 @@ def dvars(data: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray,
     n_v, n_t = x.shape
     if n_t < 2:
         raise ValueError("DVARS needs at least two volumes")
-    blocks = list(row_blocks(n_v, n_t))
+    blocks = list(row_blocks(n_v, n_t, itemsize=8 * 4))  # float64 block, differences, percentiles, centred
     med = np.median(np.concatenate([x[b].astype(np.float64).mean(axis=1) for b in blocks])) if n_v else 0.0
     scale = DVARS_SCALE / med if med != 0 else 1.0
     sq = np.zeros(n_t - 1)  # sum over voxels of the squared frame-to-frame differences
@@ -381,8 +381,9 @@ def run_func(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str
     lap("inputs")
 
     # 2. realignment
-    corrected, motion = realign_series(img, metric="corr", subject=sub, threads=threads)
-    # The series' grid and header for the outputs without its voxels, so the input series can be freed.
+    corrected, motion = realign_series(img, metric="corr", subject=sub, threads=threads, inplace=True)
+    # (corrected in place: img's voxels are now the realigned series.) Its grid and header for the outputs, without
+    # the voxels, so that the series can be freed once the brain's are taken.
     img = nib.Nifti1Image(np.zeros(img.shape[:3] + (1,), np.uint8), affine, img.header)
     data = np.asarray(corrected.dataobj, dtype=np.float32)  # (X, Y, Z, T)
     del corrected
@@ -518,7 +519,7 @@ def clean_and_map(series: np.ndarray, mask: np.ndarray, affine: np.ndarray, conf
         falff_vol[mask] = falff(clean, tr, band)
         out["fALFF"] = new_image(falff_vol, affine)
     if "ReHo" in maps:
-        out["ReHo"] = new_image(reho_series(bandpass(clean, tr, band), mask, neighbourhood=27), affine)
+        out["ReHo"] = new_image(reho_series(clean, mask, 27, prefilter=lambda rows: bandpass(rows, tr, band)), affine)
     return clean, out
 
 

@@ -143,7 +143,7 @@ def _registration(metric: str, radius_mm: float, n_voxels: int, threads: int) ->
 
 def realign_series(img4d: nib.Nifti1Image, ref_index: int | None = None, reference: np.ndarray | None = None,
                    mask: np.ndarray | None = None, metric: str = "corr", subject: str | None = None,
-                   threads: int = 1) -> tuple[nib.Nifti1Image, pd.DataFrame]:
+                   threads: int = 1, inplace: bool = False) -> tuple[nib.Nifti1Image, pd.DataFrame]:
     """Rigidly realign every volume of a 4D series to a reference volume, resampling each once.
 
     Args:
@@ -155,6 +155,9 @@ def realign_series(img4d: nib.Nifti1Image, ref_index: int | None = None, referen
         metric: ``"corr"`` (same contrast, e.g. BOLD) or ``"mi"`` (Mattes mutual information, e.g. DWI).
         subject: subject id for error messages.
         threads: threads SimpleITK may use.
+        inplace: write each corrected volume over its input voxels when ``img4d`` holds a float32 array (which
+            then holds the corrected series): one copy of the series less. A series read from a file, or
+            converted to float32, is always corrected in the copy read.
 
     Returns:
         ``(corrected, params)``: corrected (X, Y, Z, T) float32 image on the input grid (voxels mapped from
@@ -230,7 +233,9 @@ def realign_series(img4d: nib.Nifti1Image, ref_index: int | None = None, referen
     resampler.SetOutputPixelType(sitk.sitkFloat32)
     resampler.SetNumberOfThreads(max(1, int(threads)))
 
-    corrected = np.empty_like(data)
+    # Volume k's input voxels are read (copied into ITK) before its corrected volume is written, and never again.
+    owned = not (isinstance(img4d.dataobj, np.ndarray) and np.may_share_memory(data, img4d.dataobj))
+    corrected = data if inplace or owned else np.empty_like(data)
     ijk = np.indices(data.shape[:3], dtype=np.float32).reshape(3, -1)
     coverage = np.ones(ijk.shape[1], bool)
     params = np.zeros((n_vol, 6))

@@ -74,7 +74,7 @@ STAGE_COSTS: dict[str, StageCost] = {
                       floor_mb=3000, floor_min=20),
     "dwi": StageCost(base_mb=320, mb_per_mvox=10, t1_mb_per_mvox=15, base_s=10, s_per_mvox=0.6, t1_s_per_mvox=3,
                      floor_mb=4000, floor_min=30),
-    "func": StageCost(base_mb=300, mb_per_mvox=34, t1_mb_per_mvox=11, base_s=10, s_per_mvox=1.0, t1_s_per_mvox=3,
+    "func": StageCost(base_mb=280, mb_per_mvox=11, t1_mb_per_mvox=10, base_s=10, s_per_mvox=1.0, t1_s_per_mvox=3,
                       floor_mb=4000, floor_min=30),
 }
 

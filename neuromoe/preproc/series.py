@@ -10,20 +10,21 @@ cost ~0.8 CPU s of every func job (tests compare the values with scipy's).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-# Bytes of one row block's float64 temporaries: a voxel-wise computation (regression, spectra, ranks) works on
-# this much of a (V, T) series at a time, so its temporaries stay ~32 MB instead of several copies of the
-# whole series (a 3 mm BOLD of 300 volumes has ~70,000 brain voxels: 170 MB a float64 copy).
+# Bytes of the temporaries of one block of rows: a voxel-wise computation (regression, spectra, ranks) works on a
+# block of a (V, T) series at a time, sized so that its temporaries stay ~32 MB instead of several float64 copies
+# of the whole series (a 3 mm BOLD of 300 volumes has ~70,000 brain voxels: 170 MB a float64 copy).
 BLOCK_BYTES = 32 * 2**20
 DEFAULT_BAND_HZ = (0.01, 0.08)  # the low-frequency band of fALFF and of ReHo's band-pass (Zou et al. 2008)
 
 
 def row_blocks(n_rows: int, n_cols: int, itemsize: int = 8, budget: int | None = None) -> Iterator[slice]:
     """Consecutive slices covering ``range(n_rows)``, each of at most ``budget`` bytes (default ``BLOCK_BYTES``)
-    of ``n_cols`` items of ``itemsize`` bytes per row (at least one row a block)."""
+    of ``n_cols`` items of ``itemsize`` bytes per row (at least one row a block). ``itemsize``: the bytes a
+    computation's temporaries hold per element of its block (8 per float64 copy; measured with tracemalloc)."""
     step = max(1, (BLOCK_BYTES if budget is None else budget) // max(1, n_cols * itemsize))
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
@@ -94,7 +95,7 @@ def regress_nuisance(data: np.ndarray, regressors: np.ndarray | None = None, det
         raise ValueError(f"{design.shape[1]} regressors for {n_t} time points: nothing left to estimate")
     pinv = np.linalg.pinv(design)  # (P, T)
     out = np.empty(y.shape, dtype=np.float32)
-    for b in row_blocks(*y.shape):
+    for b in row_blocks(*y.shape, itemsize=8 * 4):  # ~4 float64 copies of a block
         yb = y[b].astype(np.float64)
         resid = yb - (design @ (pinv @ yb.T)).T
         if keep_mean:
@@ -114,7 +115,7 @@ def bandpass(data: np.ndarray, tr: float, band: Sequence[float] = DEFAULT_BAND_H
     freqs = np.fft.rfftfreq(n_t, d=tr)
     stop = (freqs < band[0]) | (freqs > band[1])
     out = np.empty(y.shape, dtype=np.float32)
-    for b in row_blocks(*y.shape):
+    for b in row_blocks(*y.shape, itemsize=8 * 5):  # float64, detrended, spectrum, result
         yb = y[b].astype(np.float64)
         spec = np.fft.rfft(detrend(yb), axis=1)
         spec[:, stop] = 0.0
@@ -141,7 +142,7 @@ def _amplitude_spectra(data: np.ndarray) -> Iterator[tuple[slice, np.ndarray, np
     0 < f <= Nyquist (rows, F)) after linear detrending of each series (so drift does not dominate the lowest
     bins)."""
     y = np.asarray(data)
-    for b in row_blocks(*y.shape):
+    for b in row_blocks(*y.shape, itemsize=8 * 5):  # float64, detrended, spectrum, amplitudes
         yb = y[b].astype(np.float64)
         yield b, yb, np.abs(np.fft.rfft(detrend(yb), axis=1))[:, 1:]
 
@@ -233,10 +234,12 @@ def reho(data: np.ndarray, mask: np.ndarray, neighbourhood: int = 27) -> np.ndar
     return reho_series(data[mask], mask, neighbourhood)
 
 
-def reho_series(series: np.ndarray, mask: np.ndarray, neighbourhood: int = 27) -> np.ndarray:
+def reho_series(series: np.ndarray, mask: np.ndarray, neighbourhood: int = 27,
+                prefilter: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """``reho`` of the in-mask series (V, T) (rows in the order of ``mask``'s voxels, ``data[mask]``) -> (X, Y, Z)
-    float32. Ranks a block of voxels at a time and sums neighbours a block of time points at a time, so beyond
-    the ranks (float32, the mask's bounding box) it needs ~``series.BLOCK_BYTES``."""
+    float32; ``prefilter`` (e.g. the band-pass) is applied to each block of rows before it is ranked, so the
+    filtered series is never held whole. Ranks a block of voxels at a time and sums neighbours a block of time
+    points at a time, so beyond the ranks (float32, the mask's bounding box) it needs ~``BLOCK_BYTES``."""
     if neighbourhood not in _NEIGHBOUR_OFFSETS:
         raise ValueError(f"neighbourhood must be one of {sorted(_NEIGHBOUR_OFFSETS)}, got {neighbourhood}")
     series = np.asarray(series)
@@ -255,8 +258,8 @@ def reho_series(series: np.ndarray, mask: np.ndarray, neighbourhood: int = 27) -
     # (and the sums of their squares in float64, in any order).
     ranks = np.zeros(m.shape + (n_t,), dtype=np.float32)
     flat, inside = ranks.reshape(-1, n_t), np.flatnonzero(m)  # a view; box voxels in C order, like data[mask]
-    for b in row_blocks(*series.shape):
-        flat[inside[b]] = rank_rows(series[b])
+    for b in row_blocks(*series.shape, itemsize=8 * 9):  # rank_rows: ~8 copies; prefilter
+        flat[inside[b]] = rank_rows(series[b] if prefilter is None else prefilter(series[b]))
     s2 = np.zeros(inside.size)
     for t in row_blocks(n_t, int(m.size), itemsize=4 * 3):  # time points: ~3 box-sized float32 copies each
         r_sum = _neighbour_sum(ranks[..., t], neighbourhood)[m].astype(np.float64)  # (V, block)
