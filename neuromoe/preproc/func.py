@@ -7,8 +7,8 @@ translations in mm, rotations in radians (fMRIPrep column names).
 
 The pure functions are vectorised over voxels and work through them a block of rows at a time: a 4 mm BOLD
 (~50 x 60 x 50 x 120) takes about a second for confounds, regression, fALFF and ReHo together; realignment and
-registration dominate ``run_func``. Once realigned, only the brain mask's series (V, T) is kept, so the stage's
-peak memory is the realignment's (the series twice, float32).
+registration dominate ``run_func``. The series is realigned in place and then only the brain mask's series (V, T)
+is kept, so the stage's peak memory is reading the series (an int16 file as float32: 1.5 float32 copies).
 """
 
 from __future__ import annotations

@@ -19,15 +19,17 @@ integers, as SLURM and ``--resources`` want.
 
 Calibration (``STAGE_COSTS``). The fixed part is the interpreter, numpy/scipy/SimpleITK/nilearn imports and the
 MNI templates; the per-voxel part is the working copies of the series (the int16 input read as float32, the
-realigned float32 copy, the float64 in-mask matrices of the tensor fit or the nuisance regression, the
-cleaned and band-passed float32 series: func holds about 8.5 float32 copies, 34 MB per million voxel-volumes).
+realigned float32 copy, the float64 in-mask matrices of the tensor fit; func reads its int16 series as float32,
+realigns it in place and then keeps only the brain's rows, working through them in blocks: at most about 1.5
+float32 copies, 6 MB per million voxel-volumes, where it held 8.5 copies before 2026-12-07).
 Both were fitted to each job's exact peak RSS (getrusage; bench/realsize.py's 0.1 s sampler of the job's process
 tree agrees within 35 MB) and its seconds at two sizes, each with two T1w fields of view, run through the real
 rules: ``bench/realsize.py --size small`` and ``--size medium`` (python backend, 1 thread; results in
 ``bench/results/realsize_small.json`` and ``realsize_medium.json``), then rounded up. ``MEM_MARGIN`` covers what
 the fit cannot (allocator fragmentation, temporaries that peak together at larger sizes); ``TIME_MARGIN`` a
-slower or shared node. At clinical size (BOLD 61 x 72 x 57 x 304, T1w 1 mm) func is predicted at 3.0 GB
-(issue 23 measured a 2.8 GB peak) and asks for 4 GB; a 1,200-volume 2 mm multiband BOLD asks for about 35 GB.
+slower or shared node. At clinical size (BOLD 61 x 72 x 57 x 304, T1w 1 mm) func is predicted at 0.8 GB
+(measured: 0.68 GB; 2.8 GB before its blocks) and asks for its 4 GB floor; a 1,200-volume 2 mm multiband BOLD
+(104 x 90 x 72) asks for about 6.5 GB (35 GB before).
 ``bench/realsize.py`` (clinical size, the default) re-checks the coefficients: for every stage it records this
 estimate beside the measured peak and wall time, with ``covers_peak`` / ``covers_wall``. The FSL backend's
 tools hold the same series (mcflirt, eddy_correct: float32 4D copies); its costs are not measured separately.
@@ -68,13 +70,16 @@ class StageCost:
 #   anat  T1w 0.45 / 0.82 / 2.08 / 3.74 Mvox:                    318 / 325 / 404 / 530 MB;  8 /  8 / 18 / 25 s
 #   dwi   DWI 1.50 / 21.0 Mvox (T1w 0.45-0.82 / 2.08-3.74 Mvox): 337-340 / 546-571 MB;      5-8 / 16-19 s
 #   func  BOLD 3.54 / 37.9 Mvox (T1w as dwi):                    350-352 / 1525-1543 MB;  8-13 / 35-66 s
+# func refitted on 2026-12-07 (commit f6fef6f, the stage in blocks and realigned in place; the results files now
+# hold that run, under a load of ~3): func 283-286 / 467-483 MB, 8 / 24 s; in the same run anat 414-422 /
+# 453-496 MB and dwi 289-294 / 494-520 MB, within their estimates (floors 3 and 4 GB).
 # cache_subject (not sized: its inputs are the MNI maps, on the template's fixed grid) peaked at 222 MB at both.
 STAGE_COSTS: dict[str, StageCost] = {
     "anat": StageCost(base_mb=300, mb_per_mvox=75, t1_mb_per_mvox=0, base_s=10, s_per_mvox=6, t1_s_per_mvox=0,
                       floor_mb=3000, floor_min=20),
     "dwi": StageCost(base_mb=320, mb_per_mvox=10, t1_mb_per_mvox=15, base_s=10, s_per_mvox=0.6, t1_s_per_mvox=3,
                      floor_mb=4000, floor_min=30),
-    "func": StageCost(base_mb=280, mb_per_mvox=11, t1_mb_per_mvox=10, base_s=10, s_per_mvox=1.0, t1_s_per_mvox=3,
+    "func": StageCost(base_mb=270, mb_per_mvox=6, t1_mb_per_mvox=10, base_s=10, s_per_mvox=1.0, t1_s_per_mvox=3,
                       floor_mb=4000, floor_min=30),
 }
 

@@ -2,8 +2,8 @@
 band-pass, ALFF/fALFF and ReHo (Kendall's W), and their helpers (a linear detrend, tie-averaged ranks per row).
 
 Each works through the voxels a block of rows at a time (``row_blocks``, ``BLOCK_BYTES``), so its float64
-temporaries stay ~32 MB however long the series: the func stage's peak memory is its realignment's (the series
-twice, float32; bench/results/realsize.json). Rows are independent, so a block's values are those of the whole.
+temporaries stay ~32 MB however long the series, and the func stage's peak memory is reading its series
+(neuromoe.preproc.resources). Rows are independent, so a block's values are those of the whole.
 ``detrend`` and ``rank_rows`` replace ``scipy.signal.detrend`` and ``scipy.stats.rankdata``, whose imports alone
 cost ~0.8 CPU s of every func job (tests compare the values with scipy's).
 """
