@@ -480,6 +480,7 @@ def derive_maps(series: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_i
     import logging
 
     sub = subject_label(subject)
+    _check_series(series, mask)
     # 1. WM / CSF masks in BOLD space
     template, priors = template_tissue_priors()
     native = priors_to_native(mean_img, mni_to_bold, priors, template, threads=threads)
@@ -500,6 +501,12 @@ def derive_maps(series: np.ndarray, mask: np.ndarray, affine: np.ndarray, mean_i
     return FuncDerivatives(confounds=confounds, clean=clean, maps=out, template=template)
 
 
+def _check_series(series: np.ndarray, mask: np.ndarray) -> None:
+    if np.ndim(series) != 2 or np.shape(series)[0] != int(np.count_nonzero(mask)):
+        raise ValueError(f"series must be (V, T) with V = {int(np.count_nonzero(mask))} mask voxels (data[mask]), "
+                         f"got {np.shape(series)}")
+
+
 def clean_and_map(series: np.ndarray, mask: np.ndarray, affine: np.ndarray, confounds: pd.DataFrame, tr: float,
                   cfg: FuncConfig, maps: Sequence[str] = FUNC_MAPS) -> tuple[np.ndarray, dict[str, nib.Nifti1Image]]:
     """OLS nuisance regression (intercept, linear trend, the ``cfg.nuisance`` columns of ``confounds``; the mean
@@ -509,6 +516,7 @@ def clean_and_map(series: np.ndarray, mask: np.ndarray, affine: np.ndarray, conf
     series (``neuromoe.preproc.ingest``)."""
     from neuromoe.inputs.imageio import new_image
 
+    _check_series(series, mask)
     band = band_hz(cfg)
     chosen = [c for k in cfg.nuisance for c in NUISANCE_COLUMNS[k]]
     regressors = confounds[chosen].to_numpy(dtype=float) if chosen else None
