@@ -325,8 +325,9 @@ def run_dwi(inputs: Mapping[str, str], outputs: Mapping[str, str], subject: str,
         reference = data[..., b0_idx[0]]
 
     # 2. every volume (b=0 ones included, from their raw data) to the reference: one interpolation each.
+    # In place: the raw voxels are not read again (the reference and the b=0 mask are taken; img keeps its header).
     corrected, motion = realign_series(img, reference=reference, mask=mask0, metric="mi", subject=sub,
-                                       threads=threads)
+                                       threads=threads, inplace=True)
     log.info("%s: realigned %d volumes in %.1f s", sub, n_vol, motion.attrs["seconds"])
     bvecs_rot = rotate_bvecs(bvecs, rotations_from_params(motion), img.affine)
     data_c = np.asarray(corrected.dataobj, dtype=np.float32)
