@@ -18,10 +18,11 @@ had before and the walltime the SLURM profile gave them (demo-sized data never a
 integers, as SLURM and ``--resources`` want.
 
 Calibration (``STAGE_COSTS``). The fixed part is the interpreter, numpy/scipy/SimpleITK/nilearn imports and the
-MNI templates; the per-voxel part is the working copies of the series (the int16 input read as float32, the
-realigned float32 copy, the float64 in-mask matrices of the tensor fit; func reads its int16 series as float32,
-realigns it in place and then keeps only the brain's rows, working through them in blocks: at most about 1.5
-float32 copies, 6 MB per million voxel-volumes, where it held 8.5 copies before 2026-12-07).
+MNI templates; the per-voxel part is the working copies of the series (dwi: the int16 input read as float32 and
+realigned in place, the float64 in-mask matrices of the tensor fit; its coefficients were fitted when it still
+realigned into a second copy, so they over-ask; func reads its int16 series as float32, realigns it in place and
+then keeps only the brain's rows, working through them in blocks: at most about 1.5 float32 copies, 6 MB per
+million voxel-volumes, where it held 8.5 copies before 2026-12-07).
 Both were fitted to each job's exact peak RSS (getrusage; bench/realsize.py's 0.1 s sampler of the job's process
 tree agrees within 35 MB) and its seconds at two sizes, each with two T1w fields of view, run through the real
 rules: ``bench/realsize.py --size small`` and ``--size medium`` (python backend, 1 thread; results in
